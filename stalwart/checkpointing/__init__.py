@@ -1,0 +1,1 @@
+"""Async checkpoint engine, storage backends, manifests, retention, restore."""

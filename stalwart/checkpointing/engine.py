@@ -1,0 +1,297 @@
+"""The asynchronous checkpoint engine: snapshot in the step, write in the background, commit by manifest.
+
+Layout under the storage root (one root per job):
+
+    step-000000100/shard-00000-of-00002.bin   each rank writes its own shard
+    step-000000100/shard-00001-of-00002.bin
+    step-000000100/manifest.json              written last, by rank 0, once every shard is durable
+
+A checkpoint is committed exactly when its manifest exists. Nothing without one is ever loaded.
+Replicated state (DDP) is split across ranks so each writes about 1/world of the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from stalwart.checkpointing import shards
+from stalwart.checkpointing.storage import Storage, open_storage
+from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StorageError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.bin"
+
+
+@dataclass
+class SaveResult:
+    step: int
+    committed: bool
+    stall_s: float
+    write_s: float = 0.0
+    bytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Loaded:
+    """A verified checkpoint, ready to be applied: the replicated state and this rank's own objects."""
+
+    step: int
+    manifest: dict
+    state: Any
+    local: Any
+    uri: str
+
+
+class CheckpointEngine:
+    """One per rank. `save` blocks only for the snapshot; `wait` fences the write in flight.
+
+    Lifecycle: `save(step, ...)` waits for any previous save, copies the state into reused host
+    buffers and returns; a background thread writes this rank's shard, the ranks exchange shard
+    records over `group` (a gloo group kept apart from training collectives), and rank 0 writes the
+    manifest and applies retention. The caller may mutate the state as soon as `save` returns.
+    `on_result(SaveResult)` is called from the background thread after each save, committed or not.
+    """
+
+    def __init__(self, storage: Storage, *, rank: int, world_size: int, group=None, strategy: str = "ddp",
+                 keep_last: int = 3, job_id: str = "", attempt: int = 0,
+                 on_result: Callable[[SaveResult], None] | None = None):
+        self.storage = storage
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self.strategy = strategy
+        self.keep_last = keep_last
+        self.job_id = job_id
+        self.attempt = attempt
+        self.on_result = on_result
+        self.pinned: set[int] = set()
+        self._snapshot = shards.Snapshot()
+        self._thread: threading.Thread | None = None
+        self._last: SaveResult | None = None
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return self._snapshot.nbytes
+
+    def save(self, step: int, state: Any, local: Any = None, meta: dict | None = None) -> None:
+        """Snapshot `state` (replicated across ranks) and `local` (this rank's), then write them in the background."""
+        self.wait()
+        t0 = time.perf_counter()
+        tensors, skeleton = shards.flatten(state)
+        owner = shards.assign({p: t.numel() * t.element_size() for p, t in tensors.items()}, self.world_size)
+        mine = {p: t for p, t in tensors.items() if owner[p] == self.rank}
+        self._snapshot.capture(mine)
+        # Small non-tensor leaves (param groups, counters) are copied now, while they are consistent.
+        objects = _deepcopy_small({"skeleton": skeleton if self.rank == 0 else None, "local": local})
+        stall = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._write, args=(step, objects, stall, dict(meta or {})),
+                                        name=f"stalwart-ckpt-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> SaveResult | None:
+        """Block until the save in flight (if any) has committed or failed; return its result."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self._last
+
+    def _write(self, step: int, objects: Any, stall: float, meta: dict) -> None:
+        # This thread must never raise into nowhere: a failed save is reported and the next one retries.
+        t0 = time.perf_counter()
+        key = f"{step_dir(step)}/{shard_name(self.rank, self.world_size)}"
+        try:
+            reader = self._snapshot.reader(objects)
+            size = self.storage.write(key, reader)
+            record = {"file": shard_name(self.rank, self.world_size), "rank": self.rank, "size": size,
+                      "sha256": reader.sha256.hexdigest()}
+        except StorageError as exc:
+            record = {"rank": self.rank, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - any bug here must become a failed save, not a dead thread
+            log.exception("checkpoint write failed")
+            record = {"rank": self.rank, "error": f"{type(exc).__name__}: {exc}"}
+        records = self._exchange(record)
+        errors = [r["error"] for r in records if "error" in r]
+        result = SaveResult(step, False, stall, time.perf_counter() - t0, record.get("size", 0))
+        if errors:
+            result.error = "; ".join(sorted(set(errors)))
+        elif self.rank == 0:
+            try:
+                self._commit(step, records, meta)
+                result.committed = True
+                self._retain()
+            except StorageError as exc:
+                result.error = f"manifest not written: {exc}"
+        else:
+            result.committed = True  # rank 0 commits; a failed commit is reported by rank 0
+        result.write_s = time.perf_counter() - t0
+        self._last = result
+        if self.on_result is not None:
+            try:
+                self.on_result(result)
+            except Exception:  # noqa: BLE001 - reporting must not kill the writer
+                log.exception("checkpoint result callback failed")
+
+    def _exchange(self, record: dict) -> list[dict]:
+        if self.world_size == 1 or self.group is None:
+            return [record]
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, record, group=self.group)
+        except RuntimeError as exc:  # a peer died or timed out: this checkpoint cannot commit
+            return [record, {"rank": -1, "error": f"shard exchange failed: {exc}"}]
+        return gathered
+
+    def _commit(self, step: int, records: list[dict], meta: dict) -> None:
+        manifest = {
+            "format": FORMAT_VERSION,
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "step": step,
+            "world_size": self.world_size,
+            "strategy": self.strategy,
+            "created_at": time.time(),
+            "shards": sorted(records, key=lambda r: r["rank"]),
+            **meta,
+        }
+        self.storage.write(f"{step_dir(step)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+
+    def _retain(self) -> None:
+        """Keep the newest `keep_last` committed checkpoints and the pinned ones; drop torn older saves."""
+        steps = list_steps(self.storage)
+        committed = sorted((s for s, ok in steps.items() if ok), reverse=True)
+        if not committed:
+            return
+        keep = set(committed[: self.keep_last]) | self.pinned
+        newest = committed[0]
+        doomed = [s for s, ok in steps.items() if s not in keep and (ok or s < newest)]
+        if doomed:
+            keys = [k for k in self.storage.list() if _step_of(k) in doomed]
+            # Manifests go first so that a crash halfway leaves torn data, never a manifest without shards.
+            keys.sort(key=lambda k: not k.endswith(MANIFEST))
+            self.storage.delete([k for k in keys if k.endswith(MANIFEST)])
+            self.storage.delete([k for k in keys if not k.endswith(MANIFEST)])
+
+
+def _deepcopy_small(obj: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+def _step_of(key: str) -> int | None:
+    m = _STEP_DIR.match(key.split("/", 1)[0])
+    return int(m.group(1)) if m else None
+
+
+def list_steps(storage: Storage) -> dict[int, bool]:
+    """Every step with anything saved, mapped to whether it is committed (has a manifest)."""
+    steps: dict[int, bool] = {}
+    for key in storage.list():
+        step = _step_of(key)
+        if step is None:
+            continue
+        steps[step] = steps.get(step, False) or key.endswith("/" + MANIFEST)
+    return steps
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    """Committed steps, newest first."""
+    return sorted((s for s, ok in list_steps(storage).items() if ok), reverse=True)
+
+
+def read_manifest(storage: Storage, step: int) -> dict:
+    """The manifest of `step`; raises CheckpointCorrupt if it is unreadable or incomplete."""
+    uri = f"{storage.uri}/{step_dir(step)}"
+    try:
+        manifest = json.loads(storage.read(f"{step_dir(step)}/{MANIFEST}"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(uri, f"manifest is not valid JSON ({exc})") from None
+    except StorageError as exc:
+        raise CheckpointCorrupt(uri, f"manifest cannot be read ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "shards" not in manifest:
+        raise CheckpointCorrupt(uri, "manifest is incomplete or of an unknown format")
+    return manifest
+
+
+def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads: int = 8) -> Loaded:
+    """Read and verify every shard of committed checkpoint `step`; raise CheckpointCorrupt on any mismatch."""
+    import hashlib
+
+    manifest = read_manifest(storage, step)
+    uri = f"{storage.uri}/{step_dir(step)}"
+
+    def fetch(record: dict):
+        key = f"{step_dir(step)}/{record['file']}"
+        try:
+            blob = storage.read(key)
+        except StorageError as exc:
+            if exc.transient:
+                raise
+            raise CheckpointCorrupt(uri, f"{record['file']} is missing ({exc})") from None
+        if len(blob) != record["size"]:
+            raise CheckpointCorrupt(uri, f"{record['file']} has {len(blob)} bytes, manifest says {record['size']}")
+        if verify and hashlib.sha256(blob).hexdigest() != record["sha256"]:
+            raise CheckpointCorrupt(uri, f"{record['file']} fails its checksum")
+        try:
+            return record["rank"], shards.parse(bytearray(blob))
+        except (ValueError, KeyError, EOFError) as exc:
+            raise CheckpointCorrupt(uri, f"{record['file']} cannot be parsed ({exc})") from None
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(manifest["shards"]) or 1)) as pool:
+        parts = dict(pool.map(fetch, manifest["shards"]))
+    tensors: dict[str, torch.Tensor] = {}
+    for _rank, (t, _objects) in parts.items():
+        tensors.update(t)
+    skeleton = parts[0][1]["skeleton"]
+    own = parts.get(rank)
+    local = own[1]["local"] if own is not None else None
+    return Loaded(step, manifest, shards.unflatten(skeleton, tensors), local, uri)
+
+
+def resolve(uri: str, s3_options=None) -> tuple[Storage, int | None]:
+    """Split a checkpoint URI into its storage root and, if it names one, the step directory."""
+    base, _, last = uri.rstrip("/").rpartition("/")
+    m = _STEP_DIR.match(last)
+    if m:
+        return open_storage(base, s3_options), int(m.group(1))
+    return open_storage(uri, s3_options), None
+
+
+def newest_loadable(storage: Storage, rank: int, *, max_step: int | None = None,
+                    on_skip: Callable[[int, str], None] | None = None) -> Loaded | None:
+    """The newest committed checkpoint (at or below `max_step`) that verifies; skips corrupt ones."""
+    for step in committed_steps(storage):
+        if max_step is not None and step > max_step:
+            continue
+        try:
+            return load(storage, step, rank)
+        except CheckpointCorrupt as exc:
+            if on_skip:
+                on_skip(step, exc.reason)
+    return None
+
+
+__all__ = ["CheckpointEngine", "SaveResult", "Loaded", "load", "newest_loadable", "committed_steps",
+           "read_manifest", "list_steps", "resolve", "step_dir", "CheckpointNotFound"]

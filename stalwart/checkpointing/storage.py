@@ -1,0 +1,191 @@
+"""Where checkpoint bytes live: a small protocol with `str` URIs and its backends.
+
+Keys are '/'-separated paths relative to the storage's root URI. An object is either wholly
+visible or absent: a reader never sees half of a write (the file backend renames into place,
+S3 publishes an object only when its upload completes). The commit protocol builds on that.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from stalwart.errors import StorageError
+
+Source = bytes | bytearray | memoryview | BinaryIO
+
+
+class Storage(ABC):
+    """A place to keep objects under string keys.
+
+    Lifecycle: construct with `open_storage(uri)`, call `check()` once before relying on it (it
+    raises a permanent `StorageError` naming what to fix), then use from any thread.
+    Every method raises `StorageError`; `transient=True` means a later retry may succeed.
+    """
+
+    uri: str
+
+    @abstractmethod
+    def write(self, key: str, src: Source) -> int:
+        """Store `src` (bytes or a readable binary file object) under `key`; return the size.
+
+        The object appears atomically: readers see the old state or all of it.
+        """
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """Return the whole object. Raises StorageError(transient=False) if it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix`, relative to the root, sorted."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete these keys; missing keys are not an error."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Prove the storage can be written, read and deleted, or raise a permanent StorageError."""
+
+    def exists(self, key: str) -> bool:
+        return key in self.list(key)
+
+    def close(self) -> None:
+        pass
+
+
+class FileStorage(Storage):
+    """A local (or shared-filesystem) directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes the storage root", uri=self.uri)
+        return path
+
+    def write(self, key: str, src: Source) -> int:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                if isinstance(src, (bytes, bytearray, memoryview)):
+                    f.write(src)
+                else:
+                    shutil.copyfileobj(src, f, length=8 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            return size
+        except OSError as exc:
+            _unlink_quietly(locals().get("tmp"))
+            raise StorageError(f"cannot write {self.uri}/{key}: {exc.strerror or exc}", uri=self.uri,
+                               transient=exc.errno in _TRANSIENT_ERRNOS) from exc
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}/{key}: {exc.strerror or exc}", uri=self.uri) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root
+        if not base.exists():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # a write in progress
+                key = os.path.relpath(os.path.join(dirpath, name), base).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            _unlink_quietly(path)
+            parents.add(path.parent)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            try:
+                if parent != self.root:
+                    parent.rmdir()  # only if empty
+            except OSError:
+                pass
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-", suffix=".tmp"):
+                pass
+        except OSError as exc:
+            raise StorageError(
+                f"checkpoint directory {self.root} is not writable ({exc.strerror or exc}); "
+                "fix its permissions or set checkpoint.uri to another place", uri=self.uri) from exc
+
+
+_TRANSIENT_ERRNOS = {4, 11, 16, 110}  # EINTR, EAGAIN, EBUSY, ETIMEDOUT
+
+
+def _unlink_quietly(path) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_storage(uri: str, s3_options=None) -> Storage:
+    """Open the backend that serves `uri`: `file:///dir`, a plain path, or `s3://bucket/prefix`.
+
+    `s3_options` is a `stalwart.spec.S3Options` (endpoint, region, credentials) or None.
+    """
+    if uri.startswith("s3://"):
+        from stalwart.checkpointing.s3 import S3Storage
+
+        return S3Storage(uri, s3_options)
+    if uri.startswith("file://"):
+        return FileStorage(uri[len("file://"):])
+    if "://" in uri:
+        raise StorageError(f"unsupported storage URI {uri!r}; use file:///path, a plain path or s3://bucket/prefix",
+                           uri=uri)
+    return FileStorage(uri)
+
+
+def read_all(src: Source) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    buf = io.BytesIO()
+    shutil.copyfileobj(src, buf)
+    return buf.getvalue()

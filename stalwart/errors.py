@@ -1,0 +1,83 @@
+"""stalwart's exceptions: one root, subclasses that carry data and survive pickling across actors."""
+
+from __future__ import annotations
+
+
+class StalwartError(Exception):
+    """Root of every error stalwart raises on purpose."""
+
+
+class SpecError(StalwartError, ValueError):
+    """A job spec is invalid. `problems` lists (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"invalid job spec{where}:"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        return (SpecError, (self.problems, self.source))
+
+
+class StorageError(StalwartError):
+    """A storage operation failed. `transient` says whether retrying may help."""
+
+    def __init__(self, message: str, *, uri: str = "", transient: bool = False):
+        self.uri = uri
+        self.transient = transient
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild_storage_error, (str(self), self.uri, self.transient))
+
+
+def _rebuild_storage_error(message: str, uri: str, transient: bool) -> StorageError:
+    return StorageError(message, uri=uri, transient=transient)
+
+
+class CheckpointCorrupt(StalwartError):
+    """A committed checkpoint failed verification (missing shard, size or checksum mismatch)."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"checkpoint {uri} is corrupt: {reason}")
+
+    def __reduce__(self):
+        return (CheckpointCorrupt, (self.uri, self.reason))
+
+
+class CheckpointNotFound(StalwartError):
+    """No committed checkpoint exists where one was asked for."""
+
+
+class JobNotFound(StalwartError, KeyError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}; `stalwart list` shows the jobs this controller knows")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+    def __reduce__(self):
+        return (JobNotFound, (self.job_id,))
+
+
+class JobFailed(StalwartError):
+    """A job ended FAILED. `attempts` holds one dict per attempt (id, cause, error)."""
+
+    def __init__(self, job_id: str, reason: str, attempts: list[dict] | None = None):
+        self.job_id = job_id
+        self.reason = reason
+        self.attempts = list(attempts or [])
+        super().__init__(f"job {job_id} failed: {reason}")
+
+    def __reduce__(self):
+        return (JobFailed, (self.job_id, self.reason, self.attempts))
+
+
+class ClusterError(StalwartError):
+    """The Ray cluster or the controller cannot be reached or started."""

@@ -1,0 +1,1 @@
+"""Rank workers, TrainContext, data iteration, strategies."""

@@ -1,0 +1,249 @@
+"""TrainContext: the only stalwart API that user code needs.
+
+    def main(ctx, config):
+        model, opt = ctx.prepare(Model(), torch.optim.AdamW(...))
+        start = ctx.restore()
+        for step, batch in ctx.batches(get_batch, steps=config["steps"]):
+            loss = ...; loss.backward(); opt.step()
+            ctx.report(step, loss=loss, tokens=n)
+            ctx.checkpoint(step)
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stalwart.checkpointing import engine as ckpt
+from stalwart.checkpointing.storage import Storage
+from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError
+from stalwart.launchers.data import DataPosition, IndexedBatches, iterate
+from stalwart.launchers.reporter import Reporter
+
+
+class TrainContext:
+    """Built by the rank worker; handed to `entrypoint(ctx, config)`.
+
+    Attributes: `rank`, `world_size`, `local_rank`, `device`, `job_id`, `attempt`, `config`.
+    `restored_step` is the step the last `restore()` loaded (0 when it started fresh).
+    """
+
+    def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
+                 device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
+                 keep_last: int, reporter: Reporter, plan: dict, ckpt_group=None):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device
+        self.config = config
+        self.strategy = strategy
+        self.every_steps = every_steps
+        self.restored_step = 0
+        self.restored_from: str | None = None
+        self._reporter = reporter
+        self._plan = plan
+        self._data = DataPosition(skip=[tuple(r) for r in plan.get("skip", [])])
+        self._model: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: Any = None
+        self._recent_losses: deque[float] = deque(maxlen=50)
+        self._engine = ckpt.CheckpointEngine(
+            storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
+            job_id=job_id, attempt=attempt, on_result=self._on_save)
+        self._engine.pinned.update(plan.get("pinned", []))
+        self._last_stall = 0.0
+
+    # ---- model --------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                scheduler: Any = None) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+        """Move `model` to this rank's device and wrap it for the job's strategy (DDP).
+
+        Register the optimizer and LR scheduler so checkpoints and restores include them. Build the
+        optimizer on `model.parameters()` before calling; its state follows the parameters.
+        """
+        model = model.to(self.device)
+        self._model = model
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        if self.world_size > 1 and dist.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model, optimizer
+
+    # ---- data ---------------------------------------------------------------------------
+    def batches(self, source: Callable[[int], Any] | Sequence, *, steps: int | None = None,
+                batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
+                collate: Callable | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield `(step, batch)` from the restored step + 1 up to `steps`.
+
+        `source` is either `batch(index) -> batch`, a function of the global batch index alone
+        (make it deterministic), or a map-style dataset with `batch_size`, which is then split
+        across ranks with a seeded shuffle per epoch. Skipped ranges (after a rollback) are jumped.
+        """
+        if callable(source) and batch_size is None:
+            batch_at = source
+        else:
+            if batch_size is None:
+                raise ValueError("batch_size is required when batches() is given a dataset")
+            batch_at = IndexedBatches(source, batch_size, self.rank, self.world_size, shuffle=shuffle, seed=seed,
+                                      collate=collate)
+        if steps is not None and self.rank == 0:
+            self._reporter.event("progress", max_steps=steps)
+        return iterate(batch_at, self._data, self.restored_step, steps)
+
+    @property
+    def data_position(self) -> int:
+        return self._data.position
+
+    # ---- reporting ----------------------------------------------------------------------
+    def report(self, step: int, loss: Any = None, grad_norm: Any = None, tokens: Any = None, **metrics: Any) -> None:
+        """Record this step's figures; also the heartbeat. Never blocks on the controller.
+
+        Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
+        """
+        self._reporter.record(step, loss, grad_norm, tokens, metrics or None)
+        if loss is not None and (step % 10 == 0):
+            # A sampled float for the checkpoint's loss statistics; one sync every 10 steps.
+            self._recent_losses.append(float(loss))
+
+    def log(self, message: str) -> None:
+        self._reporter.log(f"[rank {self.rank}] {message}\n")
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def checkpoint(self, step: int, *, force: bool = False) -> bool:
+        """Save when `step` is a multiple of checkpoint.every_steps (or `force`); return whether it did.
+
+        Blocks only for the host-memory snapshot (and for a previous save still in flight). Every
+        rank must call it with the same steps.
+        """
+        if not force and step % self.every_steps != 0:
+            return False
+        if self._model is None:
+            raise StalwartError("ctx.checkpoint() needs the model: call ctx.prepare(model, optimizer) first")
+        t0 = time.perf_counter()
+        self._engine.save(step, self._state(), local={"rng": _rng_state()}, meta={
+            "data": self._data.to_dict(),
+            "loss_stats": self._loss_stats(),
+        })
+        self._last_stall = time.perf_counter() - t0
+        return True
+
+    def restore(self) -> int:
+        """Load the newest good checkpoint (or the one this attempt was told to use); return its step.
+
+        Returns 0 when there is nothing to restore. Corrupt checkpoints are skipped for older ones,
+        with an event. Every rank must call it, after `prepare`.
+        """
+        if self._model is None:
+            raise StalwartError("ctx.restore() needs the model: call ctx.prepare(model, optimizer) first")
+        loaded = self._choose_checkpoint()
+        if loaded is None:
+            return 0
+        state = loaded.state
+        self._model.load_state_dict(state["model"])
+        if self._optimizer is not None and state.get("optimizer") is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if self._scheduler is not None and state.get("scheduler") is not None:
+            self._scheduler.load_state_dict(state["scheduler"])
+        same_world = loaded.manifest["world_size"] == self.world_size
+        if loaded.local is not None and same_world:
+            _set_rng_state(loaded.local["rng"])
+        else:
+            # A different world size has no exact trajectory to follow; reseed deterministically.
+            _seed_all(loaded.step * 1000 + self.rank)
+        data = DataPosition.from_dict(loaded.manifest.get("data"))
+        data.skip = sorted(set(data.skip) | set(self._data.skip))
+        self._data = data
+        self.restored_step = loaded.step
+        self.restored_from = loaded.uri
+        self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank,
+                             world_size=loaded.manifest["world_size"])
+        return loaded.step
+
+    def _choose_checkpoint(self) -> ckpt.Loaded | None:
+        resume_from = self._plan.get("resume_from")
+        max_step = self._plan.get("max_step")
+        if resume_from and self._plan.get("use_resume_from", True):
+            storage, step = ckpt.resolve(resume_from, self._plan.get("s3_options"))
+            if step is None:
+                steps = ckpt.committed_steps(storage)
+                if not steps:
+                    raise CheckpointNotFound(f"no committed checkpoint under {resume_from}")
+                step = steps[0]
+            loaded = ckpt.load(storage, step, self.rank)
+        else:
+            def skipped(step: int, reason: str) -> None:
+                self._reporter.event("checkpoint_skipped", step=step, reason=reason, rank=self.rank)
+
+            loaded = ckpt.newest_loadable(self._engine.storage, self.rank, max_step=max_step, on_skip=skipped)
+        if self.world_size > 1 and dist.is_initialized():
+            # Every rank must load the same step; a rank that could not verify one drags all back.
+            mine = -1 if loaded is None else loaded.step
+            steps: list[int] = [0] * self.world_size
+            dist.all_gather_object(steps, mine)
+            agreed = min(steps)
+            if agreed != mine:
+                loaded = None if agreed < 0 else ckpt.load(self._engine.storage, agreed, self.rank)
+        return loaded
+
+    def _state(self) -> dict:
+        return {
+            "model": self._model.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+        }
+
+    def _loss_stats(self) -> dict:
+        losses = list(self._recent_losses)
+        finite = [x for x in losses if np.isfinite(x)]
+        return {
+            "samples": len(losses),
+            "median": statistics.median(finite) if finite else None,
+            "last": losses[-1] if losses else None,
+            "nonfinite": len(finite) != len(losses),
+        }
+
+    def _on_save(self, result: ckpt.SaveResult) -> None:
+        kind = "checkpoint_committed" if result.committed else "checkpoint_failed"
+        if result.committed and self.rank != 0:
+            return  # rank 0 speaks for a commit; any rank reports its own failure
+        self._reporter.event(kind, step=result.step, rank=self.rank, stall_s=self._last_stall,
+                             write_s=result.write_s, bytes=result.bytes, error=result.error,
+                             uri=f"{self._engine.storage.uri}/{ckpt.step_dir(result.step)}")
+
+    def close(self) -> None:
+        """Wait for the save in flight, so a finished job's last checkpoint is committed."""
+        self._engine.wait()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+__all__ = ["TrainContext", "CheckpointCorrupt"]

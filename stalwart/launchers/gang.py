@@ -1,0 +1,177 @@
+"""A gang: one attempt's rank workers, reserved together in a placement group (all ranks or none)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stalwart.launchers.worker import RankWorker, UserCodeError
+from stalwart.spec import JobSpec
+
+# After the first failure, how long to wait for the others to report, so that a rank killed by the
+# OS (the cause) wins over its peers' broken-connection errors (the consequence).
+FAILURE_GRACE_S = 3.0
+
+
+@dataclass(frozen=True)
+class GangOutcome:
+    """How an attempt's gang ended. `cause` is None on success, else one of spec.CAUSES."""
+
+    succeeded: bool
+    cause: str | None = None
+    rank: int | None = None
+    error: str = ""
+    traceback: str = ""
+
+
+class RayGang:
+    """Lifecycle: `reserve()` until True, `start(plan, sink_for)`, `poll()` until it returns an
+    outcome, then `stop()` (always; it is idempotent and also releases an unused reservation)."""
+
+    def __init__(self, job_id: str, attempt: int, spec: JobSpec, world_size: int | None = None):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.spec = spec
+        self.world_size = world_size or spec.resources.workers
+        res = spec.resources
+        bundle = {"CPU": res.cpus_per_worker}
+        if res.gpus_per_worker:
+            bundle["GPU"] = res.gpus_per_worker
+        self.bundle = bundle
+        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)],
+                                   strategy="PACK" if res.placement == "pack" else "SPREAD",
+                                   name=f"stalwart-{job_id}-{attempt}")
+        self._ready_ref = self._pg.ready()
+        self.workers: list = []
+        self._refs: dict = {}
+        self._results: dict[int, dict] = {}
+        self._stopped = False
+
+    def reserve(self, timeout: float = 0.5) -> bool:
+        ready, _ = ray.wait([self._ready_ref], timeout=timeout)
+        return bool(ready)
+
+    def waiting_for(self) -> str:
+        free = ray.available_resources()
+        total = ray.cluster_resources()
+        have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in self.bundle)
+        want = ", ".join(f"{k}: {v:g}" for k, v in self.bundle.items())
+        return f"waiting for resources: {self.world_size} x {{{want}}} (cluster has {have})"
+
+    def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
+        runtime_env = self.spec.runtime_env or None
+        for rank in range(self.world_size):
+            opts = dict(
+                num_cpus=self.spec.resources.cpus_per_worker,
+                num_gpus=self.spec.resources.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+                max_restarts=0,
+                name=None,
+            )
+            if runtime_env:
+                opts["runtime_env"] = runtime_env
+            self.workers.append(RankWorker.options(**opts).remote(self.job_id, self.attempt, rank, self.world_size))
+        addr, port = ray.get(self.workers[0].address.remote(), timeout=120)
+        nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=120)
+        self.node_ids = nodes
+        spec_dict = self.spec.to_dict()
+        for rank, worker in enumerate(self.workers):
+            same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]
+            payload = {"spec": spec_dict, "master_addr": addr, "master_port": port, "plan": plan,
+                       "sink": sink_for(rank), "local_rank": same_node.index(rank),
+                       "local_world_size": len(same_node)}
+            self._refs[worker.run.remote(payload)] = rank
+
+    def pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers], timeout=30)
+
+    def poll(self, timeout: float = 0.5) -> GangOutcome | None:
+        """None while running; otherwise how the gang ended."""
+        pending = [r for r in self._refs if self._refs[r] not in self._results]
+        if not pending:
+            return GangOutcome(True)
+        done, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:
+            return None
+        failures = self._collect(done)
+        if not failures:
+            if all(r.get("ok") for r in self._results.values()) and len(self._results) == self.world_size:
+                return GangOutcome(True)
+            return None
+        # Give the other ranks a moment to report: the first error is often a consequence.
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while time.monotonic() < deadline and len(self._results) < self.world_size:
+            rest = [r for r in self._refs if self._refs[r] not in self._results]
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=max(0.0, deadline - time.monotonic()))
+            failures += self._collect(more)
+            if not more:
+                break
+        return _classify(failures)
+
+    def _collect(self, refs) -> list[GangOutcome]:
+        failures = []
+        for ref in refs:
+            rank = self._refs[ref]
+            if rank in self._results:
+                continue
+            try:
+                ray.get(ref, timeout=10)
+                self._results[rank] = {"ok": True}
+            except RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, UserCodeError) else None
+                if cause is None:
+                    failures.append(GangOutcome(False, "user_error", rank, str(exc), str(exc)))
+                else:
+                    kind = "node_failure" if cause.communication else "user_error"
+                    failures.append(GangOutcome(False, kind, rank, cause.error, cause.traceback_text))
+                self._results[rank] = {"ok": False}
+            except (RayActorError, GetTimeoutError) as exc:
+                failures.append(GangOutcome(False, "node_failure", rank, f"rank {rank}'s worker died: {_first_line(exc)}"))
+                self._results[rank] = {"ok": False}
+        return failures
+
+    def stacks(self, timeout: float = 5.0) -> dict[int, str]:
+        refs = {w.stacks.remote(): rank for rank, w in enumerate(self.workers)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out = {}
+        for ref in refs:
+            try:
+                out[refs[ref]] = ray.get(ref, timeout=0) if ref in ready else "<no answer: process stopped or busy in C>"
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                out[refs[ref]] = f"<unavailable: {_first_line(exc)}>"
+        return out
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for worker in self.workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except (RayActorError, ValueError):
+                pass
+        try:
+            remove_placement_group(self._pg)
+        except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
+            pass
+
+
+def _classify(failures: list[GangOutcome]) -> GangOutcome:
+    """The primary failure: a dead worker beats a user error, which beats a broken connection."""
+    dead = [f for f in failures if f.cause == "node_failure" and "died" in f.error]
+    user = [f for f in failures if f.cause == "user_error"]
+    for group in (dead, user, failures):
+        if group:
+            return min(group, key=lambda f: f.rank if f.rank is not None else 0)
+    raise AssertionError("no failures to classify")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

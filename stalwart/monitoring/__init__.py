@@ -1,0 +1,1 @@
+"""Detectors, metrics and events; imports nothing else of stalwart but spec and errors."""

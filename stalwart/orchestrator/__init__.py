@@ -1,0 +1,1 @@
+"""Controller actor, job state machine, failure policy, store, cluster connection."""

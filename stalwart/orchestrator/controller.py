@@ -1,0 +1,171 @@
+"""The controller: a detached, named Ray actor that owns every job's supervisor and records.
+
+It is a threaded actor: queries, cancels and the ranks' report stream are served while the
+supervisors' threads run the jobs. If the actor dies, Ray restarts it; the new one reads the store
+and starts a new attempt of every job that was not finished (spending no fault budget).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from pathlib import Path
+
+import ray
+
+from stalwart.checkpointing.storage import open_storage
+from stalwart.errors import JobNotFound, SpecError, StorageError
+from stalwart.launchers.gang import RayGang
+from stalwart.orchestrator.store import Store
+from stalwart.orchestrator.supervisor import JobSupervisor
+from stalwart.spec import JobSpec
+
+NAMESPACE = "stalwart"
+CONTROLLER_NAME = "stalwart-controller"
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def _push(controller, job_id: str, attempt: int, rank: int, batch: dict) -> None:
+    # Fire and forget: the rank never waits for the controller's answer.
+    controller.push.remote(job_id, attempt, rank, batch)
+
+
+class Controller:
+    def __init__(self, home: str):
+        self.home = Path(home).expanduser()
+        self.store = Store(self.home)
+        self.supervisors: dict[str, JobSupervisor] = {}
+        self._self = None
+        self._resume_unfinished()
+
+    def _handle(self):
+        if self._self is None:
+            self._self = ray.get_runtime_context().current_actor
+        return self._self
+
+    def _sink(self, job_id: str, attempt: int, rank: int):
+        return functools.partial(_push, self._handle(), job_id, attempt, rank)
+
+    def _supervise(self, job_id: str, spec: JobSpec, checkpoint_uri: str, **kwargs) -> JobSupervisor:
+        sup = JobSupervisor(job_id, spec, self.store, RayGang, self._sink, checkpoint_uri, **kwargs)
+        self.supervisors[job_id] = sup
+        sup.start()
+        return sup
+
+    def _resume_unfinished(self) -> None:
+        for job in self.store.jobs():
+            if job["state"] in TERMINAL:
+                continue
+            spec = JobSpec.model_validate(job["spec"])
+            attempts = self.store.attempts(job["id"])
+            last = attempts[-1]["attempt"] if attempts else 0
+            if attempts:
+                self.store.end_attempt(job["id"], last, "controller_restart", "the controller restarted")
+            self._supervise(job["id"], spec, job["detail"].get("checkpoint_uri") or self._default_uri(job["id"]),
+                            first_attempt=last + 1, reason="controller restarted: waiting for resources",
+                            resumed_cause="a controller restart" if attempts else None)
+
+    def _default_uri(self, job_id: str) -> str:
+        return str(self.home / "checkpoints" / job_id)
+
+    # ---- API --------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return {"home": str(self.home), "pid": os.getpid(), "jobs": len(self.supervisors)}
+
+    def submit(self, spec_dict: dict) -> str:
+        """Validate, prove the checkpoint storage works, record, queue. Raises SpecError or StorageError."""
+        spec = JobSpec.from_dict(spec_dict)
+        job_id = f"{spec.name}-{secrets.token_hex(3)}"
+        uri = spec.checkpoint.uri or self._default_uri(job_id)
+        try:
+            open_storage(uri, spec.checkpoint.s3).check()
+            if spec.checkpoint.resume_from:
+                from stalwart.checkpointing.engine import committed_steps, resolve
+
+                storage, step = resolve(spec.checkpoint.resume_from, spec.checkpoint.s3)
+                if step is None and not committed_steps(storage):
+                    raise SpecError([("checkpoint.resume_from",
+                                      f"no committed checkpoint under {spec.checkpoint.resume_from}")])
+        except StorageError as exc:
+            raise SpecError([("checkpoint.uri", str(exc))]) from None
+        self.store.add_job(job_id, spec.name, spec.to_dict(), "PENDING", {"checkpoint_uri": uri})
+        self.store.add_event(job_id, "submitted", f"submitted; checkpoints at {uri}", 0)
+        self._supervise(job_id, spec, uri)
+        return job_id
+
+    def status(self, job_id: str) -> dict:
+        job = self.store.job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        sup = self.supervisors.get(job_id)
+        out = {k: job[k] for k in ("id", "name", "state", "created", "updated")}
+        out.update(job["detail"])
+        out["checkpoint_uri"] = job["detail"].get("checkpoint_uri")
+        out["log_path"] = str(self.store.log_path(job_id))
+        out["attempts"] = self.store.attempts(job_id)
+        if sup is not None:
+            out.update(sup.status())
+        return out
+
+    def jobs(self) -> list[dict]:
+        out = []
+        for job in self.store.jobs():
+            row = {k: job[k] for k in ("id", "name", "state", "created", "updated")}
+            row["reason"] = job["detail"].get("reason", "")
+            sup = self.supervisors.get(job["id"])
+            if sup is not None:
+                s = sup.status()
+                row.update({k: s[k] for k in ("step", "max_steps", "loss", "tokens_per_s", "attempt", "restarts")})
+            out.append(row)
+        return out
+
+    def events(self, job_id: str, since: int = 0) -> list[dict]:
+        if self.store.job(job_id) is None:
+            raise JobNotFound(job_id)
+        return self.store.events(job_id, since)
+
+    def logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+        if self.store.job(job_id) is None:
+            raise JobNotFound(job_id)
+        return self.store.read_log(job_id, offset)
+
+    def metrics(self, job_id: str) -> list[dict]:
+        if self.store.job(job_id) is None:
+            raise JobNotFound(job_id)
+        return self.store.read_metrics(job_id)
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> str:
+        job = self.store.job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job["state"] in TERMINAL:
+            return job["state"]
+        sup = self.supervisors.get(job_id)
+        if sup is not None:
+            sup.cancel(reason)
+        return "CANCELLING"
+
+    def push(self, job_id: str, attempt: int, rank: int, batch: dict) -> None:
+        sup = self.supervisors.get(job_id)
+        if sup is not None:
+            sup.on_report(attempt, rank, batch)
+
+    def cancel_all(self, reason: str) -> list[str]:
+        ids = [j for j, s in self.supervisors.items() if not s.state.terminal]
+        for job_id in ids:
+            self.supervisors[job_id].cancel(reason)
+        for job_id in ids:
+            self.supervisors[job_id].join(timeout=30)
+        return ids
+
+
+RemoteController = ray.remote(Controller)
+
+
+def get_or_create_controller(home: str):
+    """The controller of the connected cluster, created (detached, named) if it does not exist."""
+    return RemoteController.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=64, max_restarts=-1,
+    ).remote(home)

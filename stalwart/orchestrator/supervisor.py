@@ -1,0 +1,315 @@
+"""The job supervisor: runs one job's state machine, acts on actors, and reads the report stream.
+
+The loop is two lines: while the state is not terminal, act for it and step. Acting is the only
+place that touches actors (through a gang); deciding is the failure policy's; stepping is `states.step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from stalwart.orchestrator import states as st
+from stalwart.orchestrator.policy import FailurePolicy
+from stalwart.orchestrator.store import Store
+from stalwart.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class Gang(Protocol):
+    """What the supervisor needs from a gang of rank workers (RayGang in production, fakes in tests)."""
+
+    world_size: int
+
+    def reserve(self, timeout: float) -> bool: ...
+    def waiting_for(self) -> str: ...
+    def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None: ...
+    def poll(self, timeout: float): ...  # -> GangOutcome | None
+    def stop(self) -> None: ...
+
+
+GangFactory = Callable[[str, int, JobSpec], Gang]
+SinkFactory = Callable[[str, int, int], Callable[[dict], None]]
+
+
+@dataclass
+class LiveStats:
+    """What the stream says about the current run; read by status() and the metrics exporter."""
+
+    step: int = 0
+    loss: float | None = None
+    grad_norm: float | None = None
+    max_steps: int | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_step: int | None = None
+    last_checkpoint_at: float | None = None
+    started_at: float | None = None
+    last_report_at: float | None = None
+    tokens: deque = field(default_factory=lambda: deque(maxlen=4096))  # (ts, tokens)
+    step_times: deque = field(default_factory=lambda: deque(maxlen=256))  # (ts of rank-0 records)
+    rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
+
+    def tokens_per_s(self, window: float = 20.0) -> float | None:
+        if len(self.tokens) < 2:
+            return None
+        horizon = self.tokens[-1][0] - window
+        recent = [(t, n) for t, n in self.tokens if t >= horizon]
+        if len(recent) < 2:
+            return None
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else None
+
+    def step_time_s(self) -> float | None:
+        times = list(self.step_times)
+        if len(times) < 3:
+            return None
+        return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+class JobSupervisor:
+    """Lifecycle: construct, `start()` (a daemon thread runs the job to a terminal state), `cancel()`
+    at any time, `on_report()` from the controller's threads as ranks report."""
+
+    POLL_S = 0.5
+
+    def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
+                 sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
+                 reason: str = "queued", resumed_cause: str | None = None):
+        self.job_id = job_id
+        self.spec = spec
+        self.store = store
+        self.gang_factory = gang_factory
+        self.sink_factory = sink_factory
+        self.checkpoint_uri = checkpoint_uri
+        self.policy = FailurePolicy(spec.fault_tolerance)
+        for a in store.attempts(job_id):
+            if a["cause"] and a["cause"] not in ("succeeded", "cancelled", "controller_restart"):
+                self.policy.spent[a["cause"]] += 1
+        self.state: st.JobState = st.Pending(reason, first_attempt, self._plan(first_attempt))
+        self.live = LiveStats()
+        self.failure: dict | None = None
+        self._gang: Gang | None = None
+        self._started = False
+        self._pending_since = time.monotonic()
+        self._cancel_reason: str | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"supervisor-{job_id}", daemon=True)
+        if resumed_cause:
+            self._event("attempt_interrupted", f"attempt interrupted by {resumed_cause}; starting attempt {first_attempt}")
+
+    # ---- public -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._record_state()
+        self._thread.start()
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        self._cancel_reason = reason
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def attempt(self) -> int:
+        return getattr(self.state, "attempt", 0)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self.state.terminal:
+                self._advance(self._act(self.state))
+        except Exception as exc:  # noqa: BLE001 - a supervisor bug must end the job visibly, not silently
+            log.exception("supervisor of %s crashed", self.job_id)
+            self._stop_gang()
+            self.state = st.Failed(f"internal error in the supervisor: {type(exc).__name__}: {exc}", "internal")
+            self._record_state()
+
+    def _advance(self, event: st.Event) -> None:
+        before = self.state
+        self.state = st.step(before, event)
+        if type(self.state) is not type(before) or self.state.describe() != before.describe():
+            self._record_state()
+
+    def _act(self, state: st.JobState) -> st.Event:
+        if self._cancel_reason is not None:
+            self._end_attempt("cancelled", self._cancel_reason)
+            self._stop_gang()
+            return st.CancelRequested(self._cancel_reason)
+        if isinstance(state, st.Pending):
+            return self._act_pending(state)
+        if isinstance(state, st.Running):
+            return self._act_running(state)
+        if isinstance(state, st.Restarting):
+            return self._act_restarting(state)
+        raise st.IllegalTransition(f"nothing to do in {state.name}")
+
+    def _act_pending(self, state: st.Pending) -> st.Event:
+        if self._gang is None:
+            self._gang = self.gang_factory(self.job_id, state.attempt, self.spec)
+            self._pending_since = time.monotonic()
+        if self._gang.reserve(self.POLL_S):
+            return st.Reserved()
+        waited = time.monotonic() - self._pending_since
+        if state.attempt > 1 and waited > self.spec.fault_tolerance.resource_wait_s:
+            self._stop_gang()
+            return st.Faulted("node_failure", f"resources did not come back within "
+                              f"{self.spec.fault_tolerance.resource_wait_s:g} s", restart=False)
+        return st.Waiting(self._gang.waiting_for())
+
+    def _act_running(self, state: st.Running) -> st.Event:
+        gang = self._gang
+        if not self._started:
+            plan = self._plan(state.attempt)
+            self.live = LiveStats(max_steps=self.live.max_steps, last_checkpoint=self.live.last_checkpoint,
+                                  last_checkpoint_step=self.live.last_checkpoint_step,
+                                  last_checkpoint_at=self.live.last_checkpoint_at, started_at=time.time())
+            self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
+            gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
+            self._started = True
+            self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks",
+                        world_size=gang.world_size)
+            return st.Tick()
+        outcome = gang.poll(self.POLL_S)
+        if outcome is None:
+            return st.Tick()
+        self._stop_gang()
+        if outcome.succeeded:
+            self._end_attempt("succeeded")
+            return st.Finished()
+        decision = self.policy.decide(outcome.cause, outcome.error)
+        self._end_attempt(outcome.cause, outcome.error)
+        where = f" on rank {outcome.rank}" if outcome.rank is not None else ""
+        self._event("fault", f"{outcome.cause}{where}: {outcome.error}", cause=outcome.cause, rank=outcome.rank,
+                    step=self.live.step, decision=decision.reason, restart=decision.restart)
+        if not decision.restart:
+            self.failure = {"cause": outcome.cause, "rank": outcome.rank, "error": outcome.error,
+                            "traceback": outcome.traceback}
+        return st.Faulted(outcome.cause, decision.reason if not decision.restart else outcome.error,
+                          decision.restart, decision.delay_s, decision.plan, outcome.rank, outcome.traceback)
+
+    def _act_restarting(self, state: st.Restarting) -> st.Event:
+        self._stop_gang()
+        self._wake.wait(state.delay_s)
+        self._wake.clear()
+        return st.BackoffDone()
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _plan(self, attempt: int) -> dict:
+        ckpt = self.spec.checkpoint
+        # An explicit resume_from seeds the job until it has a checkpoint of its own.
+        resume = ckpt.resume_from if (getattr(self, "live", None) is None or self.live.last_checkpoint is None) else None
+        return {"checkpoint_uri": self.checkpoint_uri, "resume_from": resume, "s3_options": ckpt.s3,
+                "skip": [], "pinned": [], "max_step": None}
+
+    def _stop_gang(self) -> None:
+        if self._gang is not None:
+            self._gang.stop()
+            self._gang = None
+        self._started = False
+
+    def _end_attempt(self, cause: str, error: str = "") -> None:
+        self.store.end_attempt(self.job_id, self.attempt, cause, error)
+
+    def _record_state(self) -> None:
+        detail = {"reason": self.state.describe(), "attempt": self.attempt, "checkpoint_uri": self.checkpoint_uri}
+        if isinstance(self.state, st.Failed):
+            detail.update(self.failure or {"error": self.state.reason, "cause": self.state.cause})
+            detail["reason"] = self.state.reason
+        self.store.set_state(self.job_id, self.state.name, detail)
+        self._event("state", f"{self.state.name}" + (f": {self.state.describe()}" if self.state.describe() else ""),
+                    state=self.state.name)
+
+    def _event(self, kind: str, message: str, **data) -> None:
+        self.store.add_event(self.job_id, kind, message, self.attempt, **data)
+
+    # ---- the report stream --------------------------------------------------------------
+    def on_report(self, attempt: int, rank: int, batch: dict) -> None:
+        """Called on the controller's threads. Reports from an older attempt only add their logs."""
+        if batch.get("logs"):
+            self.store.append_log(self.job_id, batch["logs"])
+        if attempt != self.attempt:
+            return
+        with self._lock:
+            live = self.live
+            records = batch.get("records") or []
+            if records:
+                live.last_report_at = time.time()
+                live.rank_last[rank] = (records[-1]["ts"], records[-1]["step"])
+            for r in records:
+                if r.get("tokens"):
+                    live.tokens.append((r["ts"], r["tokens"]))
+            if rank == 0 and records:
+                for r in records:
+                    live.step_times.append(r["ts"])
+                last = records[-1]
+                live.step = last["step"]
+                live.loss = last.get("loss")
+                live.grad_norm = last.get("grad_norm")
+                self.store.append_metrics(self.job_id, [{**r, "attempt": attempt} for r in records])
+        for ev in batch.get("events") or []:
+            self._on_worker_event(attempt, rank, ev)
+
+    def _on_worker_event(self, attempt: int, rank: int, ev: dict) -> None:
+        kind = ev.get("kind", "?")
+        data = {k: v for k, v in ev.items() if k not in ("kind",)}
+        if kind == "checkpoint_committed":
+            self.live.last_checkpoint = ev.get("uri")
+            self.live.last_checkpoint_step = ev.get("step")
+            self.live.last_checkpoint_at = ev.get("ts")
+            msg = f"checkpoint step {ev.get('step')} committed (stall {_ms(ev.get('stall_s'))}, write {_s(ev.get('write_s'))})"
+        elif kind == "checkpoint_failed":
+            msg = f"checkpoint step {ev.get('step')} failed on rank {rank}: {ev.get('error')}"
+        elif kind == "checkpoint_skipped":
+            msg = f"checkpoint step {ev.get('step')} skipped on restore: {ev.get('reason')}"
+        elif kind == "restored":
+            if rank != 0:
+                return
+            msg = f"restored from step {ev.get('step')} ({ev.get('uri')})"
+        elif kind == "progress":
+            self.live.max_steps = ev.get("max_steps")
+            return
+        else:
+            msg = kind
+        self.store.add_event(self.job_id, kind, msg, attempt, **data)
+
+    # ---- status -----------------------------------------------------------------------
+    def status(self) -> dict:
+        live = self.live
+        step_time = live.step_time_s()
+        eta = None
+        if step_time and live.max_steps:
+            eta = max(0.0, (live.max_steps - live.step) * step_time)
+        return {
+            "step": live.step,
+            "max_steps": live.max_steps,
+            "loss": _finite(live.loss),
+            "grad_norm": _finite(live.grad_norm),
+            "tokens_per_s": live.tokens_per_s(),
+            "step_time_s": step_time,
+            "eta_s": eta,
+            "last_checkpoint": live.last_checkpoint,
+            "last_checkpoint_step": live.last_checkpoint_step,
+            "last_checkpoint_at": live.last_checkpoint_at,
+            "restarts": dict(self.policy.spent),
+            "attempt": self.attempt,
+        }
+
+
+def _finite(x):
+    return x if x is None or math.isfinite(x) else str(x)
+
+
+def _ms(x) -> str:
+    return f"{x * 1000:.0f} ms" if isinstance(x, (int, float)) else "?"
+
+
+def _s(x) -> str:
+    return f"{x:.2f} s" if isinstance(x, (int, float)) else "?"

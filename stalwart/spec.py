@@ -1,0 +1,208 @@
+"""The job spec: typed sections, validated up front, loaded from YAML.
+
+Every error names the field path and what is expected (see `SpecError`). Unknown fields are
+rejected, because a misspelt knob that is silently ignored is worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stalwart.errors import SpecError
+
+CAUSES = ("node_failure", "hang", "nan", "loss_spike", "user_error")
+Cause = Literal["node_failure", "hang", "nan", "loss_spike", "user_error"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(_Section):
+    workers: int = Field(2, ge=1, le=4096, description="number of rank workers (the world size)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each rank")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved for each rank (0: train on CPU with gloo)")
+    placement: Literal["pack", "spread"] = Field("pack", description="how the gang's bundles are placed")
+
+
+class Strategy(_Section):
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `strategy: ddp` is the common spelling; the mapping form carries options.
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _implemented(cls, name: str) -> str:
+        if name != "ddp":
+            raise ValueError(
+                f"strategy {name!r} is accepted by the spec but not implemented in this version of "
+                "stalwart; use 'ddp'"
+            )
+        return name
+
+
+class S3Options(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS")
+    region: str | None = None
+    access_key_id: str | None = Field(None, description="None: the standard AWS credential chain")
+    secret_access_key: str | None = None
+    multipart_chunk_mb: int = Field(16, ge=5, le=5120)
+    max_concurrency: int = Field(8, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "S3Options":
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both access_key_id and secret_access_key, or neither")
+        return self
+
+
+class CheckpointSpec(_Section):
+    uri: str | None = Field(None, description="file:///dir, a plain path, or s3://bucket/prefix")
+    every_steps: int = Field(100, ge=1, description="ctx.checkpoint(step) saves when step % every_steps == 0")
+    keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
+    s3: S3Options = Field(default_factory=S3Options)
+    resume_from: str | None = Field(None, description="start from this committed checkpoint")
+
+    @field_validator("uri", "resume_from")
+    @classmethod
+    def _scheme(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        if "://" in uri and not uri.startswith(("file://", "s3://")):
+            raise ValueError(f"unsupported URI scheme in {uri!r}; use file:///path, a plain path or s3://bucket/prefix")
+        if uri.startswith("s3://") and not uri[5:].split("/", 1)[0]:
+            raise ValueError(f"{uri!r} names no bucket; use s3://bucket/prefix")
+        return uri
+
+
+class FaultTolerance(_Section):
+    max_restarts: int = Field(10, ge=0, description="global cap on restarts, all causes together")
+    budgets: dict[Cause, int] = Field(
+        default_factory=lambda: {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0},
+        description="restarts allowed per cause",
+    )
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
+    hang_timeout_s: float | None = Field(None, gt=0, description="None: derived from the observed step time")
+    resource_wait_s: float = Field(600.0, gt=0, description="how long a restart waits for resources")
+
+    @field_validator("budgets")
+    @classmethod
+    def _fill(cls, budgets: dict[str, int]) -> dict[str, int]:
+        for cause, n in budgets.items():
+            if n < 0:
+                raise ValueError(f"budget for {cause} must be >= 0, got {n}")
+        defaults = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0}
+        return {**defaults, **budgets}
+
+
+class Monitoring(_Section):
+    report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class JobSpec(_Section):
+    name: str = Field(description="lower-case letters, digits, '.', '_' and '-'")
+    entrypoint: str = Field(description="module:function, called as function(ctx, config) in every rank")
+    config: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    strategy: Strategy = Field(default_factory=Strategy)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    fault_tolerance: FaultTolerance = Field(default_factory=FaultTolerance)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    workdir: str | None = Field(None, description="put on sys.path in every rank; default: the spec file's folder")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for every rank")
+    runtime_env: dict[str, Any] | None = Field(None, description="a Ray runtime_env for the rank workers")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"{name!r} is not a valid job name: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, entrypoint: str) -> str:
+        if not _ENTRYPOINT.match(entrypoint):
+            raise ValueError(f"{entrypoint!r} is not of the form module:function (e.g. train:main)")
+        return entrypoint
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = None, workdir: str | None = None) -> "JobSpec":
+        if not isinstance(data, dict):
+            raise SpecError([("", f"expected a mapping of fields, got {type(data).__name__}")], source)
+        try:
+            spec = cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(_problems(exc), source) from None
+        if spec.workdir is None and workdir is not None:
+            spec = spec.model_copy(update={"workdir": workdir})
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "JobSpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SpecError([("", f"cannot read {path}: {exc.strerror or exc}")], str(path)) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise SpecError([("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")], str(path)) from None
+        return cls.from_dict(data, source=str(path), workdir=str(path.resolve().parent))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(JobSpec, err["loc"][:-1])
+            known = ", ".join(parent.model_fields) if parent else ""
+            msg = f"unknown field; expected one of: {known}" if known else "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append((path, msg))
+    return problems
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model

@@ -1,0 +1,34 @@
+"""Small entrypoints for the integration tests (imported inside the rank workers)."""
+
+import time
+
+import torch
+
+
+def linear(ctx, config):
+    """A tiny DDP regression that checkpoints, so tests can compare final parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = ctx.prepare(model, opt)
+    ctx.restore()
+    w_true = torch.arange(8, dtype=torch.float32)
+
+    def batch(i):
+        g = torch.Generator().manual_seed(i * 7 + ctx.rank)
+        x = torch.randn(16, 8, generator=g)
+        return x, x @ w_true
+
+    for step, (x, y) in ctx.batches(batch, steps=config.get("steps", 30)):
+        loss = ((model(x).squeeze(-1) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctx.report(step, loss=loss.detach(), tokens=16)
+        ctx.checkpoint(step)
+        if config.get("fail_step") == step and ctx.rank == config.get("fail_rank", 1):
+            raise ValueError(f"boom at step {step}")
+        if config.get("sleep"):
+            time.sleep(config["sleep"])
+    return {"weights": [round(float(v), 6) for v in model.module.weight.flatten()] if hasattr(model, "module")
+            else [round(float(v), 6) for v in model.weight.flatten()]}

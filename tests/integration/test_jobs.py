@@ -1,0 +1,91 @@
+"""End to end with real Ray: submit, train, fail, cancel, queue."""
+
+import time
+
+import pytest
+import ray
+
+from specs import job_spec, tiny_gpt_spec
+from stalwart.errors import JobFailed, SpecError
+
+
+def wait_for(predicate, timeout=60, poll=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("condition not met in time")
+
+
+def test_tiny_gpt_trains_to_success_with_falling_loss(client):
+    job = client.submit(tiny_gpt_spec(steps=60))
+    status = job.wait(timeout=240)
+    assert status["state"] == "SUCCEEDED"
+    metrics = job.metrics()
+    losses = [m["loss"] for m in metrics]
+    assert len(losses) == 60
+    assert losses[0] > 5.0  # byte-level: starts near ln 256
+    assert sum(losses[-10:]) / 10 < 0.7 * losses[0]
+    assert status["last_checkpoint_step"] == 60
+    kinds = [e["kind"] for e in job.events()]
+    assert "attempt_started" in kinds and "checkpoint_committed" in kinds
+    assert "parameters" in job.logs()
+
+
+def test_failing_user_function_ends_failed_with_traceback(client):
+    job = client.submit(job_spec("testjobs:linear", {"steps": 50, "fail_step": 5, "fail_rank": 1}))
+    with pytest.raises(JobFailed) as exc:
+        job.wait(timeout=120)
+    status = job.status()
+    assert status["state"] == "FAILED"
+    assert status["rank"] == 1 and status["cause"] == "user_error"
+    assert "ValueError: boom at step 5" in status["traceback"]
+    assert "boom at step 5" in job.logs()
+    assert "not retried" in str(exc.value)
+
+
+def test_cancel_mid_run_releases_everything(client):
+    job = client.submit(job_spec("testjobs:linear", {"steps": 10_000, "sleep": 0.05}))
+    wait_for(lambda: (job.status().get("step") or 0) > 3, timeout=90)
+    job.cancel()
+    status = job.wait(timeout=60)
+    assert status["state"] == "CANCELLED"
+    assert status["attempts"][-1]["cause"] == "cancelled"
+    # The gang's CPUs come back: no placement group or worker is left behind.
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, timeout=30)
+
+
+def test_second_job_waits_for_resources_then_runs(client):
+    first = client.submit(job_spec("testjobs:linear", {"steps": 40, "sleep": 0.1}))
+    wait_for(lambda: first.status()["state"] == "RUNNING", timeout=60)
+    second = client.submit(job_spec("testjobs:linear", {"steps": 5}))
+    pending = wait_for(lambda: (s := second.status())["state"] == "PENDING" and "waiting for resources" in
+                       s.get("reason", "") and s, timeout=30)
+    assert "CPU" in pending["reason"]
+    assert first.wait(timeout=120)["state"] == "SUCCEEDED"
+    assert second.wait(timeout=120)["state"] == "SUCCEEDED"
+    assert second.status()["attempts"][0]["started"] >= first.status()["attempts"][0]["ended"] - 1
+
+
+def test_bad_spec_is_refused_and_nothing_is_recorded(client):
+    before = len(client.jobs())
+    with pytest.raises(SpecError, match="resources.workers"):
+        client.submit({"name": "x", "entrypoint": "a:b", "resources": {"workers": -1}})
+    assert len(client.jobs()) == before
+
+
+def test_unwritable_checkpoint_dir_is_refused_at_submit(client, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    import os
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        uri = str(blocker / "sub")  # a path under a regular file cannot be created, even by root
+    else:
+        uri = str(ro / "ck")
+    with pytest.raises(SpecError, match="checkpoint.uri"):
+        client.submit(job_spec("testjobs:linear", checkpoint={"uri": uri}))
