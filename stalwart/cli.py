@@ -27,6 +27,8 @@ err = Console(stderr=True)
 
 AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: local)")
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+InjectOpt = typer.Option(None, "--inject", help="inject a fault to rehearse recovery, e.g. kill:rank=1,step=40 "
+                         "(kinds: kill, nan, hang, spike, error)")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "cyan",
                "RESTARTING": "magenta", "PENDING": "white"}
@@ -46,12 +48,16 @@ def _client(address: Optional[str], start: str = "background"):
         _fail(str(exc))
 
 
-def _load(path: Path, resume_from: Optional[str] = None) -> JobSpec:
+def _load(path: Path, resume_from: Optional[str] = None, inject: Optional[list[str]] = None) -> JobSpec:
     try:
         spec = JobSpec.from_yaml(path)
-        if resume_from:
+        if resume_from or inject:
+            from stalwart.spec import Fault
+
             data = spec.to_dict()
-            data["checkpoint"]["resume_from"] = resume_from
+            if resume_from:
+                data["checkpoint"]["resume_from"] = resume_from
+            data["faults"] += [Fault.parse(text).model_dump() for text in inject or []]
             spec = JobSpec.from_dict(data, source=str(path))
         return spec
     except StalwartError as exc:
@@ -84,9 +90,10 @@ def _state(state: str) -> Text:
 def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
         address: Optional[str] = AddressOpt,
         resume_from: Optional[str] = typer.Option(None, "--resume-from", help="start from this committed checkpoint"),
+        inject: Optional[list[str]] = InjectOpt,
         as_json: bool = JsonOpt):
     """Submit a job, show its progress live, and wait for it. Ctrl-C cancels it."""
-    spec = _load(spec_path, resume_from)
+    spec = _load(spec_path, resume_from, inject)
     client = _client(address, start="inprocess")
     try:
         try:
@@ -214,9 +221,10 @@ def _summary(job, s: dict) -> None:
 # ---- submit and friends --------------------------------------------------------------------
 @app.command()
 def submit(spec_path: Path = typer.Argument(..., help="job spec (YAML)"), address: Optional[str] = AddressOpt,
-           resume_from: Optional[str] = typer.Option(None, "--resume-from"), as_json: bool = JsonOpt):
+           resume_from: Optional[str] = typer.Option(None, "--resume-from"),
+           inject: Optional[list[str]] = InjectOpt, as_json: bool = JsonOpt):
     """Submit a job and print its id at once."""
-    spec = _load(spec_path, resume_from)
+    spec = _load(spec_path, resume_from, inject)
     client = _client(address)
     try:
         job = client.submit(spec)

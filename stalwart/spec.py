@@ -113,6 +113,32 @@ class Monitoring(_Section):
     report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
 
 
+class Fault(_Section):
+    """A fault to inject, so users rehearse recovery on their own jobs (e.g. kill rank 1 at step 40)."""
+
+    kind: Literal["kill", "nan", "hang", "spike", "error"]
+    step: int = Field(ge=1, description="the step at whose report the fault fires")
+    rank: int = Field(0, ge=0)
+    attempt: int = Field(1, ge=1, description="fires only in this attempt, so a restart does not repeat it")
+    factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied")
+    length: int = Field(10, ge=1, description="spike: for how many steps")
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        """`kind:key=value,...`, e.g. `kill:rank=1,step=40` (the CLI's --inject)."""
+        kind, _, rest = text.partition(":")
+        fields: dict[str, Any] = {"kind": kind.strip()}
+        for part in filter(None, rest.split(",")):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise SpecError([("faults", f"{part!r} in {text!r} is not key=value")])
+            fields[key.strip()] = value.strip()
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise SpecError([(f"faults.{p}", m) for p, m in _problems(exc)]) from None
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -129,6 +155,7 @@ class JobSpec(_Section):
     workdir: str | None = Field(None, description="put on sys.path in every rank; default: the spec file's folder")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for every rank")
     runtime_env: dict[str, Any] | None = Field(None, description="a Ray runtime_env for the rank workers")
+    faults: list[Fault] = Field(default_factory=list, description="faults to inject (recovery rehearsal)")
 
     @field_validator("name")
     @classmethod

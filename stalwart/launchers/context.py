@@ -61,6 +61,12 @@ class TrainContext:
             job_id=job_id, attempt=attempt, on_result=self._on_save)
         self._engine.pinned.update(plan.get("pinned", []))
         self._last_stall = 0.0
+        self._faults = {}
+        for f in plan.get("faults", []):
+            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike")):
+                span = range(f["step"], f["step"] + (f["length"] if f["kind"] == "spike" else 1))
+                for s in span:
+                    self._faults[s] = f
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -110,7 +116,9 @@ class TrainContext:
 
         Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
         """
-        self._reporter.record(step, loss, grad_norm, tokens, metrics or None)
+        if self._faults and step in self._faults:
+            loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter)
+        self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position)
         if loss is not None and (step % 10 == 0):
             # A sampled float for the checkpoint's loss statistics; one sync every 10 steps.
             self._recent_losses.append(float(loss))
@@ -223,6 +231,31 @@ class TrainContext:
     def close(self) -> None:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
         self._engine.wait()
+
+
+def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter) -> tuple[Any, Any]:
+    """Carry out an injected fault at this report (a rehearsal the user asked for in `faults:`)."""
+    import os
+    import signal
+
+    kind = fault["kind"]
+    if kind in ("kill", "hang", "error"):
+        reporter.log(f"[rank {rank}] stalwart: injecting fault {kind} at step {fault['step']}\n")
+        reporter.flush()
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        while True:  # stuck in Python, so the hang report can show where
+            time.sleep(3600)
+    if kind == "error":
+        raise RuntimeError(f"injected error at step {fault['step']}")
+    if kind == "nan":
+        return float("nan"), grad_norm
+    if kind == "spike":
+        # Grad norm jumps harder than the loss, as in real spikes.
+        scale = float(fault["factor"])
+        return float(loss) * scale, (float(grad_norm) * scale * 10 if grad_norm is not None else None)
+    return loss, grad_norm
 
 
 def _rng_state() -> dict:

@@ -52,6 +52,7 @@ class RayGang:
         self._refs: dict = {}
         self._results: dict[int, dict] = {}
         self._stopped = False
+        self.ranks: list[dict] = []
 
     def reserve(self, timeout: float = 0.5) -> bool:
         ready, _ = ray.wait([self._ready_ref], timeout=timeout)
@@ -79,7 +80,8 @@ class RayGang:
             self.workers.append(RankWorker.options(**opts).remote(self.job_id, self.attempt, rank, self.world_size))
         addr, port = ray.get(self.workers[0].address.remote(), timeout=120)
         nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=120)
-        self.node_ids = nodes
+        pids = ray.get([w.pid.remote() for w in self.workers], timeout=120)
+        self.ranks = [{"rank": r, "node_id": n, "pid": p} for r, (n, p) in enumerate(zip(nodes, pids))]
         spec_dict = self.spec.to_dict()
         for rank, worker in enumerate(self.workers):
             same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]
@@ -87,9 +89,6 @@ class RayGang:
                        "sink": sink_for(rank), "local_rank": same_node.index(rank),
                        "local_world_size": len(same_node)}
             self._refs[worker.run.remote(payload)] = rank
-
-    def pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.workers], timeout=30)
 
     def poll(self, timeout: float = 0.5) -> GangOutcome | None:
         """None while running; otherwise how the gang ended."""

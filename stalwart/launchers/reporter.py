@@ -38,10 +38,11 @@ class Reporter:
         self._thread.start()
         return self
 
-    def record(self, step: int, loss: Any, grad_norm: Any = None, tokens: Any = None, metrics: dict | None = None) -> None:
+    def record(self, step: int, loss: Any, grad_norm: Any = None, tokens: Any = None, metrics: dict | None = None,
+               position: int | None = None) -> None:
         # The hot path: no conversion, no lock (list.append is atomic under the GIL).
         if len(self._records) < _MAX_PENDING:
-            self._records.append((step, time.time(), loss, grad_norm, tokens, metrics))
+            self._records.append((step, time.time(), loss, grad_norm, tokens, metrics, position))
         else:
             self.dropped += 1
 
@@ -86,8 +87,10 @@ class Reporter:
 
 
 def _convert(record: tuple) -> dict:
-    step, ts, loss, grad_norm, tokens, metrics = record
+    step, ts, loss, grad_norm, tokens, metrics, position = record
     out = {"step": int(step), "ts": ts, "loss": _num(loss)}
+    if position is not None:
+        out["position"] = position
     if grad_norm is not None:
         out["grad_norm"] = _num(grad_norm)
     if tokens is not None:

@@ -95,6 +95,7 @@ class JobSupervisor:
         self.state: st.JobState = st.Pending(reason, first_attempt, self._plan(first_attempt))
         self.live = LiveStats()
         self.failure: dict | None = None
+        self.ranks: list[dict] = []
         self._gang: Gang | None = None
         self._started = False
         self._pending_since = time.monotonic()
@@ -174,6 +175,7 @@ class JobSupervisor:
             self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
             gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
             self._started = True
+            self.ranks = list(getattr(gang, "ranks", []))
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks",
                         world_size=gang.world_size)
             return st.Tick()
@@ -207,7 +209,8 @@ class JobSupervisor:
         # An explicit resume_from seeds the job until it has a checkpoint of its own.
         resume = ckpt.resume_from if (getattr(self, "live", None) is None or self.live.last_checkpoint is None) else None
         return {"checkpoint_uri": self.checkpoint_uri, "resume_from": resume, "s3_options": ckpt.s3,
-                "skip": [], "pinned": [], "max_step": None}
+                "skip": [], "pinned": [], "max_step": None,
+                "faults": [f.model_dump() for f in self.spec.faults]}
 
     def _stop_gang(self) -> None:
         if self._gang is not None:
@@ -300,6 +303,7 @@ class JobSupervisor:
             "last_checkpoint_at": live.last_checkpoint_at,
             "restarts": dict(self.policy.spent),
             "attempt": self.attempt,
+            "ranks": self.ranks,
         }
 
 

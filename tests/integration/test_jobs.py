@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 
-from specs import job_spec, tiny_gpt_spec
+from jobspecs import job_spec, tiny_gpt_spec
 from stalwart.errors import JobFailed, SpecError
 
 

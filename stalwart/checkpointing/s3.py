@@ -1,0 +1,330 @@
+"""`s3://bucket/prefix` storage through boto3, for AWS and S3-compatible servers (MinIO, rclone, ...).
+
+Objects become visible only when their upload completes (PutObject, or CompleteMultipartUpload
+for large ones), which gives the all-or-nothing guarantee `Storage` promises. An upload cut short
+can leave an incomplete multipart upload behind on the server: it is invisible, but on AWS it is
+billed until a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Iterable, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError,
+                                 NoCredentialsError, SSLError)
+from s3transfer.exceptions import RetriesExceededError
+
+from stalwart.checkpointing.storage import Source, Storage
+from stalwart.errors import StorageError
+
+T = TypeVar("T")
+
+# Errors where the same request may succeed later. Everything else (auth, missing bucket, bad
+# request) fails the same way every time, so it is raised at once.
+_TRANSIENT_EXC = (ConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError)
+_TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestTimeoutException",
+                    "RequestLimitExceeded", "TooManyRequestsException", "InternalError", "ServiceUnavailable",
+                    "PriorRequestNotComplete", "OperationAborted"}
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403", "Forbidden"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_DELETE_BATCH = 1000  # the DeleteObjects limit
+
+
+class S3Storage(Storage):
+    """Objects under `s3://bucket/prefix`.
+
+    Lifecycle: construction does no I/O; the boto3 client is made on first use and shared by all
+    threads (boto3 clients are thread-safe). Pickling drops the client, so the object can be sent
+    to Ray actors, which make their own. Every method raises `StorageError`: permanent errors
+    (credentials, permissions, missing bucket or key) at once; transient ones (throttling, 5xx,
+    connection failures, timeouts) after retrying with jittered exponential backoff for
+    `retry_deadline_s` from the first failure, with `transient=True`. The deadline decides whether
+    another attempt starts; an attempt in progress is bounded by the timeouts (and botocore's own
+    3 tries per request, which save a large upload from restarting because one part failed).
+    """
+
+    def __init__(self, uri: str, options=None, *, retry_deadline_s: float = 60.0,
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 20.0):
+        from stalwart.spec import S3Options  # spec imports pydantic; keep this module light to import
+
+        if not uri.startswith("s3://"):
+            raise StorageError(f"{uri!r} is not an s3:// URI", uri=uri)
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri!r} names no bucket; use s3://bucket/prefix", uri=uri)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.options = options if options is not None else S3Options()
+        self.endpoint_url = self.options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.retry_deadline_s = retry_deadline_s
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._lock = threading.Lock()
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_client"] = None  # holds sockets and locks; each process makes its own
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        """The shared botocore S3 client, made on first use."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self):
+        opts = self.options
+        # A Session per storage: boto3's default session is not thread-safe to create clients from.
+        session = boto3.session.Session(aws_access_key_id=opts.access_key_id,
+                                        aws_secret_access_key=opts.secret_access_key, region_name=opts.region)
+        extra = {}
+        if self.endpoint_url:
+            # Path-style URLs work on every S3-compatible server (bucket-in-hostname needs DNS),
+            # and many of them reject the CRC trailers botocore sends by default since 1.36.
+            extra = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                         response_checksum_validation="when_required")
+        config = Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
+                        retries={"mode": "standard", "max_attempts": 3}, tcp_keepalive=True,
+                        max_pool_connections=max(10, 2 * opts.max_concurrency), **extra)
+        region = None if session.region_name or not self.endpoint_url else "us-east-1"  # SigV4 needs one
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
+
+    def _transfer_config(self) -> TransferConfig:
+        chunk = self.options.multipart_chunk_mb << 20
+        return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
+                              max_concurrency=self.options.max_concurrency, use_threads=True)
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/"):
+            raise StorageError(f"invalid key {key!r}: keys are non-empty relative paths", uri=self.uri)
+        return self.prefix + key
+
+    def _retrying(self, what: str, op: Callable[[], T], deadline_s: float | None = None) -> T:
+        """Run `op`, retrying transient failures until the deadline; map errors to StorageError."""
+        budget = self.retry_deadline_s if deadline_s is None else deadline_s
+        # The clock starts at the first failure, so that a long upload that fails late still
+        # gets its full retry budget.
+        first_failure = None
+        attempt = 0
+        while True:
+            try:
+                return op()
+            except SSLError as exc:  # a certificate problem does not heal by itself
+                raise self._error(what, exc) from exc
+            except _TRANSIENT_EXC as exc:
+                error = exc
+            except ClientError as exc:
+                if not _is_transient(exc):
+                    raise self._error(what, exc) from exc
+                error = exc
+            except BotoCoreError as exc:  # e.g. NoCredentialsError, ParamValidationError
+                raise self._error(what, exc) from exc
+            attempt += 1
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left = first_failure + budget - now
+            if left <= 0:
+                raise StorageError(f"{what} failed {attempt} time(s), retried for {now - first_failure:.1f}s: "
+                                   f"{_describe(error)}", uri=self.uri, transient=True) from error
+            # Full jitter, so that ranks hitting the same outage spread their retries out; the
+            # last sleep is cut short so that one attempt is made right at the deadline.
+            time.sleep(min(left, random.uniform(0, min(10.0, 0.25 * 2 ** attempt))))
+
+    def _error(self, what: str, exc: Exception) -> StorageError:
+        return StorageError(f"{what} failed: {_describe(exc)}", uri=self.uri, transient=False)
+
+    def write(self, key: str, src: Source) -> int:
+        full = self._key(key)
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            view = memoryview(src).cast("B")
+            size = view.nbytes
+            opener, spool = (lambda: _ViewReader(view)), None
+        else:
+            spool = None
+            if not _seekable(src):
+                # A retry must resend from the start, so a one-way stream is copied aside first.
+                spool = tempfile.SpooledTemporaryFile(max_size=self.options.multipart_chunk_mb << 20)
+                shutil.copyfileobj(src, spool, 8 << 20)
+                spool.seek(0)
+                src = spool
+            start = src.tell()
+            size = src.seek(0, io.SEEK_END) - start
+
+            def opener():
+                src.seek(start)
+                return src
+        try:
+            self._retrying(f"writing {self.uri}/{key}", lambda: self.client.upload_fileobj(
+                opener(), self.bucket, full, Config=self._transfer_config()))
+        finally:
+            if spool is not None:
+                spool.close()
+        return size
+
+    def read(self, key: str) -> bytes:
+        full = self._key(key)
+
+        def download() -> bytes:
+            buf = io.BytesIO()  # fresh per attempt: a failed attempt may have written parts of it
+            self.client.download_fileobj(self.bucket, full, buf, Config=self._transfer_config())
+            return buf.getvalue()
+
+        try:
+            return self._retrying(f"reading {self.uri}/{key}", download)
+        except StorageError as exc:
+            if _code(exc.__cause__) in _MISSING_CODES:
+                raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from exc.__cause__
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        def listing() -> list[str]:
+            keys = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self.prefix + prefix)
+            for page in pages:
+                keys += [obj["Key"][len(self.prefix):] for obj in page.get("Contents", ())]
+            return sorted(keys)
+
+        return self._retrying(f"listing {self.uri}/{prefix}", listing)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._retrying(f"looking up {self.uri}/{key}",
+                           lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+            return True
+        except StorageError as exc:
+            if _code(exc.__cause__) in _MISSING_CODES:
+                return False
+            raise
+
+    def delete(self, keys: Iterable[str]) -> None:
+        full = [self._key(k) for k in keys]
+        for i in range(0, len(full), _DELETE_BATCH):
+            batch = {"Objects": [{"Key": k} for k in full[i:i + _DELETE_BATCH]], "Quiet": True}
+
+            def delete_batch() -> None:
+                errors = self.client.delete_objects(Bucket=self.bucket, Delete=batch).get("Errors", [])
+                # Per-key failures arrive in a 200 response; raise the first so that it is
+                # classified (and retried) like any other error. Deleting again is harmless.
+                if errors:
+                    first = errors[0]
+                    raise ClientError({"Error": {"Code": first.get("Code", ""), "Message": (
+                        f"{first.get('Message', '')} (key {first.get('Key')}; {len(errors)} key(s) failed)")}},
+                        "DeleteObjects")
+
+            self._retrying(f"deleting from {self.uri}", delete_batch)
+
+    def check(self) -> None:
+        """Write, read back and delete a probe object; raise a permanent StorageError saying what to fix.
+
+        Transient failures are not retried beyond botocore's own tries: at startup an
+        unreachable endpoint is far more likely a wrong setting than an outage.
+        """
+        probe = f".stalwart-probe-{uuid.uuid4().hex}"
+        body = b"stalwart storage probe " + probe.encode()
+        try:
+            self._retrying("probe write", lambda: self.client.put_object(
+                Bucket=self.bucket, Key=self._key(probe), Body=body), deadline_s=0)
+            got = self._retrying("probe read", lambda: self.client.get_object(
+                Bucket=self.bucket, Key=self._key(probe))["Body"].read(), deadline_s=0)
+            self._retrying("probe delete", lambda: self.client.delete_object(
+                Bucket=self.bucket, Key=self._key(probe)), deadline_s=0)
+        except StorageError as exc:
+            raise StorageError(self._advice(exc.__cause__), uri=self.uri, transient=False) from exc.__cause__
+        if got != body:
+            raise StorageError(f"{self.uri} returned different bytes than were written to it; the endpoint "
+                               f"{self.endpoint_url or 'AWS'} is not a working S3 server", uri=self.uri)
+
+    def _advice(self, exc: BaseException | None) -> str:
+        endpoint = self.endpoint_url or "AWS S3 (no endpoint_url set)"
+        code = _code(exc)
+        if isinstance(exc, (ConnectionError, HTTPClientError)):
+            return (f"cannot reach the S3 endpoint {endpoint} ({_describe(exc)}); check that the server is up, "
+                    "or set checkpoint.s3.endpoint_url (or AWS_ENDPOINT_URL) to the right address")
+        if isinstance(exc, NoCredentialsError):
+            return ("no S3 credentials found; set checkpoint.s3.access_key_id and secret_access_key, or configure "
+                    "the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
+        if code in _AUTH_CODES:
+            return (f"{endpoint} rejected the S3 credentials ({code}); check checkpoint.s3.access_key_id and "
+                    "secret_access_key (or the AWS credential chain) and that the key is valid for this endpoint")
+        if code == "NoSuchBucket":
+            return (f"bucket {self.bucket!r} does not exist at {endpoint}; create it, or fix the bucket "
+                    "in checkpoint.uri")
+        if code == "AccessDenied":
+            return (f"the S3 credentials may not write, read and delete objects under {self.uri} (AccessDenied); "
+                    "grant s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there, or use another "
+                    "checkpoint.uri")
+        return f"{self.uri} failed its storage check at {endpoint}: {_describe(exc)}"
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable reader over a memoryview, so bytearray/memoryview sources are not copied whole."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _seekable(f) -> bool:
+    try:
+        return bool(f.seekable()) and f.tell() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _code(exc: BaseException | None) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def _is_transient(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return _code(exc) in _TRANSIENT_CODES or status >= 500 or status == 429
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', '?')}: {err.get('Message') or exc}"
+    if isinstance(exc, RetriesExceededError):
+        return f"{type(exc.last_exception).__name__}: {exc.last_exception}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,73 @@
+"""Faults caused for real: each time the job must SUCCEED with the same final state as an undisturbed run."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from jobspecs import tiny_gpt_spec
+from stalwart.checkpointing import engine
+from stalwart.checkpointing.storage import open_storage
+
+STEPS = 40
+
+
+def final_state(status: dict) -> dict:
+    storage = open_storage(status["checkpoint_uri"])
+    step = engine.committed_steps(storage)[0]
+    assert step == STEPS
+    return engine.load(storage, step, 0).state
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    from stalwart.checkpointing.shards import flatten
+
+    ta, _ = flatten(a)
+    tb, _ = flatten(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs"
+
+
+def wait_for(predicate, timeout=120, poll=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="module")
+def undisturbed(client):
+    status = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10})).wait(timeout=300)
+    return final_state(status)
+
+
+def test_injected_kill_restarts_and_matches_undisturbed_run(client, undisturbed):
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10},
+                         faults=[{"kind": "kill", "rank": 1, "step": 25}])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 1}
+    assert [a["cause"] for a in status["attempts"]] == ["node_failure", "succeeded"]
+    restored = [e for e in job.events() if e["kind"] == "restored"]
+    assert restored and restored[0]["data"]["step"] == 20
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_sigkill_of_a_rank_mid_run(client, undisturbed):
+    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}))
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
+    victim = status["ranks"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 1}
+    faults = [e for e in job.events() if e["kind"] == "fault"]
+    assert "died" in faults[0]["message"]
+    assert_bitwise_equal(final_state(status), undisturbed)
