@@ -61,6 +61,7 @@ class S3Options(_Section):
     secret_access_key: str | None = None
     multipart_chunk_mb: int = Field(16, ge=5, le=5120)
     max_concurrency: int = Field(8, ge=1, le=64)
+    retry_deadline_s: float = Field(60.0, gt=0, description="how long transient errors are retried before a save fails")
 
     @model_validator(mode="after")
     def _pair(self) -> "S3Options":
@@ -98,6 +99,14 @@ class FaultTolerance(_Section):
     max_backoff_s: float = Field(30.0, ge=0)
     hang_timeout_s: float | None = Field(None, gt=0, description="None: derived from the observed step time")
     resource_wait_s: float = Field(600.0, gt=0, description="how long a restart waits for resources")
+    hang_floor_s: float = Field(60.0, gt=0, description="the least a derived hang timeout can be")
+    spike_detection: bool = Field(True, description="watch loss and grad norm for spikes")
+    spike_warmup_steps: int = Field(50, ge=8, description="reports that only feed the statistics")
+    skip_batches: int = Field(200, ge=0, description="after a NaN or spike, batches skipped past it")
+    spike_escalation: Literal["lower_lr", "fail"] = Field(
+        "lower_lr", description="when the same spike comes back after the skip")
+    spike_lr_scale: float = Field(0.5, gt=0, le=1, description="the LR factor for lower_lr")
+    straggler_factor: float = Field(1.5, gt=1, description="a rank this much slower than the others is a straggler")
 
     @field_validator("budgets")
     @classmethod
@@ -143,6 +152,19 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+class DataSpec(_Section):
+    skip: list[tuple[int, int]] = Field(
+        default_factory=list, description="global batch index ranges [start, end) never fed to the model")
+
+    @field_validator("skip")
+    @classmethod
+    def _ranges(cls, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for start, end in ranges:
+            if not 0 <= start < end:
+                raise ValueError(f"skip range [{start}, {end}) must satisfy 0 <= start < end")
+        return ranges
+
+
 class JobSpec(_Section):
     name: str = Field(description="lower-case letters, digits, '.', '_' and '-'")
     entrypoint: str = Field(description="module:function, called as function(ctx, config) in every rank")
@@ -152,6 +174,7 @@ class JobSpec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     fault_tolerance: FaultTolerance = Field(default_factory=FaultTolerance)
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    data: DataSpec = Field(default_factory=DataSpec)
     workdir: str | None = Field(None, description="put on sys.path in every rank; default: the spec file's folder")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for every rank")
     runtime_env: dict[str, Any] | None = Field(None, description="a Ray runtime_env for the rank workers")

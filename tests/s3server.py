@@ -2,9 +2,11 @@
 
 Lifecycle: `S3Server()` picks a free port and makes a new directory whose `bucket` subfolder is
 the bucket; `start()` launches rclone and returns once it answers HTTP; `stop()` (SIGTERM) or
-`kill()` (SIGKILL, to cut an upload short) end it; `restart()` starts it again on the same port
-and directory; `close()` stops it and removes the directory. `start()` raises `RuntimeError`
-with rclone's log when the server exits or does not answer in time.
+`kill()` (SIGKILL, to cut an upload short) end it; `freeze()`/`thaw()` (SIGSTOP/SIGCONT) make it
+hang and resume; `start()` or `restart()` bring it back on the same port and directory; `close()`
+stops it and removes the directory (also done at interpreter exit for servers still running).
+`start()` raises `RuntimeError` with rclone's log when the server exits or does not answer in
+time; the constructor raises `FileNotFoundError` when there is no rclone binary.
 
 Each server gets its own directory and nothing else writes there: rclone caches directory
 listings, so files changed behind its back may stay invisible (or deleted ones visible) for
@@ -13,6 +15,7 @@ minutes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -22,12 +25,22 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
-
-from stalwart.spec import S3Options
 
 ACCESS_KEY = "stalwart-test-key"
 SECRET_KEY = "stalwart-test-secret"
+
+
+_live: "weakref.WeakSet[S3Server]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A script that exits without close() (an exception, a forgotten fixture) would otherwise
+    # leave rclone serving in the background.
+    for server in list(_live):
+        server.close()
 
 
 def find_rclone() -> str | None:
@@ -60,13 +73,18 @@ class S3Server:
         (self.data_dir / bucket).mkdir(parents=True)
         self.log_path = self.base / "rclone.log"
         self.proc: subprocess.Popen | None = None
+        _live.add(self)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def options(self) -> S3Options:
+    def options(self):
+        """A `stalwart.spec.S3Options` that reaches this server."""
+        # Imported here so that conftest, which imports this module, does not depend on the spec.
+        from stalwart.spec import S3Options
+
         return S3Options(endpoint_url=self.endpoint_url, region="us-east-1",
                          access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
 
@@ -115,6 +133,7 @@ class S3Server:
         """SIGTERM, then SIGKILL if rclone has not exited within `timeout_s`."""
         if not self.running:
             return
+        self.thaw()  # a frozen process would not act on SIGTERM
         self.proc.terminate()
         try:
             self.proc.wait(timeout_s)
@@ -128,6 +147,13 @@ class S3Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps accepting connections (the kernel does) but never answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()

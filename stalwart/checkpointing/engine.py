@@ -270,6 +270,31 @@ def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads
     return Loaded(step, manifest, shards.unflatten(skeleton, tensors), local, uri)
 
 
+def delete_checkpoint(storage: Storage, step: int) -> int:
+    """Delete one checkpoint, manifest first (so it is never committed without its shards). Returns keys deleted."""
+    keys = [k for k in storage.list(step_dir(step) + "/")]
+    storage.delete([k for k in keys if k.endswith(MANIFEST)])
+    storage.delete([k for k in keys if not k.endswith(MANIFEST)])
+    return len(keys)
+
+
+def describe(storage: Storage) -> list[dict]:
+    """One row per saved step, newest first: committed or not, and the manifest's headline figures."""
+    rows = []
+    for step, ok in sorted(list_steps(storage).items(), reverse=True):
+        row = {"step": step, "uri": f"{storage.uri}/{step_dir(step)}", "committed": ok}
+        if ok:
+            try:
+                m = read_manifest(storage, step)
+                row.update(world_size=m["world_size"], strategy=m["strategy"], created_at=m["created_at"],
+                           bytes=sum(s["size"] for s in m["shards"]), data=m.get("data"),
+                           loss=(m.get("loss_stats") or {}).get("median"), job_id=m.get("job_id"))
+            except CheckpointCorrupt as exc:
+                row.update(committed=False, problem=exc.reason)
+        rows.append(row)
+    return rows
+
+
 def resolve(uri: str, s3_options=None) -> tuple[Storage, int | None]:
     """Split a checkpoint URI into its storage root and, if it names one, the step directory."""
     base, _, last = uri.rstrip("/").rpartition("/")

@@ -49,13 +49,14 @@ class S3Storage(Storage):
     to Ray actors, which make their own. Every method raises `StorageError`: permanent errors
     (credentials, permissions, missing bucket or key) at once; transient ones (throttling, 5xx,
     connection failures, timeouts) after retrying with jittered exponential backoff for
-    `retry_deadline_s` from the first failure, with `transient=True`. The deadline decides whether
+    `retry_deadline_s` (default: `options.retry_deadline_s`, else 60) from the first failure,
+    with `transient=True`. The deadline decides whether
     another attempt starts; an attempt in progress is bounded by the timeouts (and botocore's own
     3 tries per request, which save a large upload from restarting because one part failed).
     """
 
-    def __init__(self, uri: str, options=None, *, retry_deadline_s: float = 60.0,
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 20.0):
+    def __init__(self, uri: str, options=None, *, retry_deadline_s: float | None = None,
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 10.0):
         from stalwart.spec import S3Options  # spec imports pydantic; keep this module light to import
 
         if not uri.startswith("s3://"):
@@ -68,15 +69,17 @@ class S3Storage(Storage):
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.options = options if options is not None else S3Options()
         self.endpoint_url = self.options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        self.retry_deadline_s = retry_deadline_s
+        # The argument wins; then the spec's checkpoint.s3.retry_deadline_s, where the spec has it.
+        self.retry_deadline_s = (retry_deadline_s if retry_deadline_s is not None
+                                 else getattr(self.options, "retry_deadline_s", 60.0))
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._lock = threading.Lock()
-        self._client = None
+        self._client = self._probe = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_client"] = None  # holds sockets and locks; each process makes its own
+        state["_client"] = state["_probe"] = None  # they hold sockets and locks; each process makes its own
         del state["_lock"]
         return state
 
@@ -87,13 +90,21 @@ class S3Storage(Storage):
     @property
     def client(self):
         """The shared botocore S3 client, made on first use."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = self._make_client()
-        return self._client
+        return self._lazy("_client", self.read_timeout_s, 3)
 
-    def _make_client(self):
+    def _probe_client(self):
+        # check() must answer in seconds even from a server that accepts connections but never
+        # replies, so it gets a client with a shorter read timeout and fewer tries.
+        return self._lazy("_probe", min(self.read_timeout_s, 5.0), 2)
+
+    def _lazy(self, attr: str, read_timeout_s: float, attempts: int):
+        if getattr(self, attr) is None:
+            with self._lock:
+                if getattr(self, attr) is None:
+                    setattr(self, attr, self._make_client(read_timeout_s, attempts))
+        return getattr(self, attr)
+
+    def _make_client(self, read_timeout_s: float, attempts: int):
         opts = self.options
         # A Session per storage: boto3's default session is not thread-safe to create clients from.
         session = boto3.session.Session(aws_access_key_id=opts.access_key_id,
@@ -104,8 +115,9 @@ class S3Storage(Storage):
             # and many of them reject the CRC trailers botocore sends by default since 1.36.
             extra = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
                          response_checksum_validation="when_required")
-        config = Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
-                        retries={"mode": "standard", "max_attempts": 3}, tcp_keepalive=True,
+        # total_max_attempts counts the first try (plain max_attempts would not).
+        config = Config(connect_timeout=self.connect_timeout_s, read_timeout=read_timeout_s,
+                        retries={"mode": "standard", "total_max_attempts": attempts}, tcp_keepalive=True,
                         max_pool_connections=max(10, 2 * opts.max_concurrency), **extra)
         region = None if session.region_name or not self.endpoint_url else "us-east-1"  # SigV4 needs one
         return session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
@@ -238,18 +250,18 @@ class S3Storage(Storage):
     def check(self) -> None:
         """Write, read back and delete a probe object; raise a permanent StorageError saying what to fix.
 
-        Transient failures are not retried beyond botocore's own tries: at startup an
-        unreachable endpoint is far more likely a wrong setting than an outage.
+        Transient failures are not retried beyond botocore's own two tries per request: at
+        startup an unreachable endpoint is far more likely a wrong setting than an outage. So a
+        refused connection fails in about a second, and a silent server within about
+        2 x (connect timeout + 5 s) per step.
         """
         probe = f".stalwart-probe-{uuid.uuid4().hex}"
         body = b"stalwart storage probe " + probe.encode()
+        client, key = self._probe_client(), self._key(probe)
         try:
-            self._retrying("probe write", lambda: self.client.put_object(
-                Bucket=self.bucket, Key=self._key(probe), Body=body), deadline_s=0)
-            got = self._retrying("probe read", lambda: self.client.get_object(
-                Bucket=self.bucket, Key=self._key(probe))["Body"].read(), deadline_s=0)
-            self._retrying("probe delete", lambda: self.client.delete_object(
-                Bucket=self.bucket, Key=self._key(probe)), deadline_s=0)
+            self._retrying("probe write", lambda: client.put_object(Bucket=self.bucket, Key=key, Body=body), 0)
+            got = self._retrying("probe read", lambda: client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), 0)
+            self._retrying("probe delete", lambda: client.delete_object(Bucket=self.bucket, Key=key), 0)
         except StorageError as exc:
             raise StorageError(self._advice(exc.__cause__), uri=self.uri, transient=False) from exc.__cause__
         if got != body:
@@ -262,6 +274,9 @@ class S3Storage(Storage):
         if isinstance(exc, (ConnectionError, HTTPClientError)):
             return (f"cannot reach the S3 endpoint {endpoint} ({_describe(exc)}); check that the server is up, "
                     "or set checkpoint.s3.endpoint_url (or AWS_ENDPOINT_URL) to the right address")
+        if code in ("404", "NotFound", "405", "MethodNotAllowed"):
+            return (f"{endpoint} answered {code} to an object upload, so it does not look like an S3 server; "
+                    "set checkpoint.s3.endpoint_url (or AWS_ENDPOINT_URL) to the S3 endpoint")
         if isinstance(exc, NoCredentialsError):
             return ("no S3 credentials found; set checkpoint.s3.access_key_id and secret_access_key, or configure "
                     "the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
@@ -289,6 +304,12 @@ class _ViewReader(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
+
+    def read(self, n: int = -1) -> bytes:
+        # s3transfer reads a whole part per call; one slice copy beats RawIOBase's two.
+        end = len(self._view) if n is None or n < 0 else min(len(self._view), self._pos + n)
+        data, self._pos = bytes(self._view[self._pos:end]), max(self._pos, end)
+        return data
 
     def readinto(self, b) -> int:
         n = min(len(b), len(self._view) - self._pos)

@@ -174,7 +174,8 @@ def open_storage(uri: str, s3_options=None) -> Storage:
     if uri.startswith("s3://"):
         from stalwart.checkpointing.s3 import S3Storage
 
-        return S3Storage(uri, s3_options)
+        deadline = getattr(s3_options, "retry_deadline_s", None)
+        return S3Storage(uri, s3_options, **({"retry_deadline_s": deadline} if deadline else {}))
     if uri.startswith("file://"):
         return FileStorage(uri[len("file://"):])
     if "://" in uri:

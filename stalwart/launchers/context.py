@@ -168,6 +168,15 @@ class TrainContext:
         else:
             # A different world size has no exact trajectory to follow; reseed deterministically.
             _seed_all(loaded.step * 1000 + self.rank)
+        scale = float(self._plan.get("lr_scale") or 1.0)
+        if scale != 1.0 and self._optimizer is not None:
+            # Escalation after a recurring spike: every LR the optimizer or scheduler would use shrinks.
+            for group in self._optimizer.param_groups:
+                group["lr"] *= scale
+                if "initial_lr" in group:
+                    group["initial_lr"] *= scale
+            if self._scheduler is not None and hasattr(self._scheduler, "base_lrs"):
+                self._scheduler.base_lrs = [lr * scale for lr in self._scheduler.base_lrs]
         data = DataPosition.from_dict(loaded.manifest.get("data"))
         data.skip = sorted(set(data.skip) | set(self._data.skip))
         self._data = data
@@ -180,19 +189,20 @@ class TrainContext:
     def _choose_checkpoint(self) -> ckpt.Loaded | None:
         resume_from = self._plan.get("resume_from")
         max_step = self._plan.get("max_step")
-        if resume_from and self._plan.get("use_resume_from", True):
-            storage, step = ckpt.resolve(resume_from, self._plan.get("s3_options"))
-            if step is None:
-                steps = ckpt.committed_steps(storage)
-                if not steps:
-                    raise CheckpointNotFound(f"no committed checkpoint under {resume_from}")
-                step = steps[0]
-            loaded = ckpt.load(storage, step, self.rank)
-        else:
-            def skipped(step: int, reason: str) -> None:
-                self._reporter.event("checkpoint_skipped", step=step, reason=reason, rank=self.rank)
+        def skipped(step: int, reason: str) -> None:
+            self._reporter.event("checkpoint_skipped", step=step, reason=reason, rank=self.rank)
 
-            loaded = ckpt.newest_loadable(self._engine.storage, self.rank, max_step=max_step, on_skip=skipped)
+        storage = self._engine.storage
+        if resume_from:
+            storage, step = ckpt.resolve(resume_from, self._plan.get("s3_options"))
+            if step is not None:  # exactly this one was asked for: a corrupt copy is an error, not a fallback
+                loaded = ckpt.load(storage, step, self.rank)
+            else:
+                loaded = ckpt.newest_loadable(storage, self.rank, on_skip=skipped)
+                if loaded is None:
+                    raise CheckpointNotFound(f"no loadable committed checkpoint under {resume_from}")
+        else:
+            loaded = ckpt.newest_loadable(storage, self.rank, max_step=max_step, on_skip=skipped)
         if self.world_size > 1 and dist.is_initialized():
             # Every rank must load the same step; a rank that could not verify one drags all back.
             mine = -1 if loaded is None else loaded.step
@@ -200,7 +210,7 @@ class TrainContext:
             dist.all_gather_object(steps, mine)
             agreed = min(steps)
             if agreed != mine:
-                loaded = None if agreed < 0 else ckpt.load(self._engine.storage, agreed, self.rank)
+                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank)
         return loaded
 
     def _state(self) -> dict:

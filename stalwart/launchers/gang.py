@@ -17,6 +17,8 @@ from stalwart.spec import JobSpec
 # After the first failure, how long to wait for the others to report, so that a rank killed by the
 # OS (the cause) wins over its peers' broken-connection errors (the consequence).
 FAILURE_GRACE_S = 3.0
+# How long stop() waits for killed workers to be gone.
+STOP_FENCE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,11 @@ class RayGang:
                 ray.kill(worker, no_restart=True)
             except (RayActorError, ValueError):
                 pass
+        # ray.kill returns before the processes are gone; wait for their calls to resolve so that no
+        # stray background write (a checkpoint commit, a retention pass) lands after stop() returns.
+        pending = [r for r in self._refs if self._refs[r] not in self._results]
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=STOP_FENCE_S)
         try:
             remove_placement_group(self._pg)
         except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release

@@ -45,6 +45,10 @@ def run_rank(worker, payload: dict) -> dict:
         if use_gpu:
             torch.cuda.set_device(device)
         timeout = collective_timeout()
+        hang = spec.fault_tolerance.hang_timeout_s
+        if hang is not None and timeout.total_seconds() < 3 * hang:
+            # stalwart must see a hang (and take the stacks) before the collective gives up.
+            timeout = type(timeout)(seconds=3 * hang)
         dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world, timeout=timeout)
         # Checkpoint shard records travel on their own gloo group, from a background thread,
         # so they never interleave with the training collectives.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import time
 from pathlib import Path
 
 import ray
@@ -17,6 +18,7 @@ import ray
 from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import JobNotFound, SpecError, StorageError
 from stalwart.launchers.gang import RayGang
+from stalwart.monitoring.metrics import JobsCollector, start_exporter
 from stalwart.orchestrator.store import Store
 from stalwart.orchestrator.supervisor import JobSupervisor
 from stalwart.spec import JobSpec
@@ -37,6 +39,14 @@ class Controller:
         self.store = Store(self.home)
         self.supervisors: dict[str, JobSupervisor] = {}
         self._self = None
+
+        def snapshot() -> list[dict]:  # what a Prometheus scrape sees: live jobs, and jobs ended < 1 h ago
+            since = time.time() - 3600
+            return [self.status(j["id"]) for j in self.store.jobs()
+                    if j["state"] not in TERMINAL or j["updated"] >= since]
+
+        # Prometheus metrics on 127.0.0.1:$STALWART_METRICS_PORT (default 9464, 0 = any; a taken port falls back).
+        self._metrics_server, self._metrics_port = start_exporter(JobsCollector(snapshot), "127.0.0.1")
         self._resume_unfinished()
 
     def _handle(self):
@@ -108,6 +118,12 @@ class Controller:
             out.update(sup.status())
         return out
 
+    def job_spec(self, job_id: str) -> dict:
+        job = self.store.job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job["spec"]
+
     def jobs(self) -> list[dict]:
         out = []
         for job in self.store.jobs():
@@ -150,6 +166,10 @@ class Controller:
         sup = self.supervisors.get(job_id)
         if sup is not None:
             sup.on_report(attempt, rank, batch)
+
+    def metrics_endpoint(self) -> str | None:
+        """The Prometheus scrape URL of this controller's metrics, or None if none could be served."""
+        return f"http://127.0.0.1:{self._metrics_port}/metrics" if self._metrics_port else None
 
     def cancel_all(self, reason: str) -> list[str]:
         ids = [j for j, s in self.supervisors.items() if not s.state.terminal]

@@ -19,18 +19,68 @@ class Decision:
     plan: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """What the supervisor knows when a NaN or a spike is found, for choosing where to go back to."""
+
+    onset_step: int
+    fault_step: int
+    committed: tuple[int, ...]  # committed checkpoint steps
+    positions: dict  # step -> data position after that step (rank 0's reports)
+
+
 class FailurePolicy:
-    """Budgets per cause plus a global cap, with exponential backoff between restarts."""
+    """Budgets per cause plus a global cap, with exponential backoff between restarts.
+
+    NaN and loss spikes roll back to the newest committed checkpoint from before the onset and
+    skip the data from there to the fault plus `skip_batches`; a spike that comes back inside the
+    skipped-past stretch escalates (a lower learning rate, or failing with the reason).
+    """
 
     def __init__(self, config: FaultTolerance):
         self.config = config
         self.spent: Counter[str] = Counter()
+        self.skips: list[tuple[int, int]] = []
+        self.pinned: set[int] = set()
+        self.lr_scale = 1.0
+        self._last_rollback: tuple[int, int] | None = None  # (target step, fault step + margin)
 
     @property
     def restarts(self) -> int:
         return sum(self.spent.values())
 
-    def decide(self, cause: str, error: str) -> Decision:
+    def decide(self, cause: str, error: str, rollback: Rollback | None = None) -> Decision:
+        decision = self._budget(cause, error)
+        if not decision.restart or rollback is None:
+            return Decision(decision.restart, decision.reason, decision.delay_s, self._plan())
+        return self._rollback(decision, rollback)
+
+    def _plan(self, max_step: int | None = None) -> dict:
+        return {"skip": list(self.skips), "pinned": sorted(self.pinned), "max_step": max_step,
+                "lr_scale": self.lr_scale}
+
+    def _rollback(self, decision: Decision, rb: Rollback) -> Decision:
+        margin = self.config.skip_batches
+        reason = decision.reason
+        if self._last_rollback and self._last_rollback[0] < rb.onset_step <= self._last_rollback[1] + margin:
+            if self.config.spike_escalation == "fail":
+                return Decision(False, f"the spike came back after skipping data (onset step {rb.onset_step}); "
+                                       "spike_escalation is 'fail'")
+            self.lr_scale *= self.config.spike_lr_scale
+            reason += f"; it came back, so the learning rate is scaled by {self.lr_scale:g}"
+        before = [s for s in rb.committed if s < rb.onset_step]
+        target = max(before) if before else 0
+        start = rb.positions.get(target, target) if target else 0
+        end = rb.positions.get(rb.fault_step, rb.fault_step) + margin
+        self.skips.append((start, end))
+        if target:
+            self.pinned.add(target)
+        self._last_rollback = (target, rb.fault_step + margin)
+        where = f"checkpoint step {target}" if target else "the start (no checkpoint before the onset)"
+        reason += f"; rolling back to {where} and skipping batches [{start}, {end})"
+        return Decision(True, reason, decision.delay_s, self._plan(max_step=target))
+
+    def _budget(self, cause: str, error: str) -> Decision:
         if cause in FREE_CAUSES:
             return Decision(True, f"{cause}: restarting (spends no budget)")
         budget = self.config.budgets.get(cause, 0)

@@ -15,8 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
 from stalwart.orchestrator import states as st
-from stalwart.orchestrator.policy import FailurePolicy
+from stalwart.orchestrator.policy import FailurePolicy, Rollback
 from stalwart.orchestrator.store import Store
 from stalwart.spec import JobSpec
 
@@ -55,12 +56,14 @@ class LiveStats:
     tokens: deque = field(default_factory=lambda: deque(maxlen=4096))  # (ts, tokens)
     step_times: deque = field(default_factory=lambda: deque(maxlen=256))  # (ts of rank-0 records)
     rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
+    rank_step_s: dict = field(default_factory=dict)  # rank -> recent seconds per step
+    step_records: int = 0  # rank-0 records this attempt (step_times keeps only the recent ones)
 
     def tokens_per_s(self, window: float = 20.0) -> float | None:
         if len(self.tokens) < 2:
             return None
         horizon = self.tokens[-1][0] - window
-        recent = [(t, n) for t, n in self.tokens if t >= horizon]
+        recent = [(t, n) for t, n in list(self.tokens) if t >= horizon]  # list(): on_report appends concurrently
         if len(recent) < 2:
             return None
         span = recent[-1][0] - recent[0][0]
@@ -71,6 +74,23 @@ class LiveStats:
         if len(times) < 3:
             return None
         return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+    def step_durations(self) -> list[float]:
+        """Recent rank-0 step durations in seconds, oldest first (for the step-time histogram)."""
+        times = list(self.step_times)
+        return [b - a for a, b in zip(times, times[1:])]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A fault found in the report stream (or by the hang watch), waiting for the loop to act on it."""
+
+    cause: str
+    message: str
+    step: int
+    onset_step: int | None = None
+    latency_s: float | None = None
+    data: dict = field(default_factory=dict)
 
 
 class JobSupervisor:
@@ -96,6 +116,17 @@ class JobSupervisor:
         self.live = LiveStats()
         self.failure: dict | None = None
         self.ranks: list[dict] = []
+        ft = spec.fault_tolerance
+        self.spikes = SpikeDetector(SpikeConfig(warmup_steps=ft.spike_warmup_steps)) if ft.spike_detection else None
+        self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
+        self.stragglers = StragglerDetector(factor=ft.straggler_factor)
+        self.positions: dict[int, int] = {}
+        self.commits: list[int] = []
+        self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
+        self._detected: Detection | None = None
+        # The last committed save's figures and the failed saves, across attempts (for the metrics).
+        self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
+                      "checkpoint_failures": 0}
         self._gang: Gang | None = None
         self._started = False
         self._pending_since = time.monotonic()
@@ -168,7 +199,7 @@ class JobSupervisor:
     def _act_running(self, state: st.Running) -> st.Event:
         gang = self._gang
         if not self._started:
-            plan = self._plan(state.attempt)
+            plan = {**self._plan(state.attempt), **state.plan}
             self.live = LiveStats(max_steps=self.live.max_steps, last_checkpoint=self.live.last_checkpoint,
                                   last_checkpoint_step=self.live.last_checkpoint_step,
                                   last_checkpoint_at=self.live.last_checkpoint_at, started_at=time.time())
@@ -176,18 +207,26 @@ class JobSupervisor:
             gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
             self._started = True
             self.ranks = list(getattr(gang, "ranks", []))
+            self._detected = None
+            self.hangs.reset()
+            self.hangs.start(range(gang.world_size), time.monotonic())
+            self.stragglers.reset()
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks",
                         world_size=gang.world_size)
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
-            return st.Tick()
+            detection = self._detected or self._check_hang()
+            if detection is None:
+                return st.Tick()
+            return self._on_detection(detection)
         self._stop_gang()
         if outcome.succeeded:
             self._end_attempt("succeeded")
             return st.Finished()
         decision = self.policy.decide(outcome.cause, outcome.error)
         self._end_attempt(outcome.cause, outcome.error)
+        self.recovering = {"at": time.time(), "cause": outcome.cause, "step": self.live.step}
         where = f" on rank {outcome.rank}" if outcome.rank is not None else ""
         self._event("fault", f"{outcome.cause}{where}: {outcome.error}", cause=outcome.cause, rank=outcome.rank,
                     step=self.live.step, decision=decision.reason, restart=decision.restart)
@@ -196,6 +235,71 @@ class JobSupervisor:
                             "traceback": outcome.traceback}
         return st.Faulted(outcome.cause, decision.reason if not decision.restart else outcome.error,
                           decision.restart, decision.delay_s, decision.plan, outcome.rank, outcome.traceback)
+
+    def _check_hang(self) -> Detection | None:
+        now = time.monotonic()
+        stalled = self.hangs.stalled(now)
+        if not stalled:
+            return None
+        silence = self.hangs.silence(now)
+        stacks = self._gang.stacks() if hasattr(self._gang, "stacks") else {}
+        ranks = sorted(stalled)
+        return Detection("hang", f"no progress from rank(s) {ranks} for {max(silence[r] for r in ranks):.0f} s "
+                         f"(hang timeout {self.hangs.timeout_s:.0f} s)", self.live.step,
+                         latency_s=max(silence[r] for r in ranks) - self.hangs.timeout_s,
+                         data={"stalled_ranks": ranks, "stacks": {str(k): v for k, v in stacks.items()}})
+
+    def _on_detection(self, d: Detection) -> st.Event:
+        """Act on a fault found in the stream: stop the gang, ask the policy, prepare a rollback."""
+        self._stop_gang()
+        rollback = None
+        if d.cause in ("nan", "loss_spike"):
+            rollback = Rollback(d.onset_step if d.onset_step is not None else d.step, d.step,
+                                tuple(self._committed()), dict(self.positions))
+        decision = self.policy.decide(d.cause, d.message, rollback)
+        self._end_attempt(d.cause, d.message)
+        self._event("fault", f"{d.cause}: {d.message}", cause=d.cause, step=d.step, onset_step=d.onset_step,
+                    detection_latency_s=d.latency_s, decision=decision.reason, restart=decision.restart,
+                    skip=decision.plan.get("skip"), rollback_to=decision.plan.get("max_step"), **d.data)
+        self.recovering = {"at": time.time(), "cause": d.cause, "step": d.step}
+        if decision.restart and rollback is not None:
+            self._discard_after(decision.plan.get("max_step") or 0)
+        if not decision.restart:
+            self.failure = {"cause": d.cause, "error": decision.reason}
+        return st.Faulted(d.cause, decision.reason if not decision.restart else d.message, decision.restart,
+                          decision.delay_s, decision.plan)
+
+    def _committed(self) -> list[int]:
+        """Committed steps: the storage is the truth (a commit's event may still be on its way)."""
+        from stalwart.checkpointing.engine import committed_steps
+        from stalwart.checkpointing.storage import open_storage
+        from stalwart.errors import StorageError
+
+        try:
+            stored = committed_steps(open_storage(self.checkpoint_uri, self.spec.checkpoint.s3))
+        except StorageError:
+            stored = []
+        return sorted(set(self.commits) | set(stored))
+
+    def _discard_after(self, step: int) -> None:
+        """Delete checkpoints newer than a rollback target: they hold the bad stretch, and the new
+        attempt will save the same step numbers again."""
+        from stalwart.checkpointing.engine import delete_checkpoint, list_steps
+        from stalwart.checkpointing.storage import open_storage
+        from stalwart.errors import StorageError
+
+        try:
+            storage = open_storage(self.checkpoint_uri, self.spec.checkpoint.s3)
+            doomed = [s for s in list_steps(storage) if s > step]
+            for s in doomed:
+                delete_checkpoint(storage, s)
+        except StorageError as exc:
+            self._event("checkpoint_discard_failed", f"could not delete checkpoints after step {step}: {exc}")
+            return
+        self.commits = [s for s in self.commits if s <= step]
+        if doomed:
+            self._event("checkpoints_discarded", f"discarded checkpoints after step {step}: {sorted(doomed)}",
+                        steps=sorted(doomed))
 
     def _act_restarting(self, state: st.Restarting) -> st.Event:
         self._stop_gang()
@@ -209,7 +313,7 @@ class JobSupervisor:
         # An explicit resume_from seeds the job until it has a checkpoint of its own.
         resume = ckpt.resume_from if (getattr(self, "live", None) is None or self.live.last_checkpoint is None) else None
         return {"checkpoint_uri": self.checkpoint_uri, "resume_from": resume, "s3_options": ckpt.s3,
-                "skip": [], "pinned": [], "max_step": None,
+                "skip": [list(r) for r in self.spec.data.skip], "pinned": [], "max_step": None, "lr_scale": 1.0,
                 "faults": [f.model_dump() for f in self.spec.faults]}
 
     def _stop_gang(self) -> None:
@@ -245,13 +349,18 @@ class JobSupervisor:
             records = batch.get("records") or []
             if records:
                 live.last_report_at = time.time()
+                ref = live.rank_last.get(rank) or (records[0]["ts"], records[0]["step"])
+                if records[-1]["step"] > ref[1]:
+                    live.rank_step_s[rank] = (records[-1]["ts"] - ref[0]) / (records[-1]["step"] - ref[1])
                 live.rank_last[rank] = (records[-1]["ts"], records[-1]["step"])
+                self._watch(rank, records)
             for r in records:
                 if r.get("tokens"):
                     live.tokens.append((r["ts"], r["tokens"]))
             if rank == 0 and records:
                 for r in records:
                     live.step_times.append(r["ts"])
+                live.step_records += len(records)
                 last = records[-1]
                 live.step = last["step"]
                 live.loss = last.get("loss")
@@ -260,15 +369,54 @@ class JobSupervisor:
         for ev in batch.get("events") or []:
             self._on_worker_event(attempt, rank, ev)
 
+    def _watch(self, rank: int, records: list[dict]) -> None:
+        """Feed the detectors; the first fault found waits in `_detected` for the loop."""
+        now = time.monotonic()
+        for r in records:
+            self.hangs.progress(rank, r["step"], now)
+        if self.recovering is not None and rank == 0:
+            rec = self.recovering
+            self.recovering = None
+            restored = min(r["step"] for r in records) - 1
+            self._event("recovered", f"recovered from {rec['cause']} in {time.time() - rec['at']:.1f} s "
+                        f"({max(0, rec['step'] - restored)} steps lost)", cause=rec["cause"],
+                        time_to_recover_s=time.time() - rec["at"], steps_lost=max(0, rec["step"] - restored))
+        if rank == 0:
+            for r in records:
+                if "position" in r:
+                    self.positions[r["step"]] = r["position"]
+            if len(self.positions) > 50_000:
+                for step in sorted(self.positions)[:10_000]:
+                    del self.positions[step]
+        if self._detected is not None:
+            return
+        for r in records:
+            if is_nonfinite(r.get("loss"), r.get("grad_norm")):
+                self._detected = Detection("nan", f"non-finite loss or grad norm on rank {rank} at step {r['step']} "
+                                           f"(loss {r.get('loss')}, grad norm {r.get('grad_norm')})", r["step"],
+                                           latency_s=time.time() - r["ts"])
+                return
+            if rank == 0 and self.spikes is not None and r.get("loss") is not None:
+                spike = self.spikes.update(r["step"], r["loss"], r.get("grad_norm"))
+                if spike is not None:
+                    self._detected = Detection("loss_spike", f"loss spike at step {spike.step} (onset step "
+                                               f"{spike.onset_step}): {spike.reason}", spike.step, spike.onset_step,
+                                               latency_s=time.time() - r["ts"], data={"score": spike.score})
+                    return
+
     def _on_worker_event(self, attempt: int, rank: int, ev: dict) -> None:
         kind = ev.get("kind", "?")
         data = {k: v for k, v in ev.items() if k not in ("kind",)}
         if kind == "checkpoint_committed":
+            self.commits.append(ev.get("step"))
             self.live.last_checkpoint = ev.get("uri")
             self.live.last_checkpoint_step = ev.get("step")
             self.live.last_checkpoint_at = ev.get("ts")
+            self.saves.update(checkpoint_stall_s=ev.get("stall_s"), checkpoint_write_s=ev.get("write_s"),
+                              checkpoint_bytes=ev.get("bytes"))
             msg = f"checkpoint step {ev.get('step')} committed (stall {_ms(ev.get('stall_s'))}, write {_s(ev.get('write_s'))})"
         elif kind == "checkpoint_failed":
+            self.saves["checkpoint_failures"] += 1
             msg = f"checkpoint step {ev.get('step')} failed on rank {rank}: {ev.get('error')}"
         elif kind == "checkpoint_skipped":
             msg = f"checkpoint step {ev.get('step')} skipped on restore: {ev.get('reason')}"
@@ -304,6 +452,11 @@ class JobSupervisor:
             "restarts": dict(self.policy.spent),
             "attempt": self.attempt,
             "ranks": self.ranks,
+            # For the metrics exporter (stalwart.monitoring.metrics documents these keys).
+            "step_durations_s": live.step_durations(),
+            "step_durations_total": max(0, live.step_records - 1),
+            "rank_step_time_s": dict(live.rank_step_s),
+            **self.saves,
         }
 
 

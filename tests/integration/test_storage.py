@@ -14,7 +14,7 @@ import time
 
 import pytest
 from botocore.stub import Stubber
-from s3server import ACCESS_KEY, S3Server, free_port
+from s3server import S3Server, free_port
 
 from stalwart.checkpointing.s3 import S3Storage
 from stalwart.checkpointing.storage import FileStorage, Storage
@@ -36,6 +36,13 @@ def storage(request, tmp_path) -> Storage:
         return FileStorage(tmp_path / "store")
     server = request.getfixturevalue("s3_server")
     return _s3(request.getfixturevalue("s3_uri"), server.options)
+
+
+@pytest.fixture
+def own_server(s3_server):
+    """A server for one test to kill or freeze (asking for s3_server skips it where rclone is absent)."""
+    with S3Server() as server:
+        yield server
 
 
 class OneWayStream:
@@ -178,18 +185,18 @@ def test_s3_check_missing_bucket(s3_server):
     assert "'no-such-bucket' does not exist" in str(info.value)
 
 
-def _stubbed(**kw) -> tuple[S3Storage, Stubber]:
+def _stubbed(probe: bool = False, **kw) -> tuple[S3Storage, Stubber]:
     # Errors rclone cannot be made to return (AccessDenied, throttling) are replayed by botocore's
     # Stubber in place of the HTTP layer.
     opts = S3Options(endpoint_url="http://127.0.0.1:9", access_key_id="k", secret_access_key="s")
     storage = S3Storage("s3://bucket/run", opts, **kw)
-    stub = Stubber(storage.client)
+    stub = Stubber(storage._probe_client() if probe else storage.client)
     stub.activate()
     return storage, stub
 
 
 def test_s3_check_access_denied():
-    storage, stub = _stubbed()
+    storage, stub = _stubbed(probe=True)  # check() has a client of its own, with short timeouts
     stub.add_client_error("put_object", "AccessDenied", "Access Denied", 403)
     with pytest.raises(StorageError) as info:
         storage.check()
@@ -249,43 +256,68 @@ class ThrottledReader(io.RawIOBase):
         return self._buf.tell()
 
 
-def test_s3_server_killed_mid_upload():
+def test_s3_server_killed_mid_upload(own_server):
     deadline_s = 2.0
-    with S3Server() as server:
-        storage = _s3(server.uri("run"), server.options, retry_deadline_s=deadline_s,
-                      connect_timeout_s=1, read_timeout_s=3)
-        parts = threading.Semaphore(0)
-        storage.client.meta.events.register("after-call.s3.UploadPart", lambda **kw: parts.release())
-        outcome: dict = {}
+    server = own_server
+    storage = _s3(server.uri("run"), server.options, retry_deadline_s=deadline_s,
+                  connect_timeout_s=1, read_timeout_s=3)
+    parts = threading.Semaphore(0)
+    storage.client.meta.events.register("after-call.s3.UploadPart", lambda **kw: parts.release())
+    outcome: dict = {}
 
-        def upload() -> None:
-            try:
-                outcome["size"] = storage.write("shard-0", ThrottledReader(os.urandom(80 * MB), rate=40 * MB))
-            except StorageError as exc:
-                outcome["error"] = exc
-            outcome["at"] = time.monotonic()
+    def upload() -> None:
+        try:
+            outcome["size"] = storage.write("shard-0", ThrottledReader(os.urandom(80 * MB), rate=40 * MB))
+        except StorageError as exc:
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
 
-        thread = threading.Thread(target=upload, daemon=True)
-        thread.start()
-        assert parts.acquire(timeout=20) and parts.acquire(timeout=20), "the upload never got going"
-        server.kill()
-        killed_at = time.monotonic()
-        thread.join(30)
-        assert not thread.is_alive(), "write() hung after the server died"
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    assert parts.acquire(timeout=20) and parts.acquire(timeout=20), "the upload never got going"
+    server.kill()
+    killed_at = time.monotonic()
+    thread.join(30)
+    assert not thread.is_alive(), "write() hung after the server died"
 
-        error = outcome.get("error")
-        assert error is not None, f"write() succeeded against a dead server: {outcome}"
-        assert error.transient is True
-        # The deadline bounds the retrying; the attempt that was running when the server died
-        # may add its own few seconds (botocore's tries of the failing part and of the abort).
-        assert outcome["at"] - killed_at < deadline_s + 10, error
-        print(f"write() raised {outcome['at'] - killed_at:.1f}s after the kill: {error}")
+    error = outcome.get("error")
+    assert error is not None, f"write() succeeded against a dead server: {outcome}"
+    assert error.transient is True
+    # The deadline bounds the retrying; the attempt that was running when the server died
+    # may add its own few seconds (botocore's tries of the failing part and of the abort).
+    assert outcome["at"] - killed_at < deadline_s + 10, error
+    print(f"write() raised {outcome['at'] - killed_at:.1f}s after the kill: {error}")
 
-        server.start()
-        assert storage.list() == []
-        assert not storage.exists("shard-0")
-        with pytest.raises(StorageError, match="does not exist"):
-            storage.read("shard-0")
-        # The server, and the storage object, work again after the outage.
-        assert storage.write("shard-0", b"retry") == 5
-        assert storage.read("shard-0") == b"retry"
+    server.start()
+    assert storage.list() == []
+    assert not storage.exists("shard-0")
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read("shard-0")
+    # The server, and the storage object, work again after the outage.
+    assert storage.write("shard-0", b"retry") == 5
+    assert storage.read("shard-0") == b"retry"
+
+
+def test_s3_hung_server(own_server):
+    # A frozen server accepts connections but never answers: only timeouts can tell.
+    server = own_server
+    storage = _s3(server.uri("run"), server.options, retry_deadline_s=1.0, read_timeout_s=1.0)
+    storage.write("k", b"v")
+    server.freeze()
+    try:
+        start = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            storage.list()
+        # One attempt is 3 tries x 1 s read timeout plus botocore's backoff (<= 1 + 2 s): the
+        # first, then retries for 1 s, the last of which may start just before the deadline.
+        assert info.value.transient is True and time.monotonic() - start < 2 * 6 + 1 + 1, info.value
+        start = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            storage.check()
+        assert info.value.transient is False and "cannot reach" in str(info.value)
+        # The probe write fails: 2 tries x (1 s waiting for "100 Continue", which botocore
+        # asks for on uploads, + 1 s read timeout), plus <= 1 s backoff.
+        assert time.monotonic() - start < 6
+    finally:
+        server.thaw()
+    assert storage.read("k") == b"v"

@@ -1,0 +1,102 @@
+"""NaN, loss spikes, hangs and a killed controller, caused for real in running jobs."""
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from jobspecs import tiny_gpt_spec
+from test_recovery import assert_bitwise_equal, final_state, wait_for
+
+
+def run(client, spec, timeout=300):
+    job = client.submit(spec)
+    return job, job.wait(timeout=timeout)
+
+
+def faults(job):
+    return [e for e in job.events() if e["kind"] == "fault"]
+
+
+@pytest.mark.parametrize("fault,steps,cause", [
+    ({"kind": "nan", "step": 45}, 60, "nan"),
+    ({"kind": "spike", "step": 70, "factor": 3.0, "length": 10}, 100, "loss_spike"),
+])
+def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps, cause):
+    ft = {"skip_batches": 5, "budgets": {cause: 1}}
+    # keep_last=5: the detection must find the pre-onset checkpoint even on a loaded test machine.
+    job, status = run(client, tiny_gpt_spec(steps=steps, checkpoint={"every_steps": 10, "keep_last": 5},
+                                            faults=[fault], fault_tolerance=ft))
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {cause: 1}
+    (event,) = faults(job)
+    onset = event["data"]["onset_step"] or event["data"]["step"]
+    assert fault["step"] <= onset <= event["data"]["step"] <= fault["step"] + 5
+    target = event["data"]["rollback_to"]
+    assert target == ((onset - 1) // 10) * 10  # the newest checkpoint from before the onset
+    skip = event["data"]["skip"]
+    assert skip == [[target, event["data"]["step"] + 5]]
+    restored = [e for e in job.events() if e["kind"] == "restored"]
+    assert restored[0]["data"]["step"] == target
+    # The undisturbed run, told to skip the same batches, ends in exactly the same state.
+    _, baseline = run(client, tiny_gpt_spec(steps=steps, checkpoint={"every_steps": 10}, data={"skip": skip}))
+    assert_bitwise_equal(final_state(status, steps), final_state(baseline, steps))
+
+
+def test_sigstop_of_a_rank_is_a_hang_with_stacks(client):
+    spec = tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}, fault_tolerance={"hang_timeout_s": 4})
+    job = client.submit(spec)
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
+    victim = status["ranks"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        final = job.wait(timeout=300)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert final["state"] == "SUCCEEDED"
+    assert final["restarts"] == {"hang": 1}
+    (event,) = faults(job)
+    assert 1 in event["data"]["stalled_ranks"]
+    assert "no answer" in event["data"]["stacks"]["1"]  # a stopped process cannot show its stack
+    assert "train.py" in event["data"]["stacks"]["0"]  # rank 0 waits for rank 1 inside the step
+    assert 0 <= event["data"]["detection_latency_s"] < 3
+    assert_bitwise_equal(final_state(final, 40), final_state(client.submit(
+        tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10})).wait(timeout=300), 40))
+
+
+def test_injected_hang_reports_where_it_hangs(client):
+    spec = tiny_gpt_spec(steps=30, checkpoint={"every_steps": 10}, fault_tolerance={"hang_timeout_s": 3},
+                         faults=[{"kind": "hang", "rank": 0, "step": 15}])
+    job, status = run(client, spec)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"hang": 1}
+    stacks = faults(job)[0]["data"]["stacks"]
+    assert "_inject" in stacks["0"]
+
+
+def test_controller_killed_mid_run(client):
+    job = client.submit(tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}))
+    wait_for(lambda: job.status().get("step", 0) >= 15)
+    controller = ray.get_actor("stalwart-controller", namespace="stalwart")
+    ray.kill(controller, no_restart=False)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    causes = [a["cause"] for a in status["attempts"]]
+    assert causes[0] == "controller_restart" and causes[-1] == "succeeded"
+    assert not status["restarts"]  # a controller restart spends no budget
+    assert final_state(status, 40)
+
+
+def test_two_faults_in_a_row(client):
+    spec = tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10},
+                         faults=[{"kind": "kill", "rank": 0, "step": 15, "attempt": 1},
+                                 {"kind": "kill", "rank": 1, "step": 25, "attempt": 2}])
+    job, status = run(client, spec)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 2}
+    assert_bitwise_equal(final_state(status, 40), final_state(client.submit(
+        tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10})).wait(timeout=300), 40))

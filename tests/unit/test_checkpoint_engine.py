@@ -1,0 +1,147 @@
+"""The checkpoint engine on a local directory, one rank: commit, verify, fall back, retain."""
+
+import json
+
+import pytest
+import torch
+
+from stalwart.checkpointing import engine
+from stalwart.checkpointing.storage import FileStorage
+from stalwart.errors import CheckpointCorrupt, StorageError
+
+
+def make_state(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 16)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def state_of(model, opt):
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": None}
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return FileStorage(tmp_path / "ck")
+
+
+def save(eng, step, model, opt, **meta):
+    eng.save(step, state_of(model, opt), local={"rng": torch.get_rng_state()}, meta={"data": {"position": step}, **meta})
+    return eng.wait()
+
+
+def test_roundtrip_is_exact_and_snapshot_is_consistent(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, keep_last=5)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    eng.save(10, state_of(model, opt), local={"rng": 1}, meta={"data": {"position": 10}})
+    with torch.no_grad():  # training goes on at once: the save must not see this
+        for p in model.parameters():
+            p.add_(1.0)
+    result = eng.wait()
+    assert result.committed and result.error is None and result.stall_s < 1
+    loaded = engine.load(storage, 10, 0)
+    for k, v in expected.items():
+        assert torch.equal(loaded.state["model"][k], v)
+    assert loaded.state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    assert loaded.local == {"rng": 1}
+    assert loaded.manifest["data"] == {"position": 10}
+    assert [s["file"] for s in loaded.manifest["shards"]] == ["shard-00000-of-00001.bin"]
+
+
+def test_buffers_are_reused_between_saves(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1)
+    save(eng, 1, model, opt)
+    buffer = eng._snapshot._buffer
+    save(eng, 2, model, opt)
+    assert eng._snapshot._buffer is buffer
+
+
+def test_corrupt_shard_falls_back_to_previous(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, keep_last=5)
+    save(eng, 1, model, opt)
+    save(eng, 2, model, opt)
+    shard = storage.root / "step-000000002" / "shard-00000-of-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt, match="checksum"):
+        engine.load(storage, 2, 0)
+    skipped = []
+    loaded = engine.newest_loadable(storage, 0, on_skip=lambda s, r: skipped.append((s, r)))
+    assert loaded.step == 1 and skipped[0][0] == 2
+
+
+def test_truncated_manifest_and_missing_shard_are_ignored(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, keep_last=5)
+    for step in (1, 2, 3):
+        save(eng, step, model, opt)
+    manifest = storage.root / "step-000000003" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    (storage.root / "step-000000002" / "shard-00000-of-00001.bin").unlink()
+    assert engine.newest_loadable(storage, 0).step == 1
+
+
+def test_uncommitted_save_is_never_loaded(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, keep_last=5)
+    save(eng, 1, model, opt)
+    storage.write("step-000000005/shard-00000-of-00001.bin", b"torn")
+    assert engine.committed_steps(storage) == [1]
+    assert engine.newest_loadable(storage, 0).step == 1
+
+
+def test_retention_keeps_last_n_and_pinned_and_drops_torn(storage):
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, keep_last=2)
+    eng.pinned.add(1)
+    save(eng, 1, model, opt)
+    storage.write("step-000000002/shard-00000-of-00001.bin", b"torn")
+    for step in (3, 4, 5):
+        save(eng, step, model, opt)
+    assert engine.list_steps(storage) == {1: True, 4: True, 5: True}
+
+
+class FlakyStorage(FileStorage):
+    fail = True
+
+    def write(self, key, src):
+        if self.fail and key.endswith(".bin"):
+            raise StorageError("server went away", uri=self.uri, transient=True)
+        return super().write(key, src)
+
+
+def test_failed_save_is_reported_and_the_next_commits(tmp_path):
+    storage = FlakyStorage(tmp_path / "ck")
+    model, opt = make_state()
+    results = []
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, on_result=results.append)
+    first = save(eng, 1, model, opt)
+    assert not first.committed and "went away" in first.error
+    storage.fail = False
+    assert save(eng, 2, model, opt).committed
+    assert engine.committed_steps(storage) == [2]
+    assert [r.committed for r in results] == [False, True]
+
+
+def test_assign_balances_bytes_across_ranks():
+    from stalwart.checkpointing.shards import assign
+
+    sizes = {f"t{i}": s for i, s in enumerate([100, 90, 50, 40, 30, 20, 10, 5])}
+    owner = assign(sizes, 2)
+    loads = [sum(s for p, s in sizes.items() if owner[p] == r) for r in range(2)]
+    assert abs(loads[0] - loads[1]) <= 10
+    assert assign(sizes, 2) == owner  # deterministic on every rank
+
+
+def test_resolve_splits_step_uri(storage):
+    store, step = engine.resolve(f"file://{storage.root}/step-000000040")
+    assert step == 40 and store.root == storage.root
+    store, step = engine.resolve(str(storage.root))
+    assert step is None
