@@ -36,7 +36,8 @@ class RayGang:
     """Lifecycle: `reserve()` until True, `start(plan, sink_for)`, `poll()` until it returns an
     outcome, then `stop()` (always; it is idempotent and also releases an unused reservation)."""
 
-    def __init__(self, job_id: str, attempt: int, spec: JobSpec, world_size: int | None = None):
+    def __init__(self, job_id: str, attempt: int, spec: JobSpec, world_size: int | None = None,
+                 exclude_nodes: tuple[str, ...] = ()):
         self.job_id = job_id
         self.attempt = attempt
         self.spec = spec
@@ -46,9 +47,14 @@ class RayGang:
         if res.gpus_per_worker:
             bundle["GPU"] = res.gpus_per_worker
         self.bundle = bundle
+        selector = None
+        if exclude_nodes:
+            # Quarantined nodes: no bundle of this gang may land there.
+            selector = [{"ray.io/node-id": f"!in({','.join(exclude_nodes)})"} for _ in range(self.world_size)]
+        self.exclude_nodes = tuple(exclude_nodes)
         self._pg = placement_group([dict(bundle) for _ in range(self.world_size)],
                                    strategy="PACK" if res.placement == "pack" else "SPREAD",
-                                   name=f"stalwart-{job_id}-{attempt}")
+                                   name=f"stalwart-{job_id}-{attempt}", bundle_label_selector=selector)
         self._ready_ref = self._pg.ready()
         self.workers: list = []
         self._refs: dict = {}
@@ -65,7 +71,8 @@ class RayGang:
         total = ray.cluster_resources()
         have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in self.bundle)
         want = ", ".join(f"{k}: {v:g}" for k, v in self.bundle.items())
-        return f"waiting for resources: {self.world_size} x {{{want}}} (cluster has {have})"
+        avoid = f"; avoiding {len(self.exclude_nodes)} quarantined node(s)" if self.exclude_nodes else ""
+        return f"waiting for resources: {self.world_size} x {{{want}}} (cluster has {have}{avoid})"
 
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
         runtime_env = self.spec.runtime_env or None

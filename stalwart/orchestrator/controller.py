@@ -58,6 +58,7 @@ class Controller:
         return functools.partial(_push, self._handle(), job_id, attempt, rank)
 
     def _supervise(self, job_id: str, spec: JobSpec, checkpoint_uri: str, **kwargs) -> JobSupervisor:
+        # RayGang takes exclude_nodes (quarantined nodes) from the supervisor.
         sup = JobSupervisor(job_id, spec, self.store, RayGang, self._sink, checkpoint_uri, **kwargs)
         self.supervisors[job_id] = sup
         sup.start()
@@ -185,7 +186,12 @@ RemoteController = ray.remote(Controller)
 
 def get_or_create_controller(home: str):
     """The controller of the connected cluster, created (detached, named) if it does not exist."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Next to the client (usually the head node), softly: worker nodes come and go, and the
+    # controller should not go with them.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     return RemoteController.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=64, max_restarts=-1,
+        num_cpus=0, max_concurrency=64, max_restarts=-1, scheduling_strategy=here,
     ).remote(home)

@@ -11,7 +11,7 @@ import math
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -93,6 +93,9 @@ class Detection:
     data: dict = field(default_factory=dict)
 
 
+QUARANTINE_AFTER = 2  # failures of one node before the job stops using it
+
+
 class JobSupervisor:
     """Lifecycle: construct, `start()` (a daemon thread runs the job to a terminal state), `cancel()`
     at any time, `on_report()` from the controller's threads as ranks report."""
@@ -112,6 +115,7 @@ class JobSupervisor:
         for a in store.attempts(job_id):
             if a["cause"] and a["cause"] not in ("succeeded", "cancelled", "controller_restart"):
                 self.policy.spent[a["cause"]] += 1
+        self._last_attempt = first_attempt
         self.state: st.JobState = st.Pending(reason, first_attempt, self._plan(first_attempt))
         self.live = LiveStats()
         self.failure: dict | None = None
@@ -124,6 +128,8 @@ class JobSupervisor:
         self.commits: list[int] = []
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
         self._detected: Detection | None = None
+        self.node_failures: Counter[str] = Counter()
+        self.quarantined: set[str] = set()
         # The last committed save's figures and the failed saves, across attempts (for the metrics).
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
                       "checkpoint_failures": 0}
@@ -151,7 +157,8 @@ class JobSupervisor:
 
     @property
     def attempt(self) -> int:
-        return getattr(self.state, "attempt", 0)
+        # Terminal states carry no attempt: a finished job reports the last one it ran.
+        return getattr(self.state, "attempt", self._last_attempt)
 
     # ---- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -166,6 +173,7 @@ class JobSupervisor:
 
     def _advance(self, event: st.Event) -> None:
         before = self.state
+        self._last_attempt = getattr(before, "attempt", self._last_attempt)
         self.state = st.step(before, event)
         if type(self.state) is not type(before) or self.state.describe() != before.describe():
             self._record_state()
@@ -185,11 +193,20 @@ class JobSupervisor:
 
     def _act_pending(self, state: st.Pending) -> st.Event:
         if self._gang is None:
-            self._gang = self.gang_factory(self.job_id, state.attempt, self.spec)
+            kwargs = {"exclude_nodes": tuple(sorted(self.quarantined))} if self.quarantined else {}
+            self._gang = self.gang_factory(self.job_id, state.attempt, self.spec, **kwargs)
             self._pending_since = time.monotonic()
         if self._gang.reserve(self.POLL_S):
             return st.Reserved()
         waited = time.monotonic() - self._pending_since
+        if self.quarantined and waited > self.spec.fault_tolerance.resource_wait_s / 2:
+            # Better a suspect node than no progress at all.
+            self._event("quarantine_lifted", f"no room without the {len(self.quarantined)} quarantined node(s) "
+                        f"after {waited:.0f} s: using them again")
+            self.quarantined.clear()
+            self._gang.stop()
+            self._gang = None
+            return st.Waiting("retrying with quarantined nodes allowed")
         if state.attempt > 1 and waited > self.spec.fault_tolerance.resource_wait_s:
             self._stop_gang()
             return st.Faulted("node_failure", f"resources did not come back within "
@@ -200,7 +217,7 @@ class JobSupervisor:
         gang = self._gang
         if not self._started:
             plan = {**self._plan(state.attempt), **state.plan}
-            self.live = LiveStats(max_steps=self.live.max_steps, last_checkpoint=self.live.last_checkpoint,
+            self.live = LiveStats(step=self.live.step, max_steps=self.live.max_steps, last_checkpoint=self.live.last_checkpoint,
                                   last_checkpoint_step=self.live.last_checkpoint_step,
                                   last_checkpoint_at=self.live.last_checkpoint_at, started_at=time.time())
             self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
@@ -224,6 +241,8 @@ class JobSupervisor:
         if outcome.succeeded:
             self._end_attempt("succeeded")
             return st.Finished()
+        if outcome.cause == "node_failure":
+            self._blame_node(outcome.rank)
         decision = self.policy.decide(outcome.cause, outcome.error)
         self._end_attempt(outcome.cause, outcome.error)
         self.recovering = {"at": time.time(), "cause": outcome.cause, "step": self.live.step}
@@ -235,6 +254,19 @@ class JobSupervisor:
                             "traceback": outcome.traceback}
         return st.Faulted(outcome.cause, decision.reason if not decision.restart else outcome.error,
                           decision.restart, decision.delay_s, decision.plan, outcome.rank, outcome.traceback)
+
+    def _blame_node(self, rank: int | None) -> None:
+        """Count a failure against the failed rank's node; a node that fails twice is quarantined."""
+        node = next((r["node_id"] for r in self.ranks if r["rank"] == rank), None)
+        if node is None:
+            return
+        self.node_failures[node] += 1
+        others = _alive_nodes() - self.quarantined - {node}
+        # Quarantine only where other nodes exist: on a one-node cluster it would strand the job.
+        if self.node_failures[node] >= QUARANTINE_AFTER and node not in self.quarantined and others:
+            self.quarantined.add(node)
+            self._event("node_quarantined", f"node {node[:12]} failed {self.node_failures[node]} times: this job "
+                        "will not use it again", node_id=node)
 
     def _check_hang(self) -> Detection | None:
         now = time.monotonic()
@@ -458,6 +490,15 @@ class JobSupervisor:
             "rank_step_time_s": dict(live.rank_step_s),
             **self.saves,
         }
+
+
+def _alive_nodes() -> set[str]:
+    try:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no cluster to ask
+        return set()
 
 
 def _finite(x):

@@ -47,7 +47,7 @@ class FakeGang:
     script: list = []
     created: list = []
 
-    def __init__(self, job_id, attempt, spec, fits=True):
+    def __init__(self, job_id, attempt, spec, **kwargs):
         self.world_size = spec.resources.workers
         self.attempt = attempt
         self.polls = 0
