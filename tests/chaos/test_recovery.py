@@ -56,7 +56,9 @@ def test_injected_kill_restarts_and_matches_undisturbed_run(client, undisturbed)
     assert status["restarts"] == {"node_failure": 1}
     assert [a["cause"] for a in status["attempts"]] == ["node_failure", "succeeded"]
     restored = [e for e in job.events() if e["kind"] == "restored"]
-    assert restored and restored[0]["data"]["step"] == 20
+    # Step 20's save may still be in flight when rank 1 dies (a loaded machine): then it never
+    # commits, and the restart goes back to step 10. Either way the end state is exact.
+    assert restored and restored[0]["data"]["step"] in (10, 20)
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
