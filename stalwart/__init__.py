@@ -6,8 +6,27 @@ from stalwart.spec import JobSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "Job", "JobSpec", "TrainContext", "StalwartError", "SpecError", "StorageError",
+__all__ = ["Client", "Job", "JobSpec", "TrainContext", "context", "StalwartError", "SpecError", "StorageError",
            "CheckpointCorrupt", "JobFailed", "JobNotFound", "ClusterError", "__version__"]
+
+
+def context():
+    """The job's TrainContext inside a script run by stalwart (script mode); None anywhere else.
+
+    Built on first use from the rank's environment; call it after init_process_group, e.g.
+
+        ctx = stalwart.context()
+        if ctx: ctx.track(model, optimizer); start = ctx.restore()
+        ...
+        if ctx: ctx.report(step, loss=loss); ctx.checkpoint(step)
+    """
+    import os
+
+    if "STALWART_JOB_ID" not in os.environ:
+        return None  # a plain run (torchrun, python): nothing to import
+    from stalwart.launchers.context import current
+
+    return current()
 
 
 def __getattr__(name):

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from stalwart.errors import SpecError
 
@@ -29,11 +30,22 @@ class Resources(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each rank")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved for each rank (0: train on CPU with gloo)")
     placement: Literal["pack", "spread"] = Field("pack", description="how the gang's bundles are placed")
+    min_workers: int | None = Field(None, ge=1, description="elastic: after a failure, go on with this many ranks "
+                                    "or more rather than wait for all; grow back when capacity returns")
+
+    @model_validator(mode="after")
+    def _elastic(self) -> "Resources":
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
+        return self
 
 
 class Strategy(_Section):
     name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True,
+        description="ddp: DistributedDataParallel arguments; fsdp: mixed_precision, activation_checkpointing, "
+                    "reshard_after_forward, shard_modules; deepspeed: the DeepSpeed config")
 
     @model_validator(mode="before")
     @classmethod
@@ -43,15 +55,56 @@ class Strategy(_Section):
             return {"name": value}
         return value
 
-    @field_validator("name")
+    @field_validator("options")
     @classmethod
-    def _implemented(cls, name: str) -> str:
-        if name != "ddp":
-            raise ValueError(
-                f"strategy {name!r} is accepted by the spec but not implemented in this version of "
-                "stalwart; use 'ddp'"
-            )
-        return name
+    def _options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked here, without importing the strategies (they import torch).
+        problems = _strategy_problems(info.data.get("name", "ddp"), options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return options
+
+
+_DDP_OPTIONS = ("find_unused_parameters", "bucket_cap_mb", "gradient_as_bucket_view", "static_graph",
+                "broadcast_buffers")
+_FSDP_OPTIONS = ("mixed_precision", "activation_checkpointing", "reshard_after_forward", "shard_modules")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
+    problems = []
+    if name == "ddp":
+        problems += [f"unknown ddp option {k!r}; expected one of: {', '.join(_DDP_OPTIONS)}"
+                     for k in options if k not in _DDP_OPTIONS]
+    elif name == "fsdp":
+        problems += [f"unknown fsdp option {k!r}; expected one of: {', '.join(_FSDP_OPTIONS)}"
+                     for k in options if k not in _FSDP_OPTIONS]
+        mp = options.get("mixed_precision")
+        if mp is not None:
+            if not isinstance(mp, dict) or set(mp) - {"param_dtype", "reduce_dtype", "output_dtype"}:
+                problems.append("fsdp mixed_precision must be a mapping of param_dtype, reduce_dtype, output_dtype")
+            else:
+                problems += [f"fsdp mixed_precision.{k} must be one of {', '.join(_DTYPES)} (got {v!r})"
+                             for k, v in mp.items() if v is not None and v not in _DTYPES]
+        for key in ("activation_checkpointing", "reshard_after_forward"):
+            if key in options and not isinstance(options[key], bool):
+                problems.append(f"fsdp {key} must be true or false")
+        units = options.get("shard_modules")
+        if units is not None and not (isinstance(units, list) and units and all(isinstance(u, str) for u in units)):
+            problems.append("fsdp shard_modules must be a non-empty list of module class names")
+    elif name == "deepspeed":
+        # options is the DeepSpeed config itself (zero_optimization, bf16, gradient_clipping, ...).
+        zero = options.get("zero_optimization", {})
+        stage = zero.get("stage", 2) if isinstance(zero, dict) else None
+        if stage not in (1, 2, 3):
+            problems.append(f"deepspeed zero_optimization.stage must be 1, 2 or 3 (got {stage!r}); "
+                            "for plain data parallelism use strategy ddp")
+        from importlib.util import find_spec
+
+        if find_spec("deepspeed") is None:
+            problems.append("strategy deepspeed needs the deepspeed package, which is not installed here: "
+                            "pip install 'stalwart[deepspeed]'")
+    return problems
 
 
 class S3Options(_Section):
@@ -76,6 +129,9 @@ class CheckpointSpec(_Section):
     keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
+    local_cache_dir: str | None = Field(None, description="node-local copies of the newest shards (for remote "
+                                        "storage), so a restart on the same node reads no network; default: "
+                                        "a folder under the system temp dir")
 
     @field_validator("uri", "resume_from")
     @classmethod
@@ -100,6 +156,8 @@ class FaultTolerance(_Section):
     hang_timeout_s: float | None = Field(None, gt=0, description="None: derived from the observed step time")
     resource_wait_s: float = Field(600.0, gt=0, description="how long a restart waits for resources")
     hang_floor_s: float = Field(60.0, gt=0, description="the least a derived hang timeout can be")
+    elastic_wait_s: float = Field(30.0, ge=0, description="with resources.min_workers: how long a restart waits "
+                                  "for the full gang before going on with fewer ranks")
     spike_detection: bool = Field(True, description="watch loss and grad norm for spikes")
     spike_warmup_steps: int = Field(50, ge=8, description="reports that only feed the statistics")
     skip_batches: int = Field(200, ge=0, description="after a NaN or spike, batches skipped past it")
@@ -125,12 +183,12 @@ class Monitoring(_Section):
 class Fault(_Section):
     """A fault to inject, so users rehearse recovery on their own jobs (e.g. kill rank 1 at step 40)."""
 
-    kind: Literal["kill", "nan", "hang", "spike", "error"]
+    kind: Literal["kill", "nan", "hang", "spike", "error", "slow"]
     step: int = Field(ge=1, description="the step at whose report the fault fires")
     rank: int = Field(0, ge=0)
     attempt: int = Field(1, ge=1, description="fires only in this attempt, so a restart does not repeat it")
     factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied")
-    length: int = Field(10, ge=1, description="spike: for how many steps")
+    length: int = Field(10, ge=1, description="spike, slow: for how many steps")
 
     @classmethod
     def parse(cls, text: str) -> "Fault":
@@ -152,6 +210,39 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+class ScriptEntrypoint(_Section):
+    """Script mode: a torchrun-style script run unmodified as `__main__` in every rank.
+
+    The rank worker sets sys.argv and MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, and does not
+    initialize torch.distributed: the script calls init_process_group itself, as under torchrun.
+    """
+
+    script: str = Field(description="path of the script, relative to workdir (the spec file's folder)")
+    args: list[str] = Field(default_factory=list, description="its command-line arguments (sys.argv[1:])")
+
+    @field_validator("script")
+    @classmethod
+    def _py(cls, script: str) -> str:
+        if not script.strip():
+            raise ValueError("script must name a Python file, e.g. train.py")
+        return script
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _strings(cls, args: Any) -> Any:
+        # YAML turns `--steps 40` style values into ints and floats; argv is strings.
+        if isinstance(args, list):
+            return [a if isinstance(a, str) else str(a).lower() if isinstance(a, bool) else str(a) for a in args]
+        return args
+
+    def path(self, workdir: str | None) -> Path:
+        path = Path(self.script).expanduser()
+        return path if path.is_absolute() or workdir is None else Path(workdir) / path
+
+    def __str__(self) -> str:
+        return " ".join([self.script, *self.args])
+
+
 class DataSpec(_Section):
     skip: list[tuple[int, int]] = Field(
         default_factory=list, description="global batch index ranges [start, end) never fed to the model")
@@ -167,7 +258,8 @@ class DataSpec(_Section):
 
 class JobSpec(_Section):
     name: str = Field(description="lower-case letters, digits, '.', '_' and '-'")
-    entrypoint: str = Field(description="module:function, called as function(ctx, config) in every rank")
+    entrypoint: str | ScriptEntrypoint = Field(
+        description="module:function, called as function(ctx, config) in every rank; or {script: train.py, args: [...]}")
     config: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     strategy: Strategy = Field(default_factory=Strategy)
@@ -190,12 +282,36 @@ class JobSpec(_Section):
             )
         return name
 
-    @field_validator("entrypoint")
+    @field_validator("entrypoint", mode="before")
     @classmethod
-    def _entrypoint(cls, entrypoint: str) -> str:
+    def _entrypoint(cls, entrypoint: Any) -> Any:
+        if isinstance(entrypoint, ScriptEntrypoint):
+            return entrypoint
+        if isinstance(entrypoint, dict):
+            unknown = sorted(set(entrypoint) - {"script", "args"})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in the script entrypoint; "
+                                 "expected {script: train.py, args: [...]}")
+            if "script" not in entrypoint:
+                raise ValueError("a script entrypoint needs `script`, e.g. {script: train.py, args: [--steps, '100']}")
+            if not isinstance(entrypoint.get("args", []), list):
+                raise ValueError("entrypoint args must be a list of strings, e.g. [--steps, '100']")
+            try:
+                return ScriptEntrypoint.model_validate(entrypoint)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{p}: {m}" for p, m in _problems(exc))) from None
+        if not isinstance(entrypoint, str):
+            raise ValueError("expected module:function (e.g. train:main) or {script: train.py, args: [...]}")
         if not _ENTRYPOINT.match(entrypoint):
-            raise ValueError(f"{entrypoint!r} is not of the form module:function (e.g. train:main)")
+            hint = (f"; to run a script use entrypoint: {{script: {entrypoint}}}"
+                    if entrypoint.endswith(".py") else "")
+            raise ValueError(f"{entrypoint!r} is not of the form module:function (e.g. train:main){hint}")
         return entrypoint
+
+    @property
+    def script(self) -> ScriptEntrypoint | None:
+        """The script entrypoint, or None for a module:function one."""
+        return self.entrypoint if isinstance(self.entrypoint, ScriptEntrypoint) else None
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -208,6 +324,11 @@ class JobSpec(_Section):
             raise SpecError(_problems(exc), source) from None
         if spec.workdir is None and workdir is not None:
             spec = spec.model_copy(update={"workdir": workdir})
+        script = spec.script
+        if script is not None and not (spec.runtime_env or {}).get("working_dir"):
+            path = script.path(spec.workdir)
+            if (path.is_absolute() or spec.workdir is not None) and not path.is_file():
+                raise SpecError([("entrypoint.script", f"no such file: {path}")], source)
         return spec
 
     @classmethod

@@ -21,3 +21,30 @@ def tiny_gpt_spec(steps: int = 60, **sections) -> dict:
             "checkpoint": {"every_steps": 20}}
     spec.update(sections)
     return spec
+
+
+def wait_for(predicate, timeout: float = 120, poll: float = 0.1):
+    """Poll `predicate` until it returns something truthy; return that, or fail after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def lose_node(cluster, nodes, node_id: str, ranks: list[dict]) -> None:
+    """Remove a node of a ray.cluster_utils.Cluster the way a machine is lost: its processes die with it."""
+    import os
+    import signal
+
+    cluster.remove_node(next(n for n in nodes if n.node_id == node_id), allow_graceful=False)
+    for rank in ranks:
+        if rank["node_id"] == node_id:
+            try:
+                os.kill(rank["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it went with its raylet already

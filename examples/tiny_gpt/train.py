@@ -42,7 +42,7 @@ def main(ctx, config):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model, optimizer = ctx.prepare(model, optimizer, schedule)
     if ctx.rank == 0:
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        print(f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data) / 1e6:.1f} MB of text, {ctx.world_size} ranks")
     start = ctx.restore()
     if start and ctx.rank == 0:
@@ -51,17 +51,25 @@ def main(ctx, config):
     def batch(index: int):
         g = torch.Generator().manual_seed(index * 1009 + ctx.rank)
         starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=g)
-        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
+        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()]).to(ctx.device)
         return window[:, :-1], window[:, 1:]
 
     loss = None
     for step, (x, y) in ctx.batches(batch, steps=steps):
         logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        if ctx.strategy == "deepspeed":
+            # The DeepSpeed engine owns backward, clipping (its gradient_clipping) and the step.
+            model.backward(loss)
+            model.step()
+            grad_norm = model.get_global_grad_norm()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, replicated on every rank
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
         schedule.step()
         ctx.report(step, loss=loss.detach(), grad_norm=grad_norm, tokens=x.numel())
         ctx.checkpoint(step)

@@ -7,18 +7,24 @@ Layout under the storage root (one root per job):
     step-000000100/manifest.json              written last, by rank 0, once every shard is durable
 
 A checkpoint is committed exactly when its manifest exists. Nothing without one is ever loaded.
-Replicated state (DDP) is split across ranks so each writes about 1/world of the bytes.
+Replicated state (DDP) is split across ranks so each writes about 1/world of the bytes. Sharded
+state (FSDP, ZeRO; layout "sharded") holds `shards.Piece` leaves: each rank writes its own blocks
+with their place in the global tensors, and a load reads every shard and puts the blocks back
+together, so a checkpoint written by N ranks restores on any number of ranks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -62,6 +68,44 @@ class Loaded:
     state: Any
     local: Any
     uri: str
+    local_shards: int = 0  # shards read from the node-local cache instead of storage
+
+
+class LocalCache:
+    """Node-local copies of a job's newest shards: a restart on the same node reads no network.
+
+    Object storage stays the truth: a cached shard is used only when its size and checksum match
+    the committed manifest, else it is fetched again. Only the newest `keep` steps are kept.
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 1):
+        self.root = Path(root)
+        self.keep = keep
+
+    def path(self, step: int, name: str) -> Path:
+        return self.root / step_dir(step) / name
+
+    def put(self, step: int, name: str, reader) -> None:
+        target = self.path(step, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            shutil.copyfileobj(reader, f, length=8 << 20)
+        os.replace(tmp, target)
+        for old in sorted(self.root.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def get(self, step: int, name: str, size: int) -> bytearray | None:
+        path = self.path(step, name)
+        try:
+            if path.stat().st_size != size:
+                return None
+            with open(path, "rb") as f:
+                blob = bytearray(size)
+                f.readinto(blob)
+            return blob
+        except OSError:
+            return None
 
 
 class CheckpointEngine:
@@ -74,19 +118,27 @@ class CheckpointEngine:
     `on_result(SaveResult)` is called from the background thread after each save, committed or not.
     """
 
+    LAYOUTS = ("replicated", "sharded")
+
     def __init__(self, storage: Storage, *, rank: int, world_size: int, group=None, strategy: str = "ddp",
                  keep_last: int = 3, job_id: str = "", attempt: int = 0,
-                 on_result: Callable[[SaveResult], None] | None = None):
+                 on_result: Callable[[SaveResult], None] | None = None, cache: LocalCache | None = None, layout: str = "replicated"):
         self.storage = storage
         self.rank = rank
         self.world_size = world_size
         self.group = group
         self.strategy = strategy
+        # "replicated": every tensor is the same on all ranks and is written once (split across ranks);
+        # "sharded": the state may hold shards.Piece leaves, this rank's own blocks, which it writes itself.
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.keep_last = keep_last
         self.job_id = job_id
         self.attempt = attempt
         self.on_result = on_result
         self.pinned: set[int] = set()
+        self.cache = cache
         self._snapshot = shards.Snapshot()
         self._thread: threading.Thread | None = None
         self._last: SaveResult | None = None
@@ -96,15 +148,23 @@ class CheckpointEngine:
         return self._snapshot.nbytes
 
     def save(self, step: int, state: Any, local: Any = None, meta: dict | None = None) -> None:
-        """Snapshot `state` (replicated across ranks) and `local` (this rank's), then write them in the background."""
+        """Snapshot `state` and `local` (this rank's own objects), then write them in the background.
+
+        Plain tensors in `state` are replicated across ranks; with layout "sharded", `shards.Piece`
+        leaves are this rank's blocks of sharded tensors. Every rank must pass a tree of the same shape.
+        """
         self.wait()
         t0 = time.perf_counter()
-        tensors, skeleton = shards.flatten(state)
-        owner = shards.assign({p: t.numel() * t.element_size() for p, t in tensors.items()}, self.world_size)
-        mine = {p: t for p, t in tensors.items() if owner[p] == self.rank}
+        pieces: dict[str, dict] | None = {} if self.layout == "sharded" else None
+        tensors, skeleton = shards.flatten(state, pieces=pieces)
+        pieces = pieces or {}
+        owner = shards.assign({p: t.numel() * t.element_size() for p, t in tensors.items() if p not in pieces},
+                              self.world_size)
+        mine = {p: t for p, t in tensors.items() if p in pieces or owner[p] == self.rank}
         self._snapshot.capture(mine)
         # Small non-tensor leaves (param groups, counters) are copied now, while they are consistent.
-        objects = _deepcopy_small({"skeleton": skeleton if self.rank == 0 else None, "local": local})
+        objects = _deepcopy_small({"skeleton": skeleton if self.rank == 0 else None, "local": local,
+                                   **({"pieces": pieces} if pieces else {})})
         stall = time.perf_counter() - t0
         self._thread = threading.Thread(target=self._write, args=(step, objects, stall, dict(meta or {})),
                                         name=f"stalwart-ckpt-{step}", daemon=True)
@@ -146,6 +206,12 @@ class CheckpointEngine:
         else:
             result.committed = True  # rank 0 commits; a failed commit is reported by rank 0
         result.write_s = time.perf_counter() - t0
+        if self.cache is not None and "error" not in record:
+            # After the commit, so the durable copy is never delayed by the local one.
+            try:
+                self.cache.put(step, record["file"], self._snapshot.reader(objects))
+            except OSError as exc:
+                log.warning("local checkpoint cache not written: %s", exc)
         self._last = result
         if self.on_result is not None:
             try:
@@ -171,6 +237,7 @@ class CheckpointEngine:
             "step": step,
             "world_size": self.world_size,
             "strategy": self.strategy,
+            "layout": self.layout,
             "created_at": time.time(),
             "shards": sorted(records, key=lambda r: r["rank"]),
             **meta,
@@ -235,15 +302,21 @@ def read_manifest(storage: Storage, step: int) -> dict:
     return manifest
 
 
-def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads: int = 8) -> Loaded:
+def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads: int = 8,
+         cache: LocalCache | None = None) -> Loaded:
     """Read and verify every shard of committed checkpoint `step`; raise CheckpointCorrupt on any mismatch."""
     import hashlib
 
     manifest = read_manifest(storage, step)
     uri = f"{storage.uri}/{step_dir(step)}"
+    local_hits: list[str] = []
 
     def fetch(record: dict):
         key = f"{step_dir(step)}/{record['file']}"
+        blob = cache.get(step, record["file"], record["size"]) if cache is not None else None
+        if blob is not None and hashlib.sha256(blob).hexdigest() == record["sha256"]:
+            local_hits.append(record["file"])
+            return record["rank"], shards.parse(blob)
         try:
             blob = storage.read(key)
         except StorageError as exc:
@@ -255,19 +328,33 @@ def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads
         if verify and hashlib.sha256(blob).hexdigest() != record["sha256"]:
             raise CheckpointCorrupt(uri, f"{record['file']} fails its checksum")
         try:
-            return record["rank"], shards.parse(bytearray(blob))
+            # parse() keeps views on a bytearray; copy only a read-only blob (tensors must be writable).
+            return record["rank"], shards.parse(blob if isinstance(blob, bytearray) else bytearray(blob))
         except (ValueError, KeyError, EOFError) as exc:
             raise CheckpointCorrupt(uri, f"{record['file']} cannot be parsed ({exc})") from None
 
     with ThreadPoolExecutor(max_workers=min(threads, len(manifest["shards"]) or 1)) as pool:
         parts = dict(pool.map(fetch, manifest["shards"]))
     tensors: dict[str, torch.Tensor] = {}
-    for _rank, (t, _objects) in parts.items():
-        tensors.update(t)
+    blocks: dict[str, tuple[list, list]] = {}  # sharded tensors: path -> (shape, [(offset, block), ...])
+    for _rank, (t, objects) in sorted(parts.items()):
+        placed = objects.get("pieces") or {}
+        for path, tensor in t.items():
+            if path in placed:
+                blocks.setdefault(path, (placed[path]["shape"], []))[1].append((placed[path]["offset"], tensor))
+            else:
+                tensors[path] = tensor
+    for path, (shape, parts_of_path) in blocks.items():
+        try:
+            tensors[path] = shards.assemble(path, shape, parts_of_path)
+        except ValueError as exc:
+            raise CheckpointCorrupt(uri, f"sharded tensor cannot be reassembled: {exc}") from None
+    if 0 not in parts:
+        raise CheckpointCorrupt(uri, "the manifest lists no shard of rank 0")
     skeleton = parts[0][1]["skeleton"]
     own = parts.get(rank)
     local = own[1]["local"] if own is not None else None
-    return Loaded(step, manifest, shards.unflatten(skeleton, tensors), local, uri)
+    return Loaded(step, manifest, shards.unflatten(skeleton, tensors), local, uri, len(local_hits))
 
 
 def delete_checkpoint(storage: Storage, step: int) -> int:
@@ -305,18 +392,18 @@ def resolve(uri: str, s3_options=None) -> tuple[Storage, int | None]:
 
 
 def newest_loadable(storage: Storage, rank: int, *, max_step: int | None = None,
-                    on_skip: Callable[[int, str], None] | None = None) -> Loaded | None:
+                    on_skip: Callable[[int, str], None] | None = None, cache: LocalCache | None = None) -> Loaded | None:
     """The newest committed checkpoint (at or below `max_step`) that verifies; skips corrupt ones."""
     for step in committed_steps(storage):
         if max_step is not None and step > max_step:
             continue
         try:
-            return load(storage, step, rank)
+            return load(storage, step, rank, cache=cache)
         except CheckpointCorrupt as exc:
             if on_skip:
                 on_skip(step, exc.reason)
     return None
 
 
-__all__ = ["CheckpointEngine", "SaveResult", "Loaded", "load", "newest_loadable", "committed_steps",
+__all__ = ["CheckpointEngine", "LocalCache", "SaveResult", "Loaded", "load", "newest_loadable", "committed_steps",
            "read_manifest", "list_steps", "resolve", "step_dir", "CheckpointNotFound"]

@@ -6,6 +6,13 @@ the snapshot buffers (no serialized copy in memory); reading maps tensors onto t
 
 The state of a job is a tree of dicts and lists whose leaves are tensors or small Python values.
 `flatten` turns it into `{path: tensor}` plus a skeleton; `unflatten` puts it back together.
+
+Two kinds of tensor leaves:
+* a plain tensor is replicated: every rank holds the same value (DDP), so the engine writes it once,
+  splitting such tensors across ranks (`assign`);
+* a `Piece` is this rank's own block of a tensor sharded across ranks (FSDP, ZeRO): every rank writes
+  its own pieces with their place in the global tensor, and a load puts the blocks of all ranks
+  back together (`assemble`), whatever the world size that reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -30,11 +38,42 @@ class _TensorRef:
     path: str
 
 
-def flatten(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a state tree into `{path: tensor}` and a skeleton with `_TensorRef` placeholders."""
+@dataclass
+class Piece:
+    """This rank's block of a tensor of `shape` that is sharded across ranks.
+
+    `local` is the block and `offset` the index of its first element in every dimension (so the
+    block is `full[offset[0]:offset[0] + local.shape[0], ...]`). A rank that holds nothing of the
+    tensor gives an empty `local`. The blocks of all ranks must tile the tensor without overlap.
+    """
+
+    local: torch.Tensor
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(n) for n in self.shape)
+        self.offset = tuple(int(n) for n in self.offset)
+        if self.local.numel() and (len(self.offset) != len(self.shape) or self.local.dim() != len(self.shape)):
+            raise ValueError(f"piece of {tuple(self.local.shape)} at {self.offset} does not fit a {self.shape} tensor")
+
+
+def flatten(tree: Any, prefix: str = "", *, pieces: dict[str, dict] | None = None
+            ) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a state tree into `{path: tensor}` and a skeleton with `_TensorRef` placeholders.
+
+    A `Piece` leaf contributes its local block to the tensors; its place (`shape`, `offset`) goes
+    into `pieces` (`{path: {"shape": [...], "offset": [...]}}`), which must then be given.
+    """
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(node: Any, path: str) -> Any:
+        if isinstance(node, Piece):
+            if pieces is None:
+                raise TypeError(f"{path}: a sharded Piece in a state saved as replicated")
+            tensors[path] = node.local
+            pieces[path] = {"shape": list(node.shape), "offset": list(node.offset)}
+            return _TensorRef(path)
         if isinstance(node, torch.Tensor):
             tensors[path] = node
             return _TensorRef(path)
@@ -60,6 +99,39 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def assemble(path: str, shape: list[int] | tuple[int, ...], blocks: list[tuple[list[int], torch.Tensor]]
+             ) -> torch.Tensor:
+    """Put the blocks `[(offset, local), ...]` that all ranks saved of one sharded tensor back together.
+
+    Raises ValueError when they do not cover the tensor exactly (a missing or overlapping block).
+    """
+    shape = tuple(int(n) for n in shape)
+    blocks = [(tuple(o), t) for o, t in blocks if t.numel()]
+    if not blocks:
+        if math.prod(shape) == 0:
+            return torch.empty(shape)
+        raise ValueError(f"{path}: no rank saved any block of this {shape} tensor")
+    dtype = blocks[0][1].dtype
+    if len(blocks) == 1 and tuple(blocks[0][1].shape) == shape and not any(blocks[0][0]):
+        return blocks[0][1]
+    full = torch.empty(shape, dtype=dtype)
+    covered = 0
+    for offset, local in blocks:
+        if local.dtype != dtype or len(offset) != len(shape) or any(
+                o < 0 or o + n > s for o, n, s in zip(offset, local.shape, shape)):
+            raise ValueError(f"{path}: block {tuple(local.shape)} at {offset} does not fit {shape}")
+        full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))] = local
+        covered += local.numel()
+    if covered != full.numel():
+        raise ValueError(f"{path}: blocks cover {covered} of {full.numel()} elements")
+    return full
+
+
+def block_of(full: torch.Tensor, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """The block of `full` of `shape` at `offset` (a view): the inverse of `assemble` for one rank."""
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def assign(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     """Split replicated tensors across ranks so that each rank writes about 1/world of the bytes.
 
@@ -80,12 +152,20 @@ class Snapshot:
     `capture(tensors)` copies into one contiguous host buffer (allocated once, reused while the
     layout is the same) and is the only part of a save that blocks the training step. The caller
     must not capture again while a previous snapshot is still being written.
+
+    GPU tensors are copied into a pinned buffer on a side CUDA stream: `capture` waits for the
+    work already queued on the current stream, queues the copies on the side stream and makes the
+    current stream wait for them (so a later in-place update, e.g. the optimizer step, cannot
+    overwrite a tensor before it is copied), then returns without waiting for the copies. The
+    writer calls `ready()`, which waits for them, before it reads the buffer.
     """
 
     def __init__(self) -> None:
         self._layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
         self._buffer: torch.Tensor | None = None
         self._key: tuple | None = None
+        self._stream = None  # the side CUDA stream, made on the first GPU capture
+        self._done = None  # a CUDA event recorded after the copies
 
     @property
     def nbytes(self) -> int:
@@ -96,12 +176,35 @@ class Snapshot:
         if key != self._key:
             self._allocate(tensors)
             self._key = key
-        pin = self._buffer.is_pinned()
-        for (path, _dtype, _shape, offset, nbytes), t in zip(self._layout, tensors.values()):
-            view = self._buffer[offset:offset + nbytes].view(t.dtype).view(t.shape)
-            view.copy_(t.detach(), non_blocking=pin)
-        if pin:
-            torch.cuda.current_stream().synchronize()
+        pairs = [(self._buffer[offset:offset + nbytes].view(t.dtype).view(t.shape), t.detach())
+                 for (_path, _dtype, _shape, offset, nbytes), t in zip(self._layout, tensors.values())]
+        cuda = [(view, t) for view, t in pairs if t.is_cuda]
+        for view, t in pairs:
+            if not t.is_cuda:
+                view.copy_(t)
+        self._done = None
+        if cuda:
+            self._capture_cuda(cuda)
+
+    def _capture_cuda(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        device = pairs[0][1].device
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device=device)
+        main = torch.cuda.current_stream(device)
+        self._stream.wait_stream(main)  # the copies see every update queued so far
+        pinned = self._buffer.is_pinned()
+        with torch.cuda.stream(self._stream):
+            for view, t in pairs:
+                view.copy_(t, non_blocking=pinned)
+                t.record_stream(self._stream)  # the allocator must not reuse t's memory before the copy
+        self._done = self._stream.record_event()
+        main.wait_event(self._done)  # later kernels (the optimizer step) run after the copies
+
+    def ready(self) -> None:
+        """Wait until the last capture's copies have landed in the host buffer."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
 
     def _allocate(self, tensors: dict[str, torch.Tensor]) -> None:
         layout, offset = [], 0
@@ -124,43 +227,92 @@ class Snapshot:
 
     def reader(self, objects: Any) -> "ShardReader":
         """A file object streaming the shard: preamble+header, tensor bytes, pickled objects."""
+        self.ready()
         tail = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
         data = memoryview(self._buffer.numpy()) if self._buffer is not None else memoryview(b"")
         return ShardReader([memoryview(self.header(tail)), data, memoryview(tail)])
 
 
 class ShardReader(io.RawIOBase):
-    """Reads a sequence of buffers as one stream without joining them; hashes as it goes."""
+    """Reads a sequence of buffers as one seekable stream without joining them; hashes as it goes.
+
+    Seekable, so that an S3 upload can be retried from the start without first copying the shard
+    aside (a one-way stream is spooled to a temporary file). Every byte is hashed once, in order,
+    however the stream is read or re-read; `sha256` is the hash of the whole stream.
+    """
 
     def __init__(self, parts: list[memoryview]):
         self._parts = [p.cast("B") for p in parts if p.nbytes]
-        self._index = 0
+        self._starts = []
+        offset = 0
+        for p in self._parts:
+            self._starts.append(offset)
+            offset += p.nbytes
+        self.size = offset
         self._pos = 0
-        self.size = sum(p.nbytes for p in self._parts)
-        self.sha256 = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in _sha
+        self._sha = hashlib.sha256()
+
+    @property
+    def sha256(self):
+        """The SHA-256 of the whole stream (bytes not read yet are hashed now)."""
+        self._hash_to(self.size)
+        return self._sha
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _chunks(self, start: int, end: int):
+        """Views covering stream bytes [start, end)."""
+        for part, first in zip(self._parts, self._starts):
+            lo, hi = max(start, first), min(end, first + part.nbytes)
+            if lo < hi:
+                yield part[lo - first:hi - first]
+
+    def _hash_to(self, end: int) -> None:
+        if end > self._hashed:
+            for chunk in self._chunks(self._hashed, end):
+                self._sha.update(chunk)
+            self._hashed = end
+
     def readinto(self, out) -> int:
         out = memoryview(out).cast("B")
+        start = min(self._pos, self.size)
+        end = min(self.size, start + len(out))
+        self._hash_to(end)
         written = 0
-        while written < len(out) and self._index < len(self._parts):
-            part = self._parts[self._index]
-            n = min(len(out) - written, part.nbytes - self._pos)
-            chunk = part[self._pos:self._pos + n]
-            out[written:written + n] = chunk
-            self.sha256.update(chunk)
-            written += n
-            self._pos += n
-            if self._pos == part.nbytes:
-                self._index += 1
-                self._pos = 0
+        for chunk in self._chunks(start, end):
+            out[written:written + chunk.nbytes] = chunk
+            written += chunk.nbytes
+        self._pos = end
         return written
+
+    def read(self, n: int = -1) -> bytes:
+        # One copy (RawIOBase.read would make two: into a bytearray, then into bytes).
+        start = min(self._pos, self.size)
+        end = self.size if n is None or n < 0 else min(self.size, start + n)
+        self._hash_to(end)
+        self._pos = end
+        return b"".join(self._chunks(start, end))
 
 
 def parse(blob: bytes | bytearray) -> tuple[dict[str, torch.Tensor], Any]:
-    """Inverse of `Snapshot.reader`: tensors (views on a private copy of `blob`) and the objects."""
+    """Inverse of `Snapshot.reader`: tensors and the objects.
+
+    The tensors are views on `blob` itself when it is a bytearray (the caller hands it over: no
+    copy), else on a private copy of the tensor bytes.
+    """
     magic, header_len = _PREAMBLE.unpack_from(blob, 0)
     if magic != MAGIC:
         raise ValueError("not a stalwart shard (bad magic)")
@@ -168,7 +320,7 @@ def parse(blob: bytes | bytearray) -> tuple[dict[str, torch.Tensor], Any]:
     header = json.loads(bytes(blob[start:start + header_len]))
     data_start = start + header_len
     data = bytearray(blob[data_start:data_start + header["data_bytes"]]) if not isinstance(blob, bytearray) else \
-        blob[data_start:data_start + header["data_bytes"]]
+        memoryview(blob)[data_start:data_start + header["data_bytes"]]  # a slice of a bytearray would copy
     base = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     tensors = {}
     for e in header["tensors"]:

@@ -24,8 +24,21 @@ import torch.distributed as dist
 from stalwart.checkpointing import engine as ckpt
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError
+from stalwart.launchers import strategies
 from stalwart.launchers.data import DataPosition, IndexedBatches, iterate
 from stalwart.launchers.reporter import Reporter
+
+# Script mode: the rank worker sets a factory; `stalwart.context()` builds the context on first use.
+_CURRENT: "TrainContext | None" = None
+_FACTORY: "Callable[[], TrainContext] | None" = None
+
+
+def current() -> "TrainContext | None":
+    """The TrainContext of the job this process runs in (`stalwart.context()`), or None outside stalwart."""
+    global _CURRENT
+    if _CURRENT is None and _FACTORY is not None:
+        _CURRENT = _FACTORY()
+    return _CURRENT
 
 
 class TrainContext:
@@ -37,7 +50,8 @@ class TrainContext:
 
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
-                 keep_last: int, reporter: Reporter, plan: dict, ckpt_group=None):
+                 keep_last: int, reporter: Reporter, plan: dict, ckpt_group=None,
+                 strategy_options: dict | None = None, lazy_group: bool = False):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -46,6 +60,11 @@ class TrainContext:
         self.device = device
         self.config = config
         self.strategy = strategy
+        self.strategy_options = dict(strategy_options or {})
+        self._strategy: strategies.Strategy | None = None
+        # Script mode: the script initializes torch.distributed itself, so the checkpoint group is
+        # made at the first restore() or checkpoint(), which every rank calls.
+        self._lazy_group = lazy_group and world_size > 1
         self.every_steps = every_steps
         self.restored_step = 0
         self.restored_from: str | None = None
@@ -56,34 +75,50 @@ class TrainContext:
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
         self._recent_losses: deque[float] = deque(maxlen=50)
+        cache_dir = plan.get("cache_dir")
+        # A node-local copy only pays off when the storage is remote.
+        self._cache = ckpt.LocalCache(cache_dir) if cache_dir and not storage.uri.startswith("file://") else None
         self._engine = ckpt.CheckpointEngine(
             storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
-            job_id=job_id, attempt=attempt, on_result=self._on_save)
+            job_id=job_id, attempt=attempt, on_result=self._on_save, cache=self._cache)
         self._engine.pinned.update(plan.get("pinned", []))
         self._last_stall = 0.0
         self._faults = {}
+        self._last_cpu: float | None = None
         for f in plan.get("faults", []):
             if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike")):
-                span = range(f["step"], f["step"] + (f["length"] if f["kind"] == "spike" else 1))
+                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow") else 1))
                 for s in span:
                     self._faults[s] = f
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                scheduler: Any = None) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
-        """Move `model` to this rank's device and wrap it for the job's strategy (DDP).
+                scheduler: Any = None) -> tuple[Any, Any]:
+        """Move `model` to this rank's device and wrap it for the job's strategy; return (model, optimizer).
 
+        ddp: DistributedDataParallel. fsdp: FSDP2 `fully_shard` (the optimizer is pointed at the
+        sharded parameters, in place, so a scheduler built on it keeps working). deepspeed: the
+        DeepSpeed engine and its ZeRO optimizer (call `model.backward(loss)` and `model.step()`).
         Register the optimizer and LR scheduler so checkpoints and restores include them. Build the
-        optimizer on `model.parameters()` before calling; its state follows the parameters.
+        optimizer on `model.parameters()` before calling, and take no step before.
         """
-        model = model.to(self.device)
-        self._model = model
-        self._optimizer = optimizer
-        self._scheduler = scheduler
-        if self.world_size > 1 and dist.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self._strategy = strategies.make(self.strategy, self.strategy_options)
+        model, optimizer = self._strategy.wrap(model, optimizer, self)
+        self._register(scheduler)
         return model, optimizer
+
+    def track(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
+        """Register a model your own code already wrapped (DDP, FSDP2 or a DeepSpeed engine) for
+        checkpoints and restores, instead of `prepare` (script mode)."""
+        self._strategy = strategies.adopt(model, optimizer)
+        self._register(scheduler)
+
+    def _register(self, scheduler: Any) -> None:
+        self._model = self._strategy.model
+        self._optimizer = self._strategy.optimizer
+        self._scheduler = scheduler
+        self._engine.layout = self._strategy.layout
+        self._engine.strategy = self._strategy.name  # recorded in each manifest
 
     # ---- data ---------------------------------------------------------------------------
     def batches(self, source: Callable[[int], Any] | Sequence, *, steps: int | None = None,
@@ -118,7 +153,11 @@ class TrainContext:
         """
         if self._faults and step in self._faults:
             loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter)
-        self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position)
+        # This thread's CPU time since the last report: time blocked in a collective waiting for a
+        # slower peer does not count, so it tells a straggler from the ranks that wait for it.
+        cpu = time.thread_time()
+        busy, self._last_cpu = (cpu - self._last_cpu if self._last_cpu is not None else None), cpu
+        self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position, busy)
         if loss is not None and (step % 10 == 0):
             # A sampled float for the checkpoint's loss statistics; one sync every 10 steps.
             self._recent_losses.append(float(loss))
@@ -137,6 +176,7 @@ class TrainContext:
             return False
         if self._model is None:
             raise StalwartError("ctx.checkpoint() needs the model: call ctx.prepare(model, optimizer) first")
+        self._ensure_group()
         t0 = time.perf_counter()
         self._engine.save(step, self._state(), local={"rng": _rng_state()}, meta={
             "data": self._data.to_dict(),
@@ -153,13 +193,16 @@ class TrainContext:
         """
         if self._model is None:
             raise StalwartError("ctx.restore() needs the model: call ctx.prepare(model, optimizer) first")
+        self._ensure_group()
         loaded = self._choose_checkpoint()
         if loaded is None:
             return 0
         state = loaded.state
-        self._model.load_state_dict(state["model"])
-        if self._optimizer is not None and state.get("optimizer") is not None:
-            self._optimizer.load_state_dict(state["optimizer"])
+        written_by = loaded.manifest.get("strategy", "ddp")
+        if written_by != self._strategy.name:
+            raise StalwartError(f"checkpoint {loaded.uri} was written by strategy {written_by!r}; this job runs "
+                                f"{self._strategy.name!r}, whose state has another form")
+        self._strategy.load(state)
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
         same_world = loaded.manifest["world_size"] == self.world_size
@@ -183,7 +226,7 @@ class TrainContext:
         self.restored_step = loaded.step
         self.restored_from = loaded.uri
         self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank,
-                             world_size=loaded.manifest["world_size"])
+                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards)
         return loaded.step
 
     def _choose_checkpoint(self) -> ckpt.Loaded | None:
@@ -202,7 +245,7 @@ class TrainContext:
                 if loaded is None:
                     raise CheckpointNotFound(f"no loadable committed checkpoint under {resume_from}")
         else:
-            loaded = ckpt.newest_loadable(storage, self.rank, max_step=max_step, on_skip=skipped)
+            loaded = ckpt.newest_loadable(storage, self.rank, max_step=max_step, on_skip=skipped, cache=self._cache)
         if self.world_size > 1 and dist.is_initialized():
             # Every rank must load the same step; a rank that could not verify one drags all back.
             mine = -1 if loaded is None else loaded.step
@@ -210,15 +253,22 @@ class TrainContext:
             dist.all_gather_object(steps, mine)
             agreed = min(steps)
             if agreed != mine:
-                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank)
+                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank, cache=self._cache)
         return loaded
 
     def _state(self) -> dict:
-        return {
-            "model": self._model.state_dict(),
-            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
-            "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
-        }
+        return {**self._strategy.state(),
+                "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None}
+
+    def _ensure_group(self) -> None:
+        if not self._lazy_group:
+            return
+        if not dist.is_initialized():
+            raise StalwartError("call torch.distributed.init_process_group() before ctx.restore() or ctx.checkpoint()")
+        from stalwart.launchers.worker import collective_timeout
+
+        self._engine.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        self._lazy_group = False
 
     def _loss_stats(self) -> dict:
         losses = list(self._recent_losses)
@@ -259,6 +309,13 @@ def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporte
             time.sleep(3600)
     if kind == "error":
         raise RuntimeError(f"injected error at step {fault['step']}")
+    if kind == "slow":
+        # A straggler: this rank burns `factor` x its last step's CPU time on top of the step.
+        deadline = time.thread_time() + 0.05 * float(fault["factor"])
+        x = 1.0
+        while time.thread_time() < deadline:
+            x = (x * 1.0000001) % 7.0
+        return loss, grad_norm
     if kind == "nan":
         return float("nan"), grad_norm
     if kind == "spike":

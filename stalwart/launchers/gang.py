@@ -91,12 +91,16 @@ class RayGang:
         nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=120)
         pids = ray.get([w.pid.remote() for w in self.workers], timeout=120)
         self.ranks = [{"rank": r, "node_id": n, "pid": p} for r, (n, p) in enumerate(zip(nodes, pids))]
+        gpus = (ray.get([w.gpu_ids.remote() for w in self.workers], timeout=120)
+                if self.spec.resources.gpus_per_worker > 0 else None)
         spec_dict = self.spec.to_dict()
         for rank, worker in enumerate(self.workers):
             same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]
             payload = {"spec": spec_dict, "master_addr": addr, "master_port": port, "plan": plan,
                        "sink": sink_for(rank), "local_rank": same_node.index(rank),
                        "local_world_size": len(same_node)}
+            if gpus is not None:
+                payload.update(node_gpus(gpus, same_node, rank))
             self._refs[worker.run.remote(payload)] = rank
 
     def poll(self, timeout: float = 0.5) -> GangOutcome | None:
@@ -173,6 +177,16 @@ class RayGang:
             remove_placement_group(self._pg)
         except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
             pass
+
+
+def node_gpus(gpu_ids: list[list[str]], same_node: list[int], rank: int) -> dict:
+    """CUDA_VISIBLE_DEVICES for `rank`: the GPUs Ray gave the ranks on its node, in local-rank order
+    (as torchrun shows them), and the index of this rank's first GPU among them."""
+    visible: list[str] = []
+    for r in same_node:
+        visible += [g for g in gpu_ids[r] if g not in visible]
+    mine = gpu_ids[rank]
+    return {"cuda_visible_devices": ",".join(visible), "cuda_device_index": visible.index(mine[0]) if mine else 0}
 
 
 def _classify(failures: list[GangOutcome]) -> GangOutcome:

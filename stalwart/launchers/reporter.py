@@ -39,10 +39,10 @@ class Reporter:
         return self
 
     def record(self, step: int, loss: Any, grad_norm: Any = None, tokens: Any = None, metrics: dict | None = None,
-               position: int | None = None) -> None:
+               position: int | None = None, busy_s: float | None = None) -> None:
         # The hot path: no conversion, no lock (list.append is atomic under the GIL).
         if len(self._records) < _MAX_PENDING:
-            self._records.append((step, time.time(), loss, grad_norm, tokens, metrics, position))
+            self._records.append((step, time.time(), loss, grad_norm, tokens, metrics, position, busy_s))
         else:
             self.dropped += 1
 
@@ -87,8 +87,10 @@ class Reporter:
 
 
 def _convert(record: tuple) -> dict:
-    step, ts, loss, grad_norm, tokens, metrics, position = record
+    step, ts, loss, grad_norm, tokens, metrics, position, busy_s = record
     out = {"step": int(step), "ts": ts, "loss": _num(loss)}
+    if busy_s is not None:
+        out["busy_s"] = busy_s
     if position is not None:
         out["position"] = position
     if grad_norm is not None:

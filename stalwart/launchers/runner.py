@@ -1,8 +1,15 @@
-"""What one rank does inside its worker: environment, process groups, context, the user's function."""
+"""What one rank does inside its worker: environment, process groups, context, the user's function.
+
+Two kinds of entrypoint: `module:function`, called as function(ctx, config) after the worker has
+initialized torch.distributed; and script mode, `{script: train.py, args: [...]}`, a torchrun-style
+script run unmodified as `__main__`, which initializes torch.distributed itself and may call
+`stalwart.context()` for checkpoints, reports and fault detection.
+"""
 
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 import time
 
@@ -10,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpointing.storage import open_storage
+from stalwart.errors import StalwartError
+from stalwart.launchers import context as context_module
 from stalwart.launchers.context import TrainContext
 from stalwart.launchers.reporter import Reporter
 from stalwart.launchers.worker import _Tee, collective_timeout, format_user_error, import_entrypoint
@@ -29,6 +38,10 @@ def run_rank(worker, payload: dict) -> dict:
         "LOCAL_RANK": str(payload.get("local_rank", 0)), "LOCAL_WORLD_SIZE": str(payload.get("local_world_size", 1)),
         "STALWART_JOB_ID": worker.job_id, "STALWART_ATTEMPT": str(worker.attempt),
     }
+    if payload.get("cuda_visible_devices") is not None:
+        # Every rank on a node sees the node's GPUs of this gang, in local-rank order, so that
+        # LOCAL_RANK indexes its own GPU as torchrun scripts and DeepSpeed expect. Set before CUDA starts.
+        env["CUDA_VISIBLE_DEVICES"] = payload["cuda_visible_devices"]
     os.environ.update(env)
     os.environ.update(spec.env)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
@@ -40,35 +53,45 @@ def run_rank(worker, payload: dict) -> dict:
     ctx = None
     started = time.time()
     try:
-        use_gpu = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
-        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-        if use_gpu:
-            torch.cuda.set_device(device)
+        device = _device(spec, payload)
         timeout = collective_timeout()
         hang = spec.fault_tolerance.hang_timeout_s
         if hang is not None and timeout.total_seconds() < 3 * hang:
             # stalwart must see a hang (and take the stacks) before the collective gives up.
             timeout = type(timeout)(seconds=3 * hang)
-        dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world, timeout=timeout)
-        # Checkpoint shard records travel on their own gloo group, from a background thread,
-        # so they never interleave with the training collectives.
-        ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         plan = payload.get("plan") or {}
         storage = open_storage(plan["checkpoint_uri"], spec.checkpoint.s3)
-        ctx = TrainContext(
-            job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
-            local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
-            strategy=spec.strategy.name, storage=storage, every_steps=spec.checkpoint.every_steps,
-            keep_last=spec.checkpoint.keep_last, reporter=reporter, plan=plan, ckpt_group=ckpt_group)
-        func = import_entrypoint(spec.entrypoint, spec.workdir)
-        result = func(ctx, dict(spec.config))
-        ctx.close()
+
+        def make_context(ckpt_group=None, lazy_group: bool = False) -> TrainContext:
+            return TrainContext(
+                job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
+                local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
+                strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
+                every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
+                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group)
+
+        if spec.script is not None:
+            os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
+            result = _run_script(spec, lambda: make_context(lazy_group=True))
+            ctx = context_module._CURRENT
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                    timeout=timeout)
+            # Checkpoint shard records travel on their own gloo group, from a background thread,
+            # so they never interleave with the training collectives.
+            ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+            ctx = context_module._CURRENT = make_context(ckpt_group)
+            func = import_entrypoint(spec.entrypoint, spec.workdir)
+            result = func(ctx, dict(spec.config))
+        if ctx is not None:
+            ctx.close()
         return {"rank": rank, "seconds": time.time() - started, "result": _small(result)}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported with its traceback
         error = format_user_error(rank, exc)
         reporter.log(f"[rank {rank}] {error.traceback_text}")
         raise error from None
     finally:
+        context_module._CURRENT = context_module._FACTORY = None
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, _Tee):
                 stream.close_partial()
@@ -79,6 +102,52 @@ def run_rank(worker, payload: dict) -> dict:
                 dist.destroy_process_group()
             except (RuntimeError, ValueError):
                 pass
+
+
+def _device(spec: JobSpec, payload: dict) -> torch.device:
+    """cuda:<index of this rank's GPU among the visible ones> when the job asks for GPUs, else cpu."""
+    if spec.resources.gpus_per_worker <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise StalwartError(
+            f"resources.gpus_per_worker is {spec.resources.gpus_per_worker:g} but torch sees no CUDA device in "
+            f"this rank (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    device = torch.device("cuda", int(payload.get("cuda_device_index", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _run_script(spec: JobSpec, make_context) -> object:
+    """Run the script as `__main__` with its argv; `stalwart.context()` builds the context on first use."""
+    script = spec.script
+    path = script.path(spec.workdir).resolve()
+    if not path.is_file():
+        raise StalwartError(f"entrypoint script {path} does not exist on this node")
+    context_module._CURRENT = None
+    context_module._FACTORY = make_context
+    saved = sys.argv, list(sys.path)
+    sys.argv = [str(path), *script.args]
+    for entry in (spec.workdir, str(path.parent)):  # as `python train.py` would: the script's folder first
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+    destroy = dist.destroy_process_group
+
+    def destroy_after_saves(*args, **kwargs):
+        # The last checkpoint's shard records travel over a group that this call tears down.
+        if context_module._CURRENT is not None:
+            context_module._CURRENT.close()
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = destroy_after_saves
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    finally:
+        dist.destroy_process_group = destroy
+        sys.argv, sys.path[:] = saved[0], saved[1]
+    return None
 
 
 def _small(value):

@@ -99,6 +99,10 @@ class RankWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray assigned to this worker (empty without GPUs)."""
+        return [str(g) for g in ray.get_gpu_ids()]
+
     def stacks(self) -> str:
         frames = sys._current_frames()
         names = {t.ident: t.name for t in threading.enumerate()}

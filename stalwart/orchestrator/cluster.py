@@ -122,9 +122,9 @@ def connect(address: str | None, home: Path, *, start: str = "background", say=l
         raise ClusterError("no Ray cluster is running: start one with `stalwart up`, or pass --address")
     if start == "inprocess":
         say("starting a local Ray instance in this process")
-        ray.init(include_dashboard=False, **common)
+        ray.init(address="local", include_dashboard=False, **common)
         return "started-inprocess"
-    say(f"no cluster running: starting a local Ray head in the background (stop it with `stalwart down`)")
+    say("no cluster running: starting a local Ray head in the background (stop it with `stalwart down`)")
     record = start_background(home)
     ray.init(address=record["address"], **common)
     return "started-background"

@@ -188,10 +188,17 @@ def get_or_create_controller(home: str):
     """The controller of the connected cluster, created (detached, named) if it does not exist."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Next to the client (usually the head node), softly: worker nodes come and go, and the
-    # controller should not go with them.
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    # On the head node, softly: worker nodes come and go, and the controller should not go with them.
+    here = NodeAffinitySchedulingStrategy(node_id=_head_node_id(), soft=True)
     return RemoteController.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=64, max_restarts=-1, scheduling_strategy=here,
     ).remote(home)
+
+
+def _head_node_id() -> str:
+    """The head node's id (it holds Ray's own services), else the node this process runs on."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()

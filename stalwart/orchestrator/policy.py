@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from stalwart.spec import FaultTolerance
 
 # Causes that are not the job's fault and spend no budget.
-FREE_CAUSES = {"controller_restart"}
+FREE_CAUSES = {"controller_restart", "grow"}
 
 
 @dataclass(frozen=True)

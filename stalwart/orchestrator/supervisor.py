@@ -7,6 +7,8 @@ place that touches actors (through a gang); deciding is the failure policy's; st
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import math
 import statistics
 import threading
@@ -129,6 +131,9 @@ class JobSupervisor:
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
         self._detected: Detection | None = None
         self.node_failures: Counter[str] = Counter()
+        self.world_size = spec.resources.workers  # smaller while running elastic, short of capacity
+        self._grow_after: int | None = None
+        self._grow_checked = 0.0
         self.quarantined: set[str] = set()
         # The last committed save's figures and the failed saves, across attempts (for the metrics).
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
@@ -146,6 +151,9 @@ class JobSupervisor:
     # ---- public -----------------------------------------------------------------------
     def start(self) -> None:
         self._record_state()
+        # A NaN or spike rollback reads the checkpoints through the engine module, which imports torch:
+        # seconds in a controller that has not imported it yet. Import it now, off the fault path.
+        threading.Thread(target=_import_engine, name="supervisor-warm-imports", daemon=True).start()
         self._thread.start()
 
     def cancel(self, reason: str = "cancelled by request") -> None:
@@ -194,11 +202,22 @@ class JobSupervisor:
     def _act_pending(self, state: st.Pending) -> st.Event:
         if self._gang is None:
             kwargs = {"exclude_nodes": tuple(sorted(self.quarantined))} if self.quarantined else {}
+            if self.world_size != self.spec.resources.workers:
+                kwargs["world_size"] = self.world_size
             self._gang = self.gang_factory(self.job_id, state.attempt, self.spec, **kwargs)
             self._pending_since = time.monotonic()
         if self._gang.reserve(self.POLL_S):
             return st.Reserved()
         waited = time.monotonic() - self._pending_since
+        shrink = self._shrink_to(state, waited)
+        if shrink is not None:
+            self._event("shrinking", f"the full gang of {self.world_size} has not fit for {waited:.0f} s: going on "
+                        f"with {shrink} rank(s) (min_workers {self.spec.resources.min_workers})",
+                        world_size=shrink, previous=self.world_size)
+            self.world_size = shrink
+            self._gang.stop()
+            self._gang = None
+            return st.Waiting(f"elastic: restarting with {shrink} rank(s)")
         if self.quarantined and waited > self.spec.fault_tolerance.resource_wait_s / 2:
             # Better a suspect node than no progress at all.
             self._event("quarantine_lifted", f"no room without the {len(self.quarantined)} quarantined node(s) "
@@ -234,9 +253,9 @@ class JobSupervisor:
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
             detection = self._detected or self._check_hang()
-            if detection is None:
-                return st.Tick()
-            return self._on_detection(detection)
+            if detection is not None:
+                return self._on_detection(detection)
+            return self._maybe_grow()
         self._stop_gang()
         if outcome.succeeded:
             self._end_attempt("succeeded")
@@ -254,6 +273,39 @@ class JobSupervisor:
                             "traceback": outcome.traceback}
         return st.Faulted(outcome.cause, decision.reason if not decision.restart else outcome.error,
                           decision.restart, decision.delay_s, decision.plan, outcome.rank, outcome.traceback)
+
+    def _shrink_to(self, state: st.Pending, waited: float) -> int | None:
+        """With min_workers, the smaller world to restart with once the full gang has waited long enough."""
+        res, ft = self.spec.resources, self.spec.fault_tolerance
+        if res.min_workers is None or state.attempt == 1 or waited < ft.elastic_wait_s:
+            return None
+        fit = min(self.world_size - 1, _bundles_that_fit(res))
+        return fit if fit >= res.min_workers else None
+
+    def _maybe_grow(self) -> st.Event:
+        """Running short-handed: once the missing ranks fit again and a checkpoint has committed since, restart full."""
+        full = self.spec.resources.workers
+        if self.world_size >= full or self._gang is None:
+            return st.Tick()
+        now = time.monotonic()
+        if now - self._grow_checked < 2.0:
+            return st.Tick()
+        self._grow_checked = now
+        if self._grow_after is None:
+            if _bundles_that_fit(self.spec.resources) >= full - self.world_size:
+                self._grow_after = len(self.commits)  # restart right after the next commit: little is lost
+            return st.Tick()
+        if len(self.commits) <= self._grow_after:
+            return st.Tick()
+        self._grow_after = None
+        previous, self.world_size = self.world_size, full
+        self._stop_gang()
+        self._end_attempt("grow", f"capacity for {full} ranks is back")
+        self._event("growing", f"capacity is back: restarting with {full} ranks (was {previous}) from the "
+                    "checkpoint just committed", world_size=full, previous=previous)
+        self.recovering = {"at": time.time(), "cause": "grow", "step": self.live.step}
+        decision = self.policy.decide("grow", "grow back")
+        return st.Faulted("grow", f"growing back to {full} ranks", True, 0.0, decision.plan)
 
     def _blame_node(self, rank: int | None) -> None:
         """Count a failure against the failed rank's node; a node that fails twice is quarantined."""
@@ -346,6 +398,7 @@ class JobSupervisor:
         resume = ckpt.resume_from if (getattr(self, "live", None) is None or self.live.last_checkpoint is None) else None
         return {"checkpoint_uri": self.checkpoint_uri, "resume_from": resume, "s3_options": ckpt.s3,
                 "skip": [list(r) for r in self.spec.data.skip], "pinned": [], "max_step": None, "lr_scale": 1.0,
+                "cache_dir": ckpt.local_cache_dir or os.path.join(tempfile.gettempdir(), "stalwart-cache", self.job_id),
                 "faults": [f.model_dump() for f in self.spec.faults]}
 
     def _stop_gang(self) -> None:
@@ -406,6 +459,11 @@ class JobSupervisor:
         now = time.monotonic()
         for r in records:
             self.hangs.progress(rank, r["step"], now)
+            if r.get("busy_s") is not None:
+                before = self.stragglers.stragglers
+                after = self.stragglers.update(rank, r["step"], r["busy_s"])
+                if after != before:
+                    self._on_stragglers(before, after)
         if self.recovering is not None and rank == 0:
             rec = self.recovering
             self.recovering = None
@@ -435,6 +493,14 @@ class JobSupervisor:
                                                f"{spike.onset_step}): {spike.reason}", spike.step, spike.onset_step,
                                                latency_s=time.time() - r["ts"], data={"score": spike.score})
                     return
+
+    def _on_stragglers(self, before: frozenset, after: frozenset) -> None:
+        ratios = self.stragglers.ratios()
+        for rank in sorted(after - before):
+            self._event("straggler", f"rank {rank} is a straggler: {ratios.get(rank, 0):.1f}x the others' busy time "
+                        "per step (no restart; see the per-rank step time metric)", rank=rank, ratio=ratios.get(rank))
+        for rank in sorted(before - after):
+            self._event("straggler_recovered", f"rank {rank} keeps pace again", rank=rank)
 
     def _on_worker_event(self, attempt: int, rank: int, ev: dict) -> None:
         kind = ev.get("kind", "?")
@@ -484,12 +550,27 @@ class JobSupervisor:
             "restarts": dict(self.policy.spent),
             "attempt": self.attempt,
             "ranks": self.ranks,
+            "stragglers": sorted(self.stragglers.stragglers),
             # For the metrics exporter (stalwart.monitoring.metrics documents these keys).
             "step_durations_s": live.step_durations(),
             "step_durations_total": max(0, live.step_records - 1),
             "rank_step_time_s": dict(live.rank_step_s),
             **self.saves,
         }
+
+
+def _bundles_that_fit(res) -> int:
+    """How many rank bundles the cluster's free resources hold now (ignoring how they split over nodes)."""
+    try:
+        import ray
+
+        free = ray.available_resources()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) nothing fits
+        return 0
+    n = int(free.get("CPU", 0) // res.cpus_per_worker)
+    if res.gpus_per_worker:
+        n = min(n, int(free.get("GPU", 0) // res.gpus_per_worker))
+    return n
 
 
 def _alive_nodes() -> set[str]:
@@ -499,6 +580,13 @@ def _alive_nodes() -> set[str]:
         return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no cluster to ask
         return set()
+
+
+def _import_engine() -> None:
+    try:
+        import stalwart.checkpointing.engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a warm-up; the fault path imports it again and reports errors
+        log.debug("warming up the checkpoint engine import failed", exc_info=True)
 
 
 def _finite(x):

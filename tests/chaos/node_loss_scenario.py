@@ -5,8 +5,6 @@ Usage: python tests/chaos/node_loss_scenario.py HOME_DIR
 """
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from jobspecs import tiny_gpt_spec  # noqa: E402
+from jobspecs import lose_node, tiny_gpt_spec  # noqa: E402
 from stalwart import Client  # noqa: E402
 from stalwart.checkpointing import engine  # noqa: E402
 from stalwart.checkpointing.shards import flatten  # noqa: E402
@@ -50,16 +48,8 @@ def main(home: str) -> None:
         assert time.monotonic() < deadline, "job did not reach step 13"
         time.sleep(0.1)
     victim_id = status["ranks"][0]["node_id"]
-    victim = next(n for n in nodes if n.node_id == victim_id)
     removed_at = time.time()
-    cluster.remove_node(victim, allow_graceful=False)
-    # A lost machine takes its processes with it; here they would linger as orphans for a while.
-    for rank in status["ranks"]:
-        if rank["node_id"] == victim_id:
-            try:
-                os.kill(rank["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    lose_node(cluster, nodes, victim_id, status["ranks"])
     final = job.wait(timeout=300, raise_on_failure=False)
     events = job.events()
     fault = next((e for e in events if e["kind"] == "fault"), None)

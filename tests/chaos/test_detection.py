@@ -2,13 +2,13 @@
 
 import os
 import signal
-import time
 
 import pytest
 import ray
 
 from jobspecs import tiny_gpt_spec
-from test_recovery import assert_bitwise_equal, final_state, wait_for
+from jobspecs import wait_for
+from test_recovery import assert_bitwise_equal, final_state
 
 
 def run(client, spec, timeout=300):
@@ -100,3 +100,13 @@ def test_two_faults_in_a_row(client):
     assert status["restarts"] == {"node_failure": 2}
     assert_bitwise_equal(final_state(status, 40), final_state(client.submit(
         tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10})).wait(timeout=300), 40))
+
+
+def test_straggler_is_reported_without_a_restart(client):
+    spec = tiny_gpt_spec(steps=50, checkpoint={"every_steps": 10},
+                         faults=[{"kind": "slow", "rank": 1, "step": 10, "length": 25, "factor": 4}])
+    job, status = run(client, spec)
+    assert status["state"] == "SUCCEEDED" and not status["restarts"]
+    events = [e for e in job.events() if e["kind"] in ("straggler", "straggler_recovered")]
+    assert [(e["kind"], e["data"]["rank"]) for e in events][:2] == [("straggler", 1), ("straggler_recovered", 1)]
+    assert events[0]["data"]["ratio"] > 1.5

@@ -2,12 +2,11 @@
 
 import os
 import signal
-import time
 
 import pytest
 import torch
 
-from jobspecs import tiny_gpt_spec
+from jobspecs import tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.storage import open_storage
 
@@ -31,14 +30,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(ta[key], tb[key]), f"{key} differs"
 
 
-def wait_for(predicate, timeout=120, poll=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")

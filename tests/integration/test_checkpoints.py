@@ -95,3 +95,15 @@ def test_resume_from_a_missing_checkpoint_is_refused_at_submit(client, tmp_path)
 
     with pytest.raises(SpecError, match="resume_from"):
         client.submit(tiny_gpt_spec(steps=5, checkpoint={"resume_from": str(tmp_path / "nothing")}))
+
+
+@needs_rclone
+def test_restart_on_the_same_node_reads_the_local_copy(client, s3_server):
+    uri = s3_server.uri()
+    spec = tiny_gpt_spec(steps=30, checkpoint=s3_section(s3_server, uri),
+                         faults=[{"kind": "kill", "rank": 1, "step": 15}])
+    job = client.submit(spec)
+    assert job.wait(timeout=240)["state"] == "SUCCEEDED"
+    restored = [e for e in job.events() if e["kind"] == "restored"][0]["data"]
+    assert restored["step"] == 10
+    assert restored["local_shards"] == 2  # both ranks' shards came from this node's cache, none from S3

@@ -1,22 +1,13 @@
 """End to end with real Ray: submit, train, fail, cancel, queue."""
 
-import time
 
 import pytest
 import ray
 
-from jobspecs import job_spec, tiny_gpt_spec
+from jobspecs import job_spec, tiny_gpt_spec, wait_for
 from stalwart.errors import JobFailed, SpecError
 
 
-def wait_for(predicate, timeout=60, poll=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("condition not met in time")
 
 
 def test_tiny_gpt_trains_to_success_with_falling_loss(client):

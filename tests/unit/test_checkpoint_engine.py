@@ -1,6 +1,5 @@
 """The checkpoint engine on a local directory, one rank: commit, verify, fall back, retain."""
 
-import json
 
 import pytest
 import torch
@@ -145,3 +144,30 @@ def test_resolve_splits_step_uri(storage):
     assert step == 40 and store.root == storage.root
     store, step = engine.resolve(str(storage.root))
     assert step is None
+
+
+class CountingStorage(FileStorage):
+    reads = 0
+
+    def read(self, key):
+        CountingStorage.reads += 1
+        return super().read(key)
+
+
+def test_local_cache_serves_restores_and_is_verified(tmp_path):
+    storage = CountingStorage(tmp_path / "remote")
+    cache = engine.LocalCache(tmp_path / "cache")
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1, cache=cache)
+    save(eng, 1, model, opt)
+    save(eng, 2, model, opt)
+    assert not cache.path(1, "shard-00000-of-00001.bin").exists()  # only the newest is kept
+    CountingStorage.reads = 0
+    loaded = engine.load(storage, 2, 0, cache=cache)
+    assert loaded.local_shards == 1 and CountingStorage.reads == 1  # the manifest only
+    cached = cache.path(2, "shard-00000-of-00001.bin")
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    loaded = engine.load(storage, 2, 0, cache=cache)
+    assert loaded.local_shards == 0  # a damaged local copy is ignored for the durable one

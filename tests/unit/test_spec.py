@@ -30,6 +30,7 @@ def test_minimal_spec_gets_defaults_and_workdir(tmp_path):
 def test_example_job_is_valid():
     spec = JobSpec.from_yaml("examples/tiny_gpt/job.yaml")
     assert spec.entrypoint == "train:main"
+    assert JobSpec.from_yaml("examples/script_mode/job.yaml").script.script == "train_ddp.py"
 
 
 def test_unknown_field_names_path_and_alternatives(tmp_path):
@@ -56,14 +57,54 @@ def test_bad_values_name_the_field(tmp_path):
     assert "greater than or equal to 1" in p["resources.workers"]
 
 
-def test_unimplemented_strategy_is_refused_clearly(tmp_path):
+def test_sharded_strategies_are_accepted_and_their_options_checked(tmp_path):
+    spec = load(tmp_path, """
+        name: demo
+        entrypoint: train:main
+        strategy: {name: fsdp, options: {mixed_precision: {param_dtype: bfloat16}, activation_checkpointing: true}}
+    """)
+    assert spec.strategy.name == "fsdp" and spec.strategy.options["activation_checkpointing"] is True
     with pytest.raises(SpecError) as exc:
         load(tmp_path, """
             name: demo
             entrypoint: train:main
-            strategy: fsdp
+            strategy: {name: fsdp, options: {mixed_precision: {param_dtype: bf16}, shard: [Block]}}
         """)
-    assert "not implemented" in problems(exc)["strategy.name"]
+    msg = problems(exc)["strategy.options"]
+    assert "unknown fsdp option 'shard'" in msg and "param_dtype must be one of" in msg
+
+
+def test_deepspeed_stage_is_checked_and_a_missing_package_named(tmp_path, monkeypatch):
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict({"name": "x", "entrypoint": "a:b",
+                           "strategy": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 0}}}})
+    assert "stage must be 1, 2 or 3" in problems(exc)["strategy.options"]
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict({"name": "x", "entrypoint": "a:b", "strategy": "deepspeed"})
+    assert "pip install 'stalwart[deepspeed]'" in problems(exc)["strategy.options"]
+
+
+def test_script_entrypoint(tmp_path):
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    spec = load(tmp_path, """
+        name: demo
+        entrypoint: {script: train.py, args: [--steps, 40, --lr, 0.1]}
+    """)
+    assert spec.script.args == ["--steps", "40", "--lr", "0.1"]
+    assert spec.script.path(spec.workdir) == tmp_path.resolve() / "train.py"
+    assert JobSpec.model_validate(spec.to_dict()).script == spec.script  # survives the trip to the ranks
+    with pytest.raises(SpecError) as exc:
+        load(tmp_path, "name: demo\nentrypoint: {script: nope.py}\n")
+    assert "no such file" in problems(exc)["entrypoint.script"]
+    with pytest.raises(SpecError) as exc:
+        load(tmp_path, "name: demo\nentrypoint: {scrip: train.py}\n")
+    assert "expected {script: train.py" in problems(exc)["entrypoint"]
+    with pytest.raises(SpecError) as exc:
+        load(tmp_path, "name: demo\nentrypoint: train.py\n")
+    assert "{script: train.py}" in problems(exc)["entrypoint"]
 
 
 def test_bad_uri_scheme(tmp_path):

@@ -1,0 +1,188 @@
+"""Strategies in real jobs (Ray, gloo, 2 CPU ranks): DDP, FSDP2 and DeepSpeed ZeRO train the tiny GPT,
+resume bitwise after a killed rank, and FSDP/ZeRO checkpoints reshard from 2 ranks to 1. Script mode
+runs examples/script_mode unmodified, also through an injected kill."""
+
+import pytest
+import torch
+import yaml
+
+from jobspecs import JOBS, REPO, tiny_gpt_spec
+from stalwart.checkpointing import engine
+from stalwart.checkpointing.shards import flatten
+from stalwart.checkpointing.storage import open_storage
+from stalwart.launchers.strategies import deepspeed_missing
+
+STEPS = 40
+KILL = [{"kind": "kill", "rank": 1, "step": 25}]
+
+_DS_MISSING = deepspeed_missing()
+needs_deepspeed = pytest.mark.skipif(
+    _DS_MISSING is not None, reason=f"deepspeed is not importable ({_DS_MISSING}); pip install 'stalwart[deepspeed]'")
+
+STRATEGIES = {
+    "ddp": "ddp",
+    "fsdp": {"name": "fsdp"},
+    "deepspeed": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}},
+}
+PARAMS = [pytest.param("ddp"), pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)]
+
+
+def spec_for(strategy: str, steps: int = STEPS, **sections) -> dict:
+    sections.setdefault("checkpoint", {"every_steps": 10})
+    return tiny_gpt_spec(steps=steps, strategy=STRATEGIES[strategy], **sections)
+
+
+def tensors_at(uri: str, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of a committed checkpoint, sharded ones put back together."""
+    storage = open_storage(uri)
+    tensors, _ = flatten(engine.load(storage, step, 0).state)
+    return tensors
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def undisturbed(client):
+    """One undisturbed 2-rank run per strategy (shared by the tests below)."""
+    runs = {}
+
+    def run(strategy: str) -> dict:
+        if strategy not in runs:
+            job = client.submit(spec_for(strategy))
+            status = job.wait(timeout=300)
+            runs[strategy] = {"status": status, "metrics": job.metrics(), "job": job}
+        return runs[strategy]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", PARAMS)
+def test_strategy_trains_tiny_gpt_on_two_ranks(undisturbed, strategy):
+    run = undisturbed(strategy)
+    status = run["status"]
+    assert status["state"] == "SUCCEEDED"
+    losses = [m["loss"] for m in run["metrics"]]
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # from ~5.5 (ln 256) down
+    storage = open_storage(status["checkpoint_uri"])
+    manifest = engine.read_manifest(storage, STEPS)
+    assert manifest["strategy"] == strategy and manifest["world_size"] == 2
+    assert manifest["layout"] == ("replicated" if strategy == "ddp" else "sharded")
+
+
+@pytest.mark.parametrize("strategy", PARAMS)
+def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
+    reference = undisturbed(strategy)["status"]
+    job = client.submit(spec_for(strategy, faults=KILL))
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 1}
+    restored = [e for e in job.events() if e["kind"] == "restored"]
+    # Step 20's save commits in the background; on a loaded machine the kill at 25 may come first.
+    assert restored and restored[0]["data"]["step"] in (10, 20)
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
+def test_sharded_checkpoint_reshards_from_two_ranks_to_one(client, undisturbed, strategy):
+    source = undisturbed(strategy)["status"]
+    spec = spec_for(strategy, steps=30, checkpoint={"every_steps": 10,
+                                                    "resume_from": f"{source['checkpoint_uri']}/step-000000020"})
+    spec.update(entrypoint="strategyjobs:resave_then_train", workdir=str(JOBS))
+    spec["resources"] = {"workers": 1, "cpus_per_worker": 1}
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    restored = [e for e in job.events() if e["kind"] == "restored"][0]["data"]
+    assert restored["step"] == 20 and restored["world_size"] == 2
+    # What one rank loaded from two ranks' shards, saved again by that one rank, is the same state.
+    resaved = engine.read_manifest(open_storage(status["checkpoint_uri"]), 20)
+    assert resaved["world_size"] == 1 and len(resaved["shards"]) == 1
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], 20), tensors_at(source["checkpoint_uri"], 20))
+    losses = [m["loss"] for m in job.metrics()]
+    assert len(losses) == 10 and max(losses) < 4.0  # it continued the trained model
+
+
+# ---- script mode ----------------------------------------------------------------------------------
+SCRIPT_JOB = REPO / "examples" / "script_mode" / "job.yaml"
+
+
+def script_spec(steps: int = STEPS, **sections) -> dict:
+    spec = yaml.safe_load(SCRIPT_JOB.read_text())
+    spec["entrypoint"]["args"] = ["--steps", str(steps), "--width", "64"]
+    spec["workdir"] = str(SCRIPT_JOB.parent)
+    spec["checkpoint"] = {"every_steps": 10}
+    spec.update(sections)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def script_run(client):
+    job = client.submit(script_spec())
+    return job, job.wait(timeout=300)
+
+
+def test_script_mode_runs_the_example_unmodified(script_run):
+    job, status = script_run
+    assert status["state"] == "SUCCEEDED"
+    losses = [m["loss"] for m in job.metrics()]
+    assert len(losses) == STEPS and sum(losses[-5:]) < sum(losses[:5])
+    storage = open_storage(status["checkpoint_uri"])
+    assert engine.committed_steps(storage)[0] == STEPS  # stalwart.context() gave the script its checkpoints
+    assert engine.read_manifest(storage, STEPS)["strategy"] == "ddp"  # ctx.track() saw the script's own DDP
+
+
+def test_script_mode_kill_restarts_and_resumes_exactly(client, script_run):
+    _, reference = script_run
+    job = client.submit(script_spec(faults=KILL))
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 1}
+    restored = [e for e in job.events() if e["kind"] == "restored"]
+    # Step 20's save commits in the background; on a loaded machine the kill at 25 may come first.
+    assert restored and restored[0]["data"]["step"] in (10, 20)
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+
+
+# ---- slower variants (pytest -m slow) -------------------------------------------------------------
+def _deepspeed(stage: int) -> dict:
+    return {"name": "deepspeed", "options": {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}}
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_resumes_bitwise_and_reshards(client, stage):
+    reference = client.submit(tiny_gpt_spec(steps=STEPS, strategy=_deepspeed(stage),
+                                            checkpoint={"every_steps": 10})).wait(timeout=300)
+    killed = client.submit(tiny_gpt_spec(steps=STEPS, strategy=_deepspeed(stage), checkpoint={"every_steps": 10},
+                                         faults=KILL)).wait(timeout=300)
+    assert killed["restarts"] == {"node_failure": 1}
+    assert_bitwise_equal(tensors_at(killed["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+    # 2 ranks -> 1, and into another ZeRO stage: the saved layout depends on neither.
+    other = 1 if stage == 3 else 3
+    spec = tiny_gpt_spec(steps=30, strategy=_deepspeed(other), entrypoint="strategyjobs:resave_then_train",
+                         workdir=str(JOBS), checkpoint={"every_steps": 10, "resume_from":
+                                                        f"{reference['checkpoint_uri']}/step-000000020"})
+    spec["resources"] = {"workers": 1, "cpus_per_worker": 1}
+    resharded = client.submit(spec).wait(timeout=300)
+    assert resharded["state"] == "SUCCEEDED"
+    assert_bitwise_equal(tensors_at(resharded["checkpoint_uri"], 20), tensors_at(reference["checkpoint_uri"], 20))
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_and_activation_checkpointing_resume_bitwise(client):
+    strategy = {"name": "fsdp", "options": {"mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"},
+                                            "activation_checkpointing": True}}
+    reference = client.submit(tiny_gpt_spec(steps=STEPS, strategy=strategy, checkpoint={"every_steps": 10}))
+    ref_status = reference.wait(timeout=300)
+    losses = [m["loss"] for m in reference.metrics()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    killed = client.submit(tiny_gpt_spec(steps=STEPS, strategy=strategy, checkpoint={"every_steps": 10},
+                                         faults=KILL)).wait(timeout=300)
+    assert killed["restarts"] == {"node_failure": 1}
+    assert_bitwise_equal(tensors_at(killed["checkpoint_uri"], STEPS), tensors_at(ref_status["checkpoint_uri"], STEPS))
