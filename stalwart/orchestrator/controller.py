@@ -188,8 +188,10 @@ def get_or_create_controller(home: str):
     """The controller of the connected cluster, created (detached, named) if it does not exist."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # On the head node, softly: worker nodes come and go, and the controller should not go with them.
-    here = NodeAffinitySchedulingStrategy(node_id=_head_node_id(), soft=True)
+    # On the head node: worker nodes come and go, and the controller should not go with them. Not
+    # softly: Ray then spills it to a worker node now and then (seen with a head of 0 CPUs), and the
+    # head going means the cluster going anyway.
+    here = NodeAffinitySchedulingStrategy(node_id=_head_node_id(), soft=False)
     return RemoteController.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=64, max_restarts=-1, scheduling_strategy=here,
