@@ -5,9 +5,7 @@ Prints ONE JSON line. Run from the repository root: `python bench/step_overhead.
 The same loop (bench/_workload.py: examples/tiny_gpt's GPT, dim 128, 2 layers, batch 32 x 64
 bytes, AdamW, grad clipping; DDP over gloo on 2 CPU ranks, one torch thread per rank) runs:
 
-* bare: two plain torch.distributed processes (torch.multiprocessing.spawn, gloo, DDP), started
-  from a session of their own (see bench/_workload.bare_group: with the kernel's autogroup
-  scheduling, sessions share the CPU first; the stalwart ranks have their Ray instance's);
+* bare: two plain torch.distributed processes (torch.multiprocessing.spawn, gloo, DDP);
 * bare_ray: the same bare loop in two plain Ray actors on the same Ray instance (no stalwart):
   it shares the stalwart ranks' process environment (Ray worker processes run at nice 15, in the
   Ray instance's session), so stalwart / bare_ray isolates stalwart's own layer, while
@@ -19,10 +17,10 @@ bytes, AdamW, grad clipping; DDP over gloo on 2 CPU ranks, one torch thread per 
 * stalwart_ckpt: the same job with checkpoint.every_steps = 50 (local directory), so the timed
   window contains saves (about 5.3 MB of model + AdamW state per save).
 
-The three variants are started together (bare processes, two stalwart jobs on a warm local Ray
-instance) and then take turns, block by block (bench/_workload.Baton): only one computes at a time,
-the others sleep in a 5 ms poll of a turn file, and the order rotates every block. Turn-taking at
-~2 s granularity is what makes a 1% target measurable on a machine whose other tenants change the
+The four variants are started together (bare processes, a bare Ray gang and two stalwart jobs on
+a warm local Ray instance) and then take turns, block by block (bench/_workload.Baton): only one
+computes at a time, the others sleep in a 5 ms poll of a turn file, and the order rotates every
+block. Turn-taking is what makes a 1% target measurable on a machine whose other tenants change the
 step time by 2x from one minute to the next: every block of one variant runs next to a block of
 the others under the same background load. Blocks are short (6 steps, about 0.6 s) and many (48
 per variant), so that neighbouring blocks see the same load. Rank 0 timestamps every step end
