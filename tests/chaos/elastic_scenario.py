@@ -32,6 +32,9 @@ def main(home: str) -> None:
     client = Client(home=home)
     spec = tiny_gpt_spec(steps=200, checkpoint={"every_steps": 10}, fault_tolerance={"elastic_wait_s": 2})
     spec["resources"].update(min_workers=1, placement="spread")
+    # The short-handed attempt runs slowly on purpose (~+0.1 s CPU a step), so on a fast machine the job cannot
+    # finish before the new node registers and the next checkpoint commits; the parameters are unchanged by it.
+    spec["faults"] = [{"kind": "slow", "rank": 0, "attempt": 2, "step": 1, "length": 1000, "factor": 2}]
     job = client.submit(spec)
     status = wait(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
     victim_id = status["ranks"][1]["node_id"]
