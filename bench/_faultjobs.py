@@ -100,8 +100,9 @@ def read_stamps(path: Path) -> list[tuple[str, float, int]]:
 class RestoreProfile:
     """With config["stamps_dir"]: time the parts of ctx.restore() (wrapping stalwart's own functions for
     the duration) and write them to `restore-rank<r>-<pid>.json` there: every storage read (download),
-    every shard parse, engine.load as a whole (download + SHA-256 check + parse, shards in parallel),
-    and the whole restore (+ load_state_dict, RNG, the ranks' agreement on the step)."""
+    listing and shard parse, engine.load as a whole (download + SHA-256 check + parse, shards in
+    parallel), the whole restore, and after_load_s = the restore outside engine.load (listing the
+    storage to find the newest step, load_state_dict, RNG, the ranks' agreement on the step)."""
 
     def __init__(self, c: dict, rank: int):
         self.dir = Path(c["stamps_dir"]) if c.get("stamps_dir") else None
