@@ -30,8 +30,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from stalwart.checkpointing import shards
-from stalwart.checkpointing.storage import Storage, open_storage
+from stalwart.checkpointing import checksum, shards
+from stalwart.checkpointing.storage import Storage, map_private, open_storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StorageError
 
 log = logging.getLogger(__name__)
@@ -90,19 +90,22 @@ class LocalCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            shutil.copyfileobj(reader, f, length=8 << 20)
+            for view in reader.views():
+                f.write(view)
         os.replace(tmp, target)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def get(self, step: int, name: str, size: int) -> bytearray | None:
+    def get(self, step: int, name: str, size: int) -> bytearray | memoryview | None:
         path = self.path(step, name)
         try:
             if path.stat().st_size != size:
                 return None
-            with open(path, "rb") as f:
-                blob = bytearray(size)
-                f.readinto(blob)
+            blob = map_private(path)
+            if blob is None:
+                with open(path, "rb") as f:
+                    blob = bytearray(size)
+                    f.readinto(blob)
             return blob
         except OSError:
             return None
@@ -185,7 +188,7 @@ class CheckpointEngine:
             reader = self._snapshot.reader(objects)
             size = self.storage.write(key, reader)
             record = {"file": shard_name(self.rank, self.world_size), "rank": self.rank, "size": size,
-                      "sha256": reader.sha256.hexdigest()}
+                      "checksum": reader.checksum}
         except StorageError as exc:
             record = {"rank": self.rank, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - any bug here must become a failed save, not a dead thread
@@ -305,8 +308,6 @@ def read_manifest(storage: Storage, step: int) -> dict:
 def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads: int = 8,
          cache: LocalCache | None = None) -> Loaded:
     """Read and verify every shard of committed checkpoint `step`; raise CheckpointCorrupt on any mismatch."""
-    import hashlib
-
     manifest = read_manifest(storage, step)
     uri = f"{storage.uri}/{step_dir(step)}"
     local_hits: list[str] = []
@@ -314,22 +315,21 @@ def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads
     def fetch(record: dict):
         key = f"{step_dir(step)}/{record['file']}"
         blob = cache.get(step, record["file"], record["size"]) if cache is not None else None
-        if blob is not None and hashlib.sha256(blob).hexdigest() == record["sha256"]:
+        if blob is not None and checksum.matches(record, blob):
             local_hits.append(record["file"])
             return record["rank"], shards.parse(blob)
         try:
-            blob = storage.read(key)
+            blob = storage.read_private(key)
         except StorageError as exc:
             if exc.transient:
                 raise
             raise CheckpointCorrupt(uri, f"{record['file']} is missing ({exc})") from None
         if len(blob) != record["size"]:
             raise CheckpointCorrupt(uri, f"{record['file']} has {len(blob)} bytes, manifest says {record['size']}")
-        if verify and hashlib.sha256(blob).hexdigest() != record["sha256"]:
+        if verify and not checksum.matches(record, blob):
             raise CheckpointCorrupt(uri, f"{record['file']} fails its checksum")
         try:
-            # parse() keeps views on a bytearray; copy only a read-only blob (tensors must be writable).
-            return record["rank"], shards.parse(blob if isinstance(blob, bytearray) else bytearray(blob))
+            return record["rank"], shards.parse(blob)  # tensors are views on the blob, which this load owns
         except (ValueError, KeyError, EOFError) as exc:
             raise CheckpointCorrupt(uri, f"{record['file']} cannot be parsed ({exc})") from None
 

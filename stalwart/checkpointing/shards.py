@@ -17,7 +17,6 @@ Two kinds of tensor leaves:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from stalwart.checkpointing import checksum as checksums
 
 MAGIC = b"STLWSHD1"
 _PREAMBLE = struct.Struct("<8sQ")  # magic, header length
@@ -238,10 +239,10 @@ class ShardReader(io.RawIOBase):
 
     Seekable, so that an S3 upload can be retried from the start without first copying the shard
     aside (a one-way stream is spooled to a temporary file). Every byte is hashed once, in order,
-    however the stream is read or re-read; `sha256` is the hash of the whole stream.
+    however the stream is read or re-read; `checksum` is the record value for the whole stream.
     """
 
-    def __init__(self, parts: list[memoryview]):
+    def __init__(self, parts: list[memoryview], algorithm: str = checksums.DEFAULT):
         self._parts = [p.cast("B") for p in parts if p.nbytes]
         self._starts = []
         offset = 0
@@ -250,14 +251,15 @@ class ShardReader(io.RawIOBase):
             offset += p.nbytes
         self.size = offset
         self._pos = 0
-        self._hashed = 0  # bytes [0, _hashed) are in _sha
-        self._sha = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in _hasher
+        self._algorithm = algorithm
+        self._hasher = checksums.new(algorithm)
 
     @property
-    def sha256(self):
-        """The SHA-256 of the whole stream (bytes not read yet are hashed now)."""
+    def checksum(self) -> str:
+        """`algorithm:hexdigest` of the whole stream (bytes not read yet are hashed now)."""
         self._hash_to(self.size)
-        return self._sha
+        return checksums.tag(self._algorithm, self._hasher)
 
     def readable(self) -> bool:
         return True
@@ -283,8 +285,17 @@ class ShardReader(io.RawIOBase):
     def _hash_to(self, end: int) -> None:
         if end > self._hashed:
             for chunk in self._chunks(self._hashed, end):
-                self._sha.update(chunk)
+                self._hasher.update(chunk)
             self._hashed = end
+
+    def views(self, chunk: int = 64 << 20):
+        """Yield the rest of the stream as read-only views, hashing each (no copy: for writers that take
+        buffers, e.g. a file's write)."""
+        while self._pos < self.size:
+            end = min(self.size, self._pos + chunk)
+            self._hash_to(end)
+            yield from self._chunks(self._pos, end)
+            self._pos = end
 
     def readinto(self, out) -> int:
         out = memoryview(out).cast("B")
@@ -307,11 +318,11 @@ class ShardReader(io.RawIOBase):
         return b"".join(self._chunks(start, end))
 
 
-def parse(blob: bytes | bytearray) -> tuple[dict[str, torch.Tensor], Any]:
+def parse(blob: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], Any]:
     """Inverse of `Snapshot.reader`: tensors and the objects.
 
-    The tensors are views on `blob` itself when it is a bytearray (the caller hands it over: no
-    copy), else on a private copy of the tensor bytes.
+    The tensors are views on `blob` itself when it is writable (a bytearray, a copy-on-write
+    mapping: the caller hands it over, no copy), else on a private copy of the tensor bytes.
     """
     magic, header_len = _PREAMBLE.unpack_from(blob, 0)
     if magic != MAGIC:
@@ -319,8 +330,10 @@ def parse(blob: bytes | bytearray) -> tuple[dict[str, torch.Tensor], Any]:
     start = _PREAMBLE.size
     header = json.loads(bytes(blob[start:start + header_len]))
     data_start = start + header_len
-    data = bytearray(blob[data_start:data_start + header["data_bytes"]]) if not isinstance(blob, bytearray) else \
-        memoryview(blob)[data_start:data_start + header["data_bytes"]]  # a slice of a bytearray would copy
+    view = memoryview(blob).cast("B")
+    data = view[data_start:data_start + header["data_bytes"]]  # a view: slicing a bytearray would copy
+    if view.readonly:
+        data = bytearray(data)
     base = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     tensors = {}
     for e in header["tensors"]:

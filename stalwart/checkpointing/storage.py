@@ -8,6 +8,7 @@ S3 publishes an object only when its upload completes). The commit protocol buil
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import shutil
 import tempfile
@@ -42,6 +43,12 @@ class Storage(ABC):
     def read(self, key: str) -> bytes:
         """Return the whole object. Raises StorageError(transient=False) if it does not exist."""
 
+    def read_private(self, key: str) -> bytearray | memoryview:
+        """The whole object as a writable buffer that the caller owns (a checkpoint load parses tensors
+        in place on it). By default a fresh bytearray; a local file is mapped copy-on-write instead."""
+        blob = self.read(key)
+        return blob if isinstance(blob, bytearray) else bytearray(blob)
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix`, relative to the root, sorted."""
@@ -59,6 +66,24 @@ class Storage(ABC):
 
     def close(self) -> None:
         pass
+
+
+def map_private(path: str | os.PathLike) -> memoryview | None:
+    """A local file mapped copy-on-write (MAP_PRIVATE): a writable view that uses the page cache in
+    place, copies nothing until written, and never writes back. None where it cannot be mapped.
+
+    Safe for checkpoint objects because they are never changed in place (a write goes to a
+    temporary file that then replaces the key), and an unlinked file stays valid while mapped.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return memoryview(bytearray())
+        try:
+            return memoryview(mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                        prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        except (OSError, ValueError, AttributeError):  # a filesystem or platform that cannot map
+            return None
 
 
 class FileStorage(Storage):
@@ -82,6 +107,9 @@ class FileStorage(Storage):
             with open(tmp, "wb") as f:
                 if isinstance(src, (bytes, bytearray, memoryview)):
                     f.write(src)
+                elif hasattr(src, "views"):  # a shard stream: write its buffers as they are, no copy
+                    for view in src.views():
+                        f.write(view)
                 else:
                     shutil.copyfileobj(src, f, length=8 << 20)
                 f.flush()
@@ -114,6 +142,15 @@ class FileStorage(Storage):
             raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
         except OSError as exc:
             raise StorageError(f"cannot read {self.uri}/{key}: {exc.strerror or exc}", uri=self.uri) from exc
+
+    def read_private(self, key: str) -> bytearray | memoryview:
+        try:
+            mapped = map_private(self._path(key))
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
+        except OSError:
+            mapped = None
+        return mapped if mapped is not None else super().read_private(key)
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root

@@ -171,3 +171,52 @@ def test_local_cache_serves_restores_and_is_verified(tmp_path):
     cached.write_bytes(bytes(data))
     loaded = engine.load(storage, 2, 0, cache=cache)
     assert loaded.local_shards == 0  # a damaged local copy is ignored for the durable one
+
+
+def test_manifest_names_its_checksum_and_older_sha256_manifests_still_verify(storage):
+    import hashlib
+    import json
+
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1)
+    save(eng, 3, model, opt)
+    manifest_path = storage.root / "step-000000003" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["shards"][0]
+    assert record["checksum"].startswith("xxh3-128:") and len(record["checksum"]) == len("xxh3-128:") + 32
+    blob = (storage.root / "step-000000003" / record["file"]).read_bytes()
+    # A manifest from before checksums were named carries a bare SHA-256: it loads, and a wrong one fails.
+    del record["checksum"]
+    record["sha256"] = hashlib.sha256(blob).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    assert engine.load(storage, 3, 0).step == 3
+    record["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointCorrupt, match="checksum"):
+        engine.load(storage, 3, 0)
+    # An algorithm this version does not know is a failed check, never a silent pass.
+    del record["sha256"]
+    record["checksum"] = "blake9:abcd"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointCorrupt, match="checksum"):
+        engine.load(storage, 3, 0)
+
+
+def test_local_files_load_mapped_copy_on_write(storage):
+    # A load maps local shards instead of reading them; the tensors must be writable and private.
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1)
+    save(eng, 4, model, opt)
+    shard = storage.root / "step-000000004" / "shard-00000-of-00001.bin"
+    before = shard.read_bytes()
+    blob = storage.read_private("step-000000004/shard-00000-of-00001.bin")
+    assert isinstance(blob, memoryview) and not blob.readonly and blob.nbytes == len(before)
+    loaded = engine.load(storage, 4, 0)
+    weight = loaded.state["model"]["0.weight"]
+    assert torch.equal(weight, model.state_dict()["0.weight"])
+    weight.fill_(7.0)  # written in this process only
+    assert shard.read_bytes() == before
+    shard.unlink()  # retention may delete a file that is mapped: the mapping stays valid
+    assert bool((weight == 7.0).all())
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_private("step-000000004/shard-00000-of-00001.bin")
