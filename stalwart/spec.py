@@ -151,7 +151,7 @@ class FaultTolerance(_Section):
         default_factory=lambda: {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0},
         description="restarts allowed per cause",
     )
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="wait before the 2nd restart for a cause (the 1st is immediate); doubles after")
     max_backoff_s: float = Field(30.0, ge=0)
     hang_timeout_s: float | None = Field(None, gt=0, description="None: derived from the observed step time")
     resource_wait_s: float = Field(600.0, gt=0, description="how long a restart waits for resources")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
@@ -90,6 +91,11 @@ class TrainContext:
                 span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow") else 1))
                 for s in span:
                     self._faults[s] = f
+        # A restart (or --resume-from) will restore: find and read that checkpoint in the background
+        # now, while the user's code builds and prepares the model, instead of after it.
+        self._prefetch: _Prefetch | None = None
+        if attempt > 1 or plan.get("resume_from"):
+            self._prefetch = _Prefetch(self._find_checkpoint)
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -230,6 +236,20 @@ class TrainContext:
         return loaded.step
 
     def _choose_checkpoint(self) -> ckpt.Loaded | None:
+        prefetch, self._prefetch = self._prefetch, None
+        storage, loaded = prefetch.result() if prefetch is not None else self._find_checkpoint()
+        if self.world_size > 1 and dist.is_initialized():
+            # Every rank must load the same step; a rank that could not verify one drags all back.
+            mine = -1 if loaded is None else loaded.step
+            steps: list[int] = [0] * self.world_size
+            dist.all_gather_object(steps, mine)
+            agreed = min(steps)
+            if agreed != mine:
+                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank, cache=self._cache)
+        return loaded
+
+    def _find_checkpoint(self) -> tuple[Storage, ckpt.Loaded | None]:
+        """This rank's choice, before the ranks agree: the named checkpoint, else the newest that verifies."""
         resume_from = self._plan.get("resume_from")
         max_step = self._plan.get("max_step")
         def skipped(step: int, reason: str) -> None:
@@ -246,15 +266,7 @@ class TrainContext:
                     raise CheckpointNotFound(f"no loadable committed checkpoint under {resume_from}")
         else:
             loaded = ckpt.newest_loadable(storage, self.rank, max_step=max_step, on_skip=skipped, cache=self._cache)
-        if self.world_size > 1 and dist.is_initialized():
-            # Every rank must load the same step; a rank that could not verify one drags all back.
-            mine = -1 if loaded is None else loaded.step
-            steps: list[int] = [0] * self.world_size
-            dist.all_gather_object(steps, mine)
-            agreed = min(steps)
-            if agreed != mine:
-                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank, cache=self._cache)
-        return loaded
+        return storage, loaded
 
     def _state(self) -> dict:
         return {**self._strategy.state(),
@@ -290,7 +302,33 @@ class TrainContext:
 
     def close(self) -> None:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
+        self._prefetch = None  # never restored: let the read-ahead go
         self._engine.wait()
+
+
+class _Prefetch:
+    """Runs `find()` on a daemon thread; `result()` joins it and returns its value or raises its error.
+
+    A failed read-ahead (say, storage briefly unreachable) is not final: `result()` then runs
+    `find()` again in the caller, so the restore behaves exactly as if nothing had been prefetched.
+    """
+
+    def __init__(self, find: Callable[[], Any]):
+        self._find = find
+        self._value: Any = None
+        self._failed = False
+        self._thread = threading.Thread(target=self._run, name="stalwart-restore-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._find()
+        except BaseException:  # noqa: BLE001 - retried in the caller, where an error is reported
+            self._failed = True
+
+    def result(self) -> Any:
+        self._thread.join()
+        return self._find() if self._failed else self._value
 
 
 def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter) -> tuple[Any, Any]:

@@ -71,7 +71,7 @@ class RayGang:
         total = ray.cluster_resources()
         have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in self.bundle)
         want = ", ".join(f"{k}: {v:g}" for k, v in self.bundle.items())
-        avoid = f"; avoiding {len(self.exclude_nodes)} quarantined node(s)" if self.exclude_nodes else ""
+        avoid = f"; avoiding {len(self.exclude_nodes)} quarantined or unreachable node(s)" if self.exclude_nodes else ""
         return f"waiting for resources: {self.world_size} x {{{want}}} (cluster has {have}{avoid})"
 
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
@@ -116,7 +116,10 @@ class RayGang:
             if all(r.get("ok") for r in self._results.values()) and len(self._results) == self.world_size:
                 return GangOutcome(True)
             return None
-        # Give the other ranks a moment to report: the first error is often a consequence.
+        if any(_is_dead_worker(f) for f in failures):
+            return _classify(failures)  # a dead worker is the primary cause whatever the others report
+        # Give the other ranks a moment to report: the first error is often a consequence (a broken
+        # connection to a peer that died, whose own death Ray reports a moment later).
         deadline = time.monotonic() + FAILURE_GRACE_S
         while time.monotonic() < deadline and len(self._results) < self.world_size:
             rest = [r for r in self._refs if self._refs[r] not in self._results]
@@ -191,12 +194,16 @@ def node_gpus(gpu_ids: list[list[str]], same_node: list[int], rank: int) -> dict
 
 def _classify(failures: list[GangOutcome]) -> GangOutcome:
     """The primary failure: a dead worker beats a user error, which beats a broken connection."""
-    dead = [f for f in failures if f.cause == "node_failure" and "died" in f.error]
+    dead = [f for f in failures if _is_dead_worker(f)]
     user = [f for f in failures if f.cause == "user_error"]
     for group in (dead, user, failures):
         if group:
             return min(group, key=lambda f: f.rank if f.rank is not None else 0)
     raise AssertionError("no failures to classify")
+
+
+def _is_dead_worker(f: GangOutcome) -> bool:
+    return f.cause == "node_failure" and "died" in f.error
 
 
 def _first_line(exc: BaseException) -> str:

@@ -92,6 +92,9 @@ class FailurePolicy:
             return Decision(False, f"{error} ({why})")
         if self.restarts >= self.config.max_restarts:
             return Decision(False, f"{error} (fault_tolerance.max_restarts={self.config.max_restarts} reached)")
-        delay = min(self.config.backoff_s * (2 ** self.spent[cause]), self.config.max_backoff_s)
+        # The first restart for a cause is immediate (a fault every few hours should not cost seconds
+        # each time); a cause that recurs waits backoff_s, then twice that, and so on.
+        n = self.spent[cause]
+        delay = 0.0 if n == 0 else min(self.config.backoff_s * (2 ** (n - 1)), self.config.max_backoff_s)
         self.spent[cause] += 1
         return Decision(True, f"{cause}: restart {self.spent[cause]} of {budget}", delay)

@@ -135,6 +135,9 @@ class JobSupervisor:
         self._grow_after: int | None = None
         self._grow_checked = 0.0
         self.quarantined: set[str] = set()
+        # Nodes whose raylet did not answer after losing a rank: kept out of the next reservation, which
+        # may come before Ray itself has declared them dead (the restart does not wait for that).
+        self.unreachable: set[str] = set()
         # The last committed save's figures and the failed saves, across attempts (for the metrics).
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
                       "checkpoint_failures": 0}
@@ -201,12 +204,14 @@ class JobSupervisor:
 
     def _act_pending(self, state: st.Pending) -> st.Event:
         if self._gang is None:
-            kwargs = {"exclude_nodes": tuple(sorted(self.quarantined))} if self.quarantined else {}
+            avoid = self.quarantined | self.unreachable
+            kwargs = {"exclude_nodes": tuple(sorted(avoid))} if avoid else {}
             if self.world_size != self.spec.resources.workers:
                 kwargs["world_size"] = self.world_size
             self._gang = self.gang_factory(self.job_id, state.attempt, self.spec, **kwargs)
             self._pending_since = time.monotonic()
         if self._gang.reserve(self.POLL_S):
+            self.unreachable.clear()  # they only had to be kept out of this reservation
             return st.Reserved()
         waited = time.monotonic() - self._pending_since
         shrink = self._shrink_to(state, waited)
@@ -218,11 +223,13 @@ class JobSupervisor:
             self._gang.stop()
             self._gang = None
             return st.Waiting(f"elastic: restarting with {shrink} rank(s)")
-        if self.quarantined and waited > self.spec.fault_tolerance.resource_wait_s / 2:
+        if (self.quarantined or self.unreachable) and waited > self.spec.fault_tolerance.resource_wait_s / 2:
             # Better a suspect node than no progress at all.
-            self._event("quarantine_lifted", f"no room without the {len(self.quarantined)} quarantined node(s) "
+            avoided = len(self.quarantined | self.unreachable)
+            self._event("quarantine_lifted", f"no room without the {avoided} quarantined or unreachable node(s) "
                         f"after {waited:.0f} s: using them again")
             self.quarantined.clear()
+            self.unreachable.clear()
             self._gang.stop()
             self._gang = None
             return st.Waiting("retrying with quarantined nodes allowed")
@@ -314,6 +321,10 @@ class JobSupervisor:
             return
         self.node_failures[node] += 1
         others = _alive_nodes() - self.quarantined - {node}
+        if others and not _raylet_answers(node):
+            self.unreachable.add(node)
+            self._event("node_unreachable", f"node {node[:12]} lost rank {rank} and its raylet does not answer: "
+                        "the restart will not use it", node_id=node)
         # Quarantine only where other nodes exist: on a one-node cluster it would strand the job.
         if self.node_failures[node] >= QUARANTINE_AFTER and node not in self.quarantined and others:
             self.quarantined.add(node)
@@ -580,6 +591,29 @@ def _alive_nodes() -> set[str]:
         return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no cluster to ask
         return set()
+
+
+def _raylet_answers(node_id: str, timeout: float = 1.0) -> bool:
+    """Whether `node_id` is alive in Ray's view and its raylet accepts a connection now.
+
+    Ray takes seconds to declare a lost node dead (health checks); a TCP connect to its raylet tells
+    at once whether the machine or its raylet is gone, and costs a millisecond when it is not.
+    """
+    import socket
+
+    try:
+        import ray
+
+        node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests): nothing to exclude
+        return True
+    if node is None or not node.get("Alive"):
+        return False
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _import_engine() -> None:

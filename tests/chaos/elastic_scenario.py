@@ -40,7 +40,8 @@ def main(home: str) -> None:
     victim_id = status["ranks"][1]["node_id"]
     lose_node(cluster, nodes, victim_id, status["ranks"])
     # Short-handed now; a fresh node joins once the single rank has made some progress.
-    wait(lambda: (s := job.status())["attempt"] >= 2 and s.get("step", 0) >= 25)
+    wait(lambda: any(e["kind"] == "attempt_started" and e["data"].get("world_size") == 1 for e in job.events()))
+    wait(lambda: job.status().get("step", 0) >= 25)
     cluster.add_node(num_cpus=1)
     final = job.wait(timeout=300, raise_on_failure=False)
     kinds = [e["kind"] for e in job.events()]
@@ -49,6 +50,8 @@ def main(home: str) -> None:
         "world_sizes": [a["world_size"] for a in final["attempts"]],
         "causes": [a["cause"] for a in final["attempts"]],
         "shrinking": "shrinking" in kinds, "growing": "growing" in kinds, "final_step": final.get("step"),
+        "unreachable": "node_unreachable" in kinds,
+        "events": [(e["kind"], e.get("message", "")[:120]) for e in job.events()],
     }), flush=True)
     ray.shutdown()
     cluster.shutdown()

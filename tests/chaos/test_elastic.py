@@ -17,6 +17,6 @@ def test_shrink_then_grow_back(tmp_path):
     assert result["state"] == "SUCCEEDED", result
     assert result["world_sizes"] == [2, 1, 2], result
     assert result["causes"] == ["node_failure", "grow", "succeeded"], result
-    assert result["shrinking"] and result["growing"], result
+    assert result["shrinking"] and result["growing"] and result["unreachable"], result
     assert result["restarts"] == {"node_failure": 1}, result
     assert result["final_step"] == 200, result

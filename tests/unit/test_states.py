@@ -137,3 +137,13 @@ def test_cancel_stops_the_gang(tmp_path):
     assert sup.state.name == "CANCELLED"
     assert FakeGang.created[0].stopped
     assert store.attempts("t-2")[0]["cause"] == "cancelled"
+
+
+def test_first_restart_for_a_cause_is_immediate_then_backoff_doubles():
+    from stalwart.orchestrator.policy import FailurePolicy
+    from stalwart.spec import FaultTolerance
+
+    policy = FailurePolicy(FaultTolerance(backoff_s=2, max_backoff_s=5, budgets={"node_failure": 5, "hang": 2}))
+    delays = [policy.decide("node_failure", "died").delay_s for _ in range(4)]
+    assert delays == [0.0, 2.0, 4.0, 5.0]
+    assert policy.decide("hang", "stuck").delay_s == 0.0  # each cause counts its own recurrences
