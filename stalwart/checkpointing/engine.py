@@ -51,6 +51,9 @@ def shard_name(rank: int, world_size: int) -> str:
 
 @dataclass
 class SaveResult:
+    """How one save went. `write_s`: the background write, from its start until the checkpoint is
+    committed (or failed); the retention pass and the node-local cache copy come after it."""
+
     step: int
     committed: bool
     stall_s: float
@@ -203,12 +206,16 @@ class CheckpointEngine:
             try:
                 self._commit(step, records, meta)
                 result.committed = True
-                self._retain()
             except StorageError as exc:
                 result.error = f"manifest not written: {exc}"
         else:
             result.committed = True  # rank 0 commits; a failed commit is reported by rank 0
-        result.write_s = time.perf_counter() - t0
+        result.write_s = time.perf_counter() - t0  # until committed; retention and the cache copy follow
+        if result.committed and self.rank == 0:
+            try:
+                self._retain()
+            except StorageError as exc:  # the checkpoint stands; the next save's pass deletes what this one left
+                log.warning("checkpoint retention failed: %s", exc)
         if self.cache is not None and "error" not in record:
             # After the commit, so the durable copy is never delayed by the local one.
             try:

@@ -62,14 +62,14 @@ class Reporter:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._ship()
+        self._ship(final=True)
 
     def _loop(self) -> None:
         while not self._stopped:
             self._wake.wait(self._interval)
             self._ship()
 
-    def _ship(self) -> None:
+    def _ship(self, final: bool = False) -> None:
         with self._lock:
             records, self._records = self._records, []
             logs, self._logs = self._logs, []
@@ -79,6 +79,9 @@ class Reporter:
                 "logs": logs,
                 "events": events,
                 "sent_at": time.time(),
+                # The last batch of a rank: delivered before the rank says it is done, so that a NaN or a
+                # spike in the final steps is seen before the job could be called a success.
+                "final": final,
             }
             try:
                 self._sink(batch)

@@ -29,8 +29,15 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 def _push(controller, job_id: str, attempt: int, rank: int, batch: dict) -> None:
-    # Fire and forget: the rank never waits for the controller's answer.
-    controller.push.remote(job_id, attempt, rank, batch)
+    # Fire and forget: a training rank never waits for the controller's answer. Only a rank's final
+    # batch, sent once its work is done, is waited for (briefly), so it lands before the rank's result.
+    ref = controller.push.remote(job_id, attempt, rank, batch)
+    if batch.get("final"):
+        ray.wait([ref], timeout=FINAL_REPORT_WAIT_S)
+
+
+# How long a finished rank waits for the controller to take its last reports.
+FINAL_REPORT_WAIT_S = 10.0
 
 
 class Controller:

@@ -263,10 +263,15 @@ class JobSupervisor:
             if detection is not None:
                 return self._on_detection(detection)
             return self._maybe_grow()
-        self._stop_gang()
         if outcome.succeeded:
+            if self._detected is not None:
+                # A NaN or a spike in the last steps (their reports land before the ranks' results):
+                # the model it left is not a success; roll back like any other.
+                return self._on_detection(self._detected)
+            self._stop_gang()
             self._end_attempt("succeeded")
             return st.Finished()
+        self._stop_gang()
         if outcome.cause == "node_failure":
             self._blame_node(outcome.rank)
         decision = self.policy.decide(outcome.cause, outcome.error)

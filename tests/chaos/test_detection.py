@@ -45,6 +45,16 @@ def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps,
     assert_bitwise_equal(final_state(status, steps), final_state(baseline, steps))
 
 
+def test_nan_in_the_last_step_is_not_a_success(client):
+    # The last step's report lands before the ranks' results: the job must not end SUCCEEDED on it.
+    job, status = run(client, tiny_gpt_spec(steps=30, checkpoint={"every_steps": 10},
+                                            faults=[{"kind": "nan", "step": 30}],
+                                            fault_tolerance={"skip_batches": 5, "budgets": {"nan": 1}}))
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"nan": 1}, status
+    (event,) = faults(job)
+    assert event["data"]["step"] == 30 and event["data"]["rollback_to"] == 20
+
+
 def test_sigstop_of_a_rank_is_a_hang_with_stacks(client):
     spec = tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}, fault_tolerance={"hang_timeout_s": 4})
     job = client.submit(spec)
