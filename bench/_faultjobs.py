@@ -100,7 +100,7 @@ def read_stamps(path: Path) -> list[tuple[str, float, int]]:
 class RestoreProfile:
     """With config["stamps_dir"]: time the parts of ctx.restore() (wrapping stalwart's own functions for
     the duration) and write them to `restore-rank<r>-<pid>.json` there: every storage read (download),
-    listing and shard parse, engine.load as a whole (download + SHA-256 check + parse, shards in
+    listing and shard parse, engine.load as a whole (download + checksum check + parse, shards in
     parallel), the whole restore, and after_load_s = the restore outside engine.load (listing the
     storage to find the newest step, load_state_dict, RNG, the ranks' agreement on the step)."""
 

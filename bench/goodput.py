@@ -213,7 +213,7 @@ def main() -> None:
         "extrapolation": "1 - (recovery_s + 60/2 + checkpoint write_s) / 600, with this run's median recovery_s",
         "setup": "local Ray (2 CPUs, shared machine), examples/tiny_gpt job.yaml model, 2 ranks x 1 CPU, gloo DDP, "
                  "checkpoints to rclone serve s3 on 127.0.0.1, SIGKILL of a random rank (seed 0) mid-interval +- 3 s, "
-                 "default fault_tolerance (backoff_s 1)",
+                 "default fault_tolerance (the first restart for a cause is immediate)",
     })
 
 

@@ -12,7 +12,7 @@ tests/s3server.py on 127.0.0.1, its data in a temp dir on the same disk). The jo
 about 400 MB of state with the Adam moments), a checkpoint every 5 steps, 18 steps in all.
 
 * stalwart: a job spec with `checkpoint.uri: s3://...` on the server and the default
-  fault_tolerance (backoff_s 1). ctx.checkpoint saves asynchronously (each rank writes half).
+  fault_tolerance (the first restart is immediate). ctx.checkpoint saves asynchronously (each rank writes half).
 * Ray Train: TorchTrainer with RunConfig(storage_path=<bucket/prefix>, storage_filesystem=
   pyarrow.fs.S3FileSystem(endpoint_override=<the server>) (wrapped so that create_dir writes no
   directory markers, which rclone refuses: bench/_faultjobs.py s3_filesystem),
@@ -29,12 +29,15 @@ roll back to step 10; then it sends SIGKILL to rank 1's process from outside (pi
 per-step stamps both loops write). The figure: seconds from the kill to the first step completed
 by the new rank 0 process (its stamp). Also recorded, for both sides, from the stamps of the new
 processes: kill -> user function entered, -> model prepared (DDP), -> checkpoint restored, ->
-first step; and for stalwart, from job.events(): kill -> `fault` event (detection, including up to
-the gang's 3 s grace for the other ranks' errors, and the teardown), -> `attempt_started` (backoff,
-placement group, new actors: split by the `state` events into backoff, reservation and actor start),
+first step; and for stalwart, from job.events(): kill -> `fault` event (detection, and when no
+worker died a grace of up to 3 s for the other ranks' errors; then the teardown), -> `attempt_started`
+(backoff, placement group, new actors: split by the `state` events into backoff, reservation and
+actor start),
 and what comes after. For stalwart's restore, the parts of ctx.restore() (bench/_faultjobs.py
-RestoreProfile: download, SHA-256 check and copies, parse, load_state_dict and the ranks' agreement);
-for Ray Train's, checkpoint.as_directory() (download) and torch.load. Medians over repetitions, and
+RestoreProfile: download, checksum check and copies, parse, load_state_dict and the ranks' agreement;
+in a restart the read runs ahead on a background thread from the context's creation, during the
+user's prepare, so those parts mostly fall outside restore()); for Ray Train's,
+checkpoint.as_directory() (download) and torch.load. Medians over repetitions, and
 the median of the per-repetition ratios (each pair ran back to back, under the same background load).
 
 Target: stalwart / Ray Train <= 0.25.
@@ -335,7 +338,7 @@ def main() -> None:
         "repetitions": reps,
         "setup": ("local Ray (2 CPUs, shared machine), 2 ranks x 1 CPU, gloo DDP, 8 x Linear(2048,2048) + AdamW "
                   "(~400 MB state), checkpoint every 5 steps to rclone serve s3 on 127.0.0.1, SIGKILL of rank 1 "
-                  "after step 12 with 2 checkpoints committed; stalwart: default fault_tolerance (backoff_s 1); "
+                  "after step 12 with 2 checkpoints committed; stalwart: default fault_tolerance (first restart immediate); "
                   "Ray Train 2.60 (Train v2): TorchTrainer, FailureConfig(max_failures=1), pyarrow S3FileSystem "
                   "to the same server, synchronous checkpoint upload (the default)"),
     })

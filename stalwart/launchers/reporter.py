@@ -108,6 +108,13 @@ def _convert(record: tuple) -> dict:
 def _num(value: Any) -> float | None:
     if value is None:
         return None
+    placements = getattr(value, "placements", None)
+    if placements is not None and hasattr(value, "to_local"):
+        # A DTensor (FSDP's grad norm): read a replicated one locally. Reading a partial or sharded
+        # one would be a collective, which this thread must never start; report it as missing.
+        if not all(p.is_replicate() for p in placements):
+            return None
+        value = value.to_local()
     try:
         x = float(value.item() if hasattr(value, "item") else value)
     except (TypeError, ValueError):

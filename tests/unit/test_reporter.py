@@ -1,0 +1,37 @@
+"""What the reporter's thread may do with the values a rank reports."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from stalwart.launchers.reporter import _num
+
+
+def test_plain_values_and_tensors_become_floats():
+    assert _num(None) is None
+    assert _num(torch.tensor(2.5)) == 2.5
+    assert _num(3) == 3.0
+    assert _num("not a number") is None
+
+
+@pytest.fixture
+def one_rank_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_dtensor_is_read_locally_only_when_replicated(one_rank_group):
+    # FSDP's clip_grad_norm_ returns a replicated DTensor; reading a partial one would be a collective,
+    # which the reporter's background thread must never start.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (1,))
+    assert _num(DTensor.from_local(torch.tensor(1.5), mesh, [Replicate()])) == 1.5
+    assert _num(DTensor.from_local(torch.tensor(1.5), mesh, [Partial()])) is None
