@@ -307,10 +307,10 @@ class TrainContext:
 
 
 class _Prefetch:
-    """Runs `find()` on a daemon thread; `result()` joins it and returns its value or raises its error.
+    """Runs `find()` on a daemon thread; `result()` joins it and returns its value.
 
     A failed read-ahead (say, storage briefly unreachable) is not final: `result()` then runs
-    `find()` again in the caller, so the restore behaves exactly as if nothing had been prefetched.
+    `find()` again in the caller, so the restore behaves, and raises, as if nothing had been read ahead.
     """
 
     def __init__(self, find: Callable[[], Any]):

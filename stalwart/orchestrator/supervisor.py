@@ -325,8 +325,9 @@ class JobSupervisor:
         if node is None:
             return
         self.node_failures[node] += 1
-        others = _alive_nodes() - self.quarantined - {node}
-        if others and not _raylet_answers(node):
+        nodes = _nodes()
+        others = {n for n, info in nodes.items() if info.get("Alive")} - self.quarantined - {node}
+        if others and not _raylet_answers(nodes.get(node)):
             self.unreachable.add(node)
             self._event("node_unreachable", f"node {node[:12]} lost rank {rank} and its raylet does not answer: "
                         "the restart will not use it", node_id=node)
@@ -589,29 +590,24 @@ def _bundles_that_fit(res) -> int:
     return n
 
 
-def _alive_nodes() -> set[str]:
+def _nodes() -> dict[str, dict]:
+    """Ray's node table by node id (dead nodes included); empty outside Ray (unit tests)."""
     try:
         import ray
 
-        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no cluster to ask
-        return set()
+        return {n["NodeID"]: n for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 - outside Ray there is no cluster to ask
+        return {}
 
 
-def _raylet_answers(node_id: str, timeout: float = 1.0) -> bool:
-    """Whether `node_id` is alive in Ray's view and its raylet accepts a connection now.
+def _raylet_answers(node: dict | None, timeout: float = 1.0) -> bool:
+    """Whether a node (its entry in Ray's node table) is alive there and its raylet accepts a connection now.
 
     Ray takes seconds to declare a lost node dead (health checks); a TCP connect to its raylet tells
     at once whether the machine or its raylet is gone, and costs a millisecond when it is not.
     """
     import socket
 
-    try:
-        import ray
-
-        node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests): nothing to exclude
-        return True
     if node is None or not node.get("Alive"):
         return False
     try:
