@@ -23,7 +23,7 @@ def tiny_gpt_spec(steps: int = 60, **sections) -> dict:
     return spec
 
 
-def wait_for(predicate, timeout: float = 120, poll: float = 0.1):
+def wait_for(predicate, timeout: float = 120, poll: float = 0.1, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; return that, or fail after `timeout` s."""
     import time
 
@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float = 120, poll: float = 0.1):
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
+    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def lose_node(cluster, nodes, node_id: str, ranks: list[dict]) -> None:

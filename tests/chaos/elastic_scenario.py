@@ -5,7 +5,6 @@ Usage: python tests/chaos/elastic_scenario.py HOME_DIR
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -13,16 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from jobspecs import lose_node, tiny_gpt_spec  # noqa: E402
+from jobspecs import lose_node, tiny_gpt_spec, wait_for  # noqa: E402
 from stalwart import Client  # noqa: E402
-
-
-def wait(pred, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return value
 
 
 def main(home: str) -> None:
@@ -36,12 +27,13 @@ def main(home: str) -> None:
     # finish before the new node registers and the next checkpoint commits; the parameters are unchanged by it.
     spec["faults"] = [{"kind": "slow", "rank": 0, "attempt": 2, "step": 1, "length": 1000, "factor": 2}]
     job = client.submit(spec)
-    status = wait(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s, timeout=240)
     victim_id = status["ranks"][1]["node_id"]
     lose_node(cluster, nodes, victim_id, status["ranks"])
     # Short-handed now; a fresh node joins once the single rank has made some progress.
-    wait(lambda: any(e["kind"] == "attempt_started" and e["data"].get("world_size") == 1 for e in job.events()))
-    wait(lambda: job.status().get("step", 0) >= 25)
+    wait_for(lambda: any(e["kind"] == "attempt_started" and e["data"].get("world_size") == 1 for e in job.events()),
+             timeout=240)
+    wait_for(lambda: job.status().get("step", 0) >= 25, timeout=240)
     cluster.add_node(num_cpus=1)
     final = job.wait(timeout=300, raise_on_failure=False)
     kinds = [e["kind"] for e in job.events()]

@@ -20,22 +20,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobspecs import tiny_gpt_spec
+from jobspecs import tiny_gpt_spec, wait_for
 from stalwart.cli import app
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "stalwart" / "monitoring" / "dashboard.json"
 KILL_STEP = 15
 runner = CliRunner()
-
-
-def wait_for(predicate, timeout=120, poll=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def free_port() -> int:
