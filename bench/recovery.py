@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BENCH, emit, median, note, ratio, start_local_ray  # noqa: E402
 from _faultjobs import read_stamps  # noqa: E402
+from jobspecs import wait_for  # noqa: E402
 
 EVERY = 5
 COMMITTED_BEFORE_KILL = 2  # checkpoints at steps 5 and 10
@@ -69,16 +70,6 @@ STEPS = 18
 def job_config(stamps: Path) -> dict:
     return {"layers": 8, "dim": 2048, "batch_size": 8, "steps": STEPS, "every_steps": EVERY,
             "stamps_dir": str(stamps)}
-
-
-def wait_until(pred, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def last_pid(path: Path) -> int | None:
@@ -137,7 +128,7 @@ def stalwart_trial(client, server, tmp: Path, i: int) -> dict:
             return False
         return any(e["kind"] == "checkpoint_committed" and e["data"].get("step") == target for e in job.events())
 
-    wait_until(ready, 600, "stalwart: step 12 and checkpoint 10 committed", poll=0.05)
+    wait_for(ready, 600, poll=0.05, what="stalwart: step 12 and checkpoint 10 committed")
     old = {last_pid(r0), last_pid(r1)}
     step_at_kill = job.status().get("step")
     t_kill = kill(last_pid(r1))
@@ -224,7 +215,7 @@ def raytrain_trial(server, tmp: Path, i: int) -> dict:
         # Step 10's report (and so its upload) returns before step 10's stamp, on every rank.
         return stepped(r1, KILL_AFTER_STEP)
 
-    wait_until(ready, 600, "Ray Train: step 12")
+    wait_for(ready, 600, poll=0.05, what="Ray Train: step 12")
     old = {last_pid(r0), last_pid(r1)}
     t_kill = kill(last_pid(r1))
     thread.join(timeout=600)

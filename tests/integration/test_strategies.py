@@ -74,10 +74,9 @@ def test_strategy_trains_tiny_gpt_on_two_ranks(undisturbed, strategy):
     assert manifest["layout"] == ("replicated" if strategy == "ddp" else "sharded")
 
 
-@pytest.mark.parametrize("strategy", PARAMS)
-def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
-    reference = undisturbed(strategy)["status"]
-    job = client.submit(spec_for(strategy, faults=KILL))
+def assert_kill_resumes_exactly(client, spec: dict, reference: dict) -> None:
+    """Run `spec` (which kills a rank); it must restart once and end bitwise equal to `reference`."""
+    job = client.submit(spec)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
     assert status["restarts"] == {"node_failure": 1}
@@ -85,6 +84,11 @@ def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     # Step 20's save commits in the background; on a loaded machine the kill at 25 may come first.
     assert restored and restored[0]["data"]["step"] in (10, 20)
     assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+
+
+@pytest.mark.parametrize("strategy", PARAMS)
+def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
+    assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
@@ -138,14 +142,7 @@ def test_script_mode_runs_the_example_unmodified(script_run):
 
 def test_script_mode_kill_restarts_and_resumes_exactly(client, script_run):
     _, reference = script_run
-    job = client.submit(script_spec(faults=KILL))
-    status = job.wait(timeout=300)
-    assert status["state"] == "SUCCEEDED"
-    assert status["restarts"] == {"node_failure": 1}
-    restored = [e for e in job.events() if e["kind"] == "restored"]
-    # Step 20's save commits in the background; on a loaded machine the kill at 25 may come first.
-    assert restored and restored[0]["data"]["step"] in (10, 20)
-    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+    assert_kill_resumes_exactly(client, script_spec(faults=KILL), reference)
 
 
 # ---- slower variants (pytest -m slow) -------------------------------------------------------------
