@@ -344,10 +344,14 @@ class JobSupervisor:
             return None
         silence = self.hangs.silence(now)
         stacks = self._gang.stacks() if hasattr(self._gang, "stacks") else {}
-        ranks = sorted(stalled)
-        return Detection("hang", f"no progress from rank(s) {ranks} for {max(silence[r] for r in ranks):.0f} s "
+        # The watch fires on the first rank past the timeout; the ranks that stopped with it (silent for
+        # over half the timeout) are named too: which of them went quiet first is only a matter of when
+        # their last reports arrived, and the stacks tell the stuck one from those waiting on it.
+        ranks = sorted(stalled | {r for r, t in silence.items() if t > self.hangs.timeout_s / 2})
+        longest = max(silence[r] for r in stalled)
+        return Detection("hang", f"no progress from rank(s) {ranks} for {longest:.0f} s "
                          f"(hang timeout {self.hangs.timeout_s:.0f} s)", self.live.step,
-                         latency_s=max(silence[r] for r in ranks) - self.hangs.timeout_s,
+                         latency_s=longest - self.hangs.timeout_s,
                          data={"stalled_ranks": ranks, "stacks": {str(k): v for k, v in stacks.items()}})
 
     def _on_detection(self, d: Detection) -> st.Event:
