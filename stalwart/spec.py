@@ -165,6 +165,8 @@ class FaultTolerance(_Section):
         "lower_lr", description="when the same spike comes back after the skip")
     spike_lr_scale: float = Field(0.5, gt=0, le=1, description="the LR factor for lower_lr")
     straggler_factor: float = Field(1.5, gt=1, description="a rank this much slower than the others is a straggler")
+    warm_spares: bool = Field(True, description="keep one idle rank process per rank, torch imported, for restarts "
+                              "(CPU jobs; each holds the memory of a Python process with torch, no CPU or GPU)")
 
     @field_validator("budgets")
     @classmethod

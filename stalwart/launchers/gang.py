@@ -8,7 +8,7 @@ from typing import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stalwart.launchers.worker import RankWorker, UserCodeError
@@ -19,6 +19,15 @@ from stalwart.spec import JobSpec
 FAILURE_GRACE_S = 3.0
 # How long stop() waits for killed workers to be gone.
 STOP_FENCE_S = 10.0
+# How long start() waits for the spares to answer; one that does not is replaced by a new worker.
+ADOPT_WAIT_S = 5.0
+# What a spare imports ahead of a restart: what every rank imports before its first step (DDP's
+# constructor alone imports torch._dynamo, about a second), and the strategy's own modules.
+SPARE_IMPORTS = ("torch", "torch.distributed", "torch._dynamo", "stalwart.launchers.runner",
+                 "stalwart.launchers.strategies")
+STRATEGY_IMPORTS = {"ddp": (), "deepspeed": ("deepspeed",),
+                    "fsdp": ("torch.distributed.fsdp", "torch.distributed.device_mesh",
+                             "torch.distributed.checkpoint.state_dict")}
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,17 @@ class GangOutcome:
 
 class RayGang:
     """Lifecycle: `reserve()` until True, `start(plan, sink_for)`, `poll()` until it returns an
-    outcome, then `stop()` (always; it is idempotent and also releases an unused reservation)."""
+    outcome, then `stop()` (always; it is idempotent and also releases an unused reservation).
+
+    Restarts: `stop(keep=True)` stops the workers but keeps the reservation and the spares, and
+    the next attempt's gang, built with `previous=` that gang, takes them over when it has the same
+    shape and none of the nodes it must avoid (otherwise it releases them). Spares are warm rank
+    processes (`warm_spares()`, once an attempt trains): one per bundle, holding no resources of
+    their own, with torch and the strategy imported, so that a restart's ranks start in
+    milliseconds instead of seconds. They live in the reservation and go with it."""
 
     def __init__(self, job_id: str, attempt: int, spec: JobSpec, world_size: int | None = None,
-                 exclude_nodes: tuple[str, ...] = ()):
+                 exclude_nodes: tuple[str, ...] = (), previous: "RayGang | None" = None):
         self.job_id = job_id
         self.attempt = attempt
         self.spec = spec
@@ -52,15 +68,23 @@ class RayGang:
             # Quarantined nodes: no bundle of this gang may land there.
             selector = [{"ray.io/node-id": f"!in({','.join(exclude_nodes)})"} for _ in range(self.world_size)]
         self.exclude_nodes = tuple(exclude_nodes)
-        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)],
-                                   strategy="PACK" if res.placement == "pack" else "SPREAD",
-                                   name=f"stalwart-{job_id}-{attempt}", bundle_label_selector=selector)
+        self._spares: list = []
+        if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
+            self._pg, self._spares = previous._pg, previous._spares
+            previous._pg, previous._spares = None, []
+        else:
+            if previous is not None:
+                previous.stop()
+            self._pg = placement_group([dict(bundle) for _ in range(self.world_size)],
+                                       strategy="PACK" if res.placement == "pack" else "SPREAD",
+                                       name=f"stalwart-{job_id}-{attempt}", bundle_label_selector=selector)
         self._ready_ref = self._pg.ready()
         self.workers: list = []
         self._refs: dict = {}
         self._results: dict[int, dict] = {}
         self._stopped = False
         self.ranks: list[dict] = []
+        self.warm_ranks = 0  # ranks of this attempt that started from a spare
 
     def reserve(self, timeout: float = 0.5) -> bool:
         ready, _ = ray.wait([self._ready_ref], timeout=timeout)
@@ -76,7 +100,12 @@ class RayGang:
 
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
         runtime_env = self.spec.runtime_env or None
+        spares = self._adopt_spares()
+        self.warm_ranks = len(spares)
         for rank in range(self.world_size):
+            if rank in spares:
+                self.workers.append(spares[rank])
+                continue
             opts = dict(
                 num_cpus=self.spec.resources.cpus_per_worker,
                 num_gpus=self.spec.resources.gpus_per_worker,
@@ -162,24 +191,84 @@ class RayGang:
                 out[refs[ref]] = f"<unavailable: {_first_line(exc)}>"
         return out
 
-    def stop(self) -> None:
-        if self._stopped:
+    def warm_spares(self) -> None:
+        """Start one spare per bundle (once; CPU jobs with fault_tolerance.warm_spares)."""
+        if (self._spares or self._stopped or self._pg is None or not self.spec.fault_tolerance.warm_spares
+                or self.spec.resources.gpus_per_worker > 0):
             return
-        self._stopped = True
-        for worker in self.workers:
+        modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
+        runtime_env = self.spec.runtime_env or None
+        for bundle in range(self.world_size):
+            opts = dict(num_cpus=0, num_gpus=0, max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle))
+            if runtime_env:
+                opts["runtime_env"] = runtime_env
+            spare = RankWorker.options(**opts).remote(self.job_id, 0, bundle, self.world_size)
+            spare.warm.remote(modules)
+            self._spares.append(spare)
+
+    def _adopt_spares(self) -> dict[int, object]:
+        """The spares that answer, by bundle; the others are dropped (a new worker takes the bundle)."""
+        spares, self._spares = self._spares, []
+        asked = {spare.adopt.remote(self.attempt): bundle for bundle, spare in enumerate(spares)}
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=ADOPT_WAIT_S) if asked else ([], [])
+        adopted = {}
+        for ref in ready:
             try:
-                ray.kill(worker, no_restart=True)
-            except (RayActorError, ValueError):
+                ray.get(ref, timeout=0)
+                adopted[asked[ref]] = spares[asked[ref]]
+            except (RayActorError, RayTaskError, GetTimeoutError):
                 pass
+        for bundle, spare in enumerate(spares):
+            if bundle not in adopted:
+                _kill(spare)
+        return adopted
+
+    def _lendable(self, world_size: int, avoid: tuple[str, ...]) -> bool:
+        """Whether the next attempt can keep this stopped gang's reservation (and its spares)."""
+        if not self._stopped or self._pg is None or world_size != self.world_size:
+            return False
+        try:
+            table = placement_group_table(self._pg)
+        except Exception:  # noqa: BLE001 - gone with its owner or the cluster
+            return False
+        nodes = set((table.get("bundles_to_node_id") or {}).values())
+        return table.get("state") == "CREATED" and len(nodes) > 0 and not nodes & set(avoid)
+
+    def stop(self, keep: bool = False) -> None:
+        """Stop the workers; release the reservation and the spares too unless `keep`."""
+        if not self._stopped:
+            self._stopped = True
+            self._stop_workers()
+        if not keep:
+            self._release()
+
+    def _stop_workers(self) -> None:
+        for worker in self.workers:
+            _kill(worker)
         # ray.kill returns before the processes are gone; wait for their calls to resolve so that no
         # stray background write (a checkpoint commit, a retention pass) lands after stop() returns.
         pending = [r for r in self._refs if self._refs[r] not in self._results]
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=STOP_FENCE_S)
-        try:
-            remove_placement_group(self._pg)
-        except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
-            pass
+
+    def _release(self) -> None:
+        for spare in self._spares:
+            _kill(spare)
+        self._spares = []
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
+                pass
+            self._pg = None
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except (RayActorError, ValueError):
+        pass
 
 
 def node_gpus(gpu_ids: list[list[str]], same_node: list[int], rank: int) -> dict:

@@ -9,7 +9,9 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
+
 import ray
 
 from stalwart.errors import StalwartError
@@ -102,6 +104,23 @@ class RankWorker:
     def gpu_ids(self) -> list[str]:
         """The GPUs Ray assigned to this worker (empty without GPUs)."""
         return [str(g) for g in ray.get_gpu_ids()]
+
+    def warm(self, modules: list[str]) -> float:
+        """As a spare: import what a rank imports (torch, stalwart's runner, the strategy's modules),
+        then idle until adopted. Returns the seconds it took. A module that fails to import is left
+        for the rank to report."""
+        started = time.perf_counter()
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the rank imports it again and reports the error
+                pass
+        return time.perf_counter() - started
+
+    def adopt(self, attempt: int) -> int:
+        """A spare becomes the rank of its bundle in `attempt`."""
+        self.attempt = attempt
+        return os.getpid()
 
     def stacks(self) -> str:
         frames = sys._current_frames()

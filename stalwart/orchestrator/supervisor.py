@@ -35,7 +35,8 @@ class Gang(Protocol):
     def waiting_for(self) -> str: ...
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None: ...
     def poll(self, timeout: float): ...  # -> GangOutcome | None
-    def stop(self) -> None: ...
+    def warm_spares(self) -> None: ...  # once the attempt trains: get ready for a fast restart
+    def stop(self, keep: bool = False) -> None: ...  # keep: hold the reservation for the next attempt
 
 
 GangFactory = Callable[[str, int, JobSpec], Gang]
@@ -142,6 +143,9 @@ class JobSupervisor:
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
                       "checkpoint_failures": 0}
         self._gang: Gang | None = None
+        self._held: Gang | None = None  # a stopped gang whose reservation the next attempt may take over
+        self._trained = False  # the running attempt has reported a step
+        self._spares_asked = False
         self._started = False
         self._pending_since = time.monotonic()
         self._cancel_reason: str | None = None
@@ -181,6 +185,8 @@ class JobSupervisor:
             self._stop_gang()
             self.state = st.Failed(f"internal error in the supervisor: {type(exc).__name__}: {exc}", "internal")
             self._record_state()
+        finally:
+            self._stop_gang()  # and release a reservation held for a restart that will not come
 
     def _advance(self, event: st.Event) -> None:
         before = self.state
@@ -208,6 +214,8 @@ class JobSupervisor:
             kwargs = {"exclude_nodes": tuple(sorted(avoid))} if avoid else {}
             if self.world_size != self.spec.resources.workers:
                 kwargs["world_size"] = self.world_size
+            if self._held is not None:
+                kwargs["previous"], self._held = self._held, None  # takes it over, or releases it
             self._gang = self.gang_factory(self.job_id, state.attempt, self.spec, **kwargs)
             self._pending_since = time.monotonic()
         if self._gang.reserve(self.POLL_S):
@@ -249,19 +257,24 @@ class JobSupervisor:
             self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
             gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
             self._started = True
+            self._trained = self._spares_asked = False
             self.ranks = list(getattr(gang, "ranks", []))
             self._detected = None
             self.hangs.reset()
             self.hangs.start(range(gang.world_size), time.monotonic())
             self.stragglers.reset()
-            self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks",
-                        world_size=gang.world_size)
+            warm = getattr(gang, "warm_ranks", 0)
+            self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks"
+                        + (f" ({warm} from warm spares)" if warm else ""), world_size=gang.world_size, warm_ranks=warm)
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
             detection = self._detected or self._check_hang()
             if detection is not None:
                 return self._on_detection(detection)
+            if self._trained and not self._spares_asked:
+                self._spares_asked = True
+                gang.warm_spares()  # now, not at the start: their imports would slow the first steps
             return self._maybe_grow()
         if outcome.succeeded:
             if self._detected is not None:
@@ -271,7 +284,7 @@ class JobSupervisor:
             self._stop_gang()
             self._end_attempt("succeeded")
             return st.Finished()
-        self._stop_gang()
+        self._stop_gang(keep=True)
         if outcome.cause == "node_failure":
             self._blame_node(outcome.rank)
         decision = self.policy.decide(outcome.cause, outcome.error)
@@ -356,7 +369,7 @@ class JobSupervisor:
 
     def _on_detection(self, d: Detection) -> st.Event:
         """Act on a fault found in the stream: stop the gang, ask the policy, prepare a rollback."""
-        self._stop_gang()
+        self._stop_gang(keep=True)
         rollback = None
         if d.cause in ("nan", "loss_spike"):
             rollback = Rollback(d.onset_step if d.onset_step is not None else d.step, d.step,
@@ -407,7 +420,7 @@ class JobSupervisor:
                         steps=sorted(doomed))
 
     def _act_restarting(self, state: st.Restarting) -> st.Event:
-        self._stop_gang()
+        self._stop_gang(keep=True)
         self._wake.wait(state.delay_s)
         self._wake.clear()
         return st.BackoffDone()
@@ -422,10 +435,17 @@ class JobSupervisor:
                 "cache_dir": ckpt.local_cache_dir or os.path.join(tempfile.gettempdir(), "stalwart-cache", self.job_id),
                 "faults": [f.model_dump() for f in self.spec.faults]}
 
-    def _stop_gang(self) -> None:
-        if self._gang is not None:
-            self._gang.stop()
-            self._gang = None
+    def _stop_gang(self, keep: bool = False) -> None:
+        """Stop the running gang. keep: hold its reservation (and spares) for the next attempt;
+        otherwise release it, and any reservation still held."""
+        gang, self._gang = self._gang, None
+        if self._held is not None and (gang is not None or not keep):
+            self._held.stop()
+            self._held = None
+        if gang is not None:
+            gang.stop(keep=keep)
+            if keep:
+                self._held = gang
         self._started = False
 
     def _end_attempt(self, cause: str, error: str = "") -> None:
@@ -454,6 +474,7 @@ class JobSupervisor:
             live = self.live
             records = batch.get("records") or []
             if records:
+                self._trained = True
                 live.last_report_at = time.time()
                 ref = live.rank_last.get(rank) or (records[0]["ts"], records[0]["step"])
                 if records[-1]["step"] > ref[1]:

@@ -53,14 +53,48 @@ def test_injected_kill_restarts_and_matches_undisturbed_run(client, undisturbed)
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+def warm_ranks(job) -> list[int]:
+    return [e["data"].get("warm_ranks", 0) for e in job.events() if e["kind"] == "attempt_started"]
+
+
+def worker_processes() -> set[int]:
+    """Pids of the rank worker processes on this machine (Ray titles them after the actor class)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::RankWorker"):
+                    found.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def test_sigkill_of_a_rank_mid_run(client, undisturbed):
     job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}))
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
-    victim = status["ranks"][0]["pid"]
-    os.kill(victim, signal.SIGKILL)
+    ranks = {r["pid"] for r in status["ranks"]}
+    wait_for(lambda: len(worker_processes() - ranks) >= 2, what="two spares")
+    os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
     assert status["restarts"] == {"node_failure": 1}
     faults = [e for e in job.events() if e["kind"] == "fault"]
     assert "died" in faults[0]["message"]
+    assert warm_ranks(job) == [0, 2]  # the restart's ranks were the spares, torch already imported
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_dead_spares_are_replaced_by_new_workers(client, undisturbed):
+    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}))
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
+    ranks = {r["pid"] for r in status["ranks"]}
+    spares = wait_for(lambda: len(found := worker_processes() - ranks) >= 2 and found, what="two spares")
+    for pid in spares:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(status["ranks"][1]["pid"], signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"node_failure": 1}
+    assert warm_ranks(job) == [0, 0]
     assert_bitwise_equal(final_state(status), undisturbed)

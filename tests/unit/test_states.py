@@ -52,6 +52,8 @@ class FakeGang:
         self.attempt = attempt
         self.polls = 0
         self.stopped = False
+        self.kept = None  # keep= of the last stop(): whether the reservation was held for a restart
+        self.previous = kwargs.get("previous")
         FakeGang.created.append(self)
 
     def reserve(self, timeout):
@@ -69,8 +71,12 @@ class FakeGang:
             return None
         return FakeGang.script.pop(0)
 
-    def stop(self):
+    def warm_spares(self):
+        pass
+
+    def stop(self, keep=False):
         self.stopped = True
+        self.kept = keep
 
 
 def run_job(tmp_path, script, **ft):
@@ -93,6 +99,9 @@ def test_supervisor_restarts_within_budget_then_succeeds(tmp_path):
     assert sup.state.name == "SUCCEEDED"
     assert [g.attempt for g in FakeGang.created] == [1, 2, 3]
     assert all(g.stopped for g in FakeGang.created)
+    # Each restart was offered the stopped gang's reservation; the last one was released.
+    assert [g.previous for g in FakeGang.created] == [None, *FakeGang.created[:-1]]
+    assert [g.kept for g in FakeGang.created] == [True, True, False]
     assert [a["cause"] for a in store.attempts("t-1")] == ["node_failure", "node_failure", "succeeded"]
     kinds = [e["kind"] for e in store.events("t-1")]
     assert kinds.count("fault") == 2
@@ -102,6 +111,7 @@ def test_supervisor_fails_when_budget_spent(tmp_path):
     died = GangOutcome(False, "node_failure", 0, "rank 0's worker died")
     sup, store = run_job(tmp_path, [died, died], budgets={"node_failure": 1})
     assert sup.state.name == "FAILED"
+    assert FakeGang.created[-1].kept is False  # no restart is coming: the reservation is released
     assert "budget of 1" in store.job("t-1")["detail"]["reason"]
 
 
