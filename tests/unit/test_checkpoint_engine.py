@@ -220,3 +220,26 @@ def test_local_files_load_mapped_copy_on_write(storage):
     assert bool((weight == 7.0).all())
     with pytest.raises(StorageError, match="does not exist"):
         storage.read_private("step-000000004/shard-00000-of-00001.bin")
+
+
+def test_file_writes_are_exact_from_every_kind_of_source(tmp_path, monkeypatch):
+    import io
+
+    from stalwart.checkpointing import storage as storage_module
+
+    monkeypatch.setattr(storage_module._WritebackAhead, "CHUNK", 1000)  # many chunks, an odd tail
+    store = FileStorage(tmp_path)
+    data = bytes(range(256)) * 40 + b"tail"
+    floats = torch.arange(3000, dtype=torch.float32)
+
+    class Views:  # a shard stream hands over buffers of any format
+        def views(self):
+            yield memoryview(data[:10])
+            yield memoryview(floats.numpy())
+
+    assert store.write("a", data) == len(data)
+    assert store.write("b", io.BytesIO(data)) == len(data)
+    assert store.write("c", Views()) == 10 + floats.numel() * 4
+    assert store.read("a") == data and store.read("b") == data
+    assert store.read("c") == data[:10] + floats.numpy().tobytes()
+    assert not list(tmp_path.glob(".*.tmp"))
