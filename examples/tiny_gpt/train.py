@@ -75,4 +75,4 @@ def main(ctx, config):
         ctx.checkpoint(step)
         if ctx.rank == 0 and step % 50 == 0:
             print(f"step {step}: loss {loss.item():.3f}")
-    return {"final_loss": float(loss) if loss is not None else None}
+    return {"final_loss": float(loss.detach()) if loss is not None else None}

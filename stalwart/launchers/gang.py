@@ -19,7 +19,8 @@ from stalwart.spec import JobSpec
 FAILURE_GRACE_S = 3.0
 # How long stop() waits for killed workers to be gone.
 STOP_FENCE_S = 10.0
-# How long start() waits for the spares to answer; one that does not is replaced by a new worker.
+# How long start() waits for the spares to answer (each waits up to 2 s for its own imports to end);
+# one that does not answer, or is not ready, is replaced by a new worker.
 ADOPT_WAIT_S = 5.0
 # What a spare imports ahead of a restart: what every rank imports before its first step (DDP's
 # constructor alone imports torch._dynamo, about a second), and the strategy's own modules.
@@ -215,8 +216,8 @@ class RayGang:
         adopted = {}
         for ref in ready:
             try:
-                ray.get(ref, timeout=0)
-                adopted[asked[ref]] = spares[asked[ref]]
+                if ray.get(ref, timeout=0):
+                    adopted[asked[ref]] = spares[asked[ref]]
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass
         for bundle, spare in enumerate(spares):

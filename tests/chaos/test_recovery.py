@@ -70,8 +70,13 @@ def worker_processes() -> set[int]:
     return found
 
 
+# Rank 0 of the first attempt burns ~0.1 s of CPU a step on top (parameters unchanged), so that the
+# spares, started after the first report, are up before the job gets past the kill.
+SLOW_FIRST_ATTEMPT = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 2}]
+
+
 def test_sigkill_of_a_rank_mid_run(client, undisturbed):
-    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}))
+    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT))
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
     ranks = {r["pid"] for r in status["ranks"]}
     wait_for(lambda: len(worker_processes() - ranks) >= 2, what="two spares")
@@ -86,7 +91,7 @@ def test_sigkill_of_a_rank_mid_run(client, undisturbed):
 
 
 def test_dead_spares_are_replaced_by_new_workers(client, undisturbed):
-    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}))
+    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT))
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
     ranks = {r["pid"] for r in status["ranks"]}
     spares = wait_for(lambda: len(found := worker_processes() - ranks) >= 2 and found, what="two spares")
