@@ -19,9 +19,8 @@ from stalwart.spec import JobSpec
 FAILURE_GRACE_S = 3.0
 # How long stop() waits for killed workers to be gone.
 STOP_FENCE_S = 10.0
-# How long start() waits for the spares to answer (each waits up to 2 s for its own imports to end);
-# one that does not answer, or is not ready, is replaced by a new worker.
-ADOPT_WAIT_S = 5.0
+# How long start() waits for warm spares to answer; one that does not is replaced by a new worker.
+ADOPT_WAIT_S = 2.0
 # What a spare imports ahead of a restart: what every rank imports before its first step (DDP's
 # constructor alone imports torch._dynamo, about a second), and the strategy's own modules.
 SPARE_IMPORTS = ("torch", "torch.distributed", "torch._dynamo", "stalwart.launchers.runner",
@@ -69,7 +68,8 @@ class RayGang:
             # Quarantined nodes: no bundle of this gang may land there.
             selector = [{"ray.io/node-id": f"!in({','.join(exclude_nodes)})"} for _ in range(self.world_size)]
         self.exclude_nodes = tuple(exclude_nodes)
-        self._spares: list = []
+        self._spares: list[tuple] = []  # (actor, ref of its warm() call), by bundle
+        self._spares_started = False
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
             self._pg, self._spares = previous._pg, previous._spares
             previous._pg, previous._spares = None, []
@@ -192,12 +192,18 @@ class RayGang:
                 out[refs[ref]] = f"<unavailable: {_first_line(exc)}>"
         return out
 
-    def warm_spares(self) -> None:
-        """Start one spare per bundle (once; CPU jobs with fault_tolerance.warm_spares)."""
-        if (self._spares or self._stopped or self._pg is None or not self.spec.fault_tolerance.warm_spares
+    def warm_spares(self) -> int:
+        """Start one spare per bundle, once (CPU jobs with fault_tolerance.warm_spares); return how
+        many have finished their imports."""
+        if self._spares_started:
+            refs = [ref for _, ref in self._spares]
+            return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+        if (self._stopped or self._pg is None or not self.spec.fault_tolerance.warm_spares
                 or self.spec.resources.gpus_per_worker > 0):
-            return
+            return 0
+        self._spares_started = True
         modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
+        omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
         runtime_env = self.spec.runtime_env or None
         for bundle in range(self.world_size):
             opts = dict(num_cpus=0, num_gpus=0, max_restarts=0,
@@ -205,22 +211,25 @@ class RayGang:
             if runtime_env:
                 opts["runtime_env"] = runtime_env
             spare = RankWorker.options(**opts).remote(self.job_id, 0, bundle, self.world_size)
-            spare.warm.remote(modules)
-            self._spares.append(spare)
+            self._spares.append((spare, spare.warm.remote(omp_threads, modules)))
+        return 0
 
     def _adopt_spares(self) -> dict[int, object]:
-        """The spares that answer, by bundle; the others are dropped (a new worker takes the bundle)."""
+        """The spares whose imports are done, by bundle. The others are dropped and a new worker takes
+        their bundle: one still starting or importing would not be ready sooner than a new process."""
         spares, self._spares = self._spares, []
-        asked = {spare.adopt.remote(self.attempt): bundle for bundle, spare in enumerate(spares)}
-        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=ADOPT_WAIT_S) if asked else ([], [])
+        warm_refs = [ref for _, ref in spares]
+        warm = set(ray.wait(warm_refs, num_returns=len(warm_refs), timeout=0)[0]) if spares else set()
+        asked = {spare.adopt.remote(self.attempt): bundle for bundle, (spare, ref) in enumerate(spares) if ref in warm}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=ADOPT_WAIT_S) if asked else ([], [])
         adopted = {}
-        for ref in ready:
+        for ref in answered:
             try:
-                if ray.get(ref, timeout=0):
-                    adopted[asked[ref]] = spares[asked[ref]]
+                ray.get(ref, timeout=0)
+                adopted[asked[ref]] = spares[asked[ref]][0]
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass
-        for bundle, spare in enumerate(spares):
+        for bundle, (spare, _) in enumerate(spares):
             if bundle not in adopted:
                 _kill(spare)
         return adopted
@@ -254,7 +263,7 @@ class RayGang:
             ray.wait(pending, num_returns=len(pending), timeout=STOP_FENCE_S)
 
     def _release(self) -> None:
-        for spare in self._spares:
+        for spare, _ in self._spares:
             _kill(spare)
         self._spares = []
         if self._pg is not None:

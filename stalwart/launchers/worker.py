@@ -19,8 +19,6 @@ from stalwart.errors import StalwartError
 # sees a hang (and takes the stacks) before the collective gives up. Override with this variable.
 COLLECTIVE_TIMEOUT_ENV = "STALWART_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
-# How long adopting a spare waits for its imports to finish (see RankWorker.adopt).
-SPARE_WARM_WAIT_S = 2.0
 
 
 class UserCodeError(StalwartError):
@@ -106,38 +104,24 @@ class RankWorker:
         """The GPUs Ray assigned to this worker (empty without GPUs)."""
         return [str(g) for g in ray.get_gpu_ids()]
 
-    def warm(self, modules: list[str]) -> None:
-        """As a spare: import what a rank imports (torch, stalwart's runner, the strategy's modules)
-        on a thread at idle priority, which runs only on CPU time that nothing else wants (the
-        training ranks beside it keep theirs), then idle until adopted. A module that fails to
-        import is left for the rank to report."""
-        def imports() -> None:
+    def warm(self, omp_threads: int, modules: list[str]) -> None:
+        """As a spare: import what a rank imports (torch, stalwart's runner, the strategy's modules),
+        then idle until adopted. A module that fails to import is left for the rank to report.
+
+        Ray gives an actor without CPUs OMP_NUM_THREADS=1 where a rank with `omp_threads` CPUs gets
+        that many; set it as a rank's, before torch loads OpenMP (unless the job's runtime_env sets it)."""
+        env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        if os.environ.get("OMP_NUM_THREADS") == "1" and "OMP_NUM_THREADS" not in env_vars:
+            os.environ["OMP_NUM_THREADS"] = str(omp_threads)
+        for name in modules:
             try:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only (Linux)
-            except (AttributeError, OSError):
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the rank imports it again and reports the error
                 pass
-            for name in modules:
-                try:
-                    importlib.import_module(name)
-                except Exception:  # noqa: BLE001 - the rank imports it again and reports the error
-                    pass
 
-        # A thread of its own that ends with the imports: a thread cannot leave the idle class
-        # without privileges, and the actor's own threads go on to run the rank.
-        self._warming = threading.Thread(target=imports, name="stalwart-spare-imports", daemon=True)
-        self._warming.start()
-
-    def adopt(self, attempt: int) -> bool:
-        """A spare becomes the rank of its bundle in `attempt`; False when its imports are not done
-        within SPARE_WARM_WAIT_S (an idle-priority thread on a busy node: the rank would wait on
-        the import lock behind it, so a new worker is the faster choice)."""
-        warming = getattr(self, "_warming", None)
-        if warming is not None:
-            warming.join(SPARE_WARM_WAIT_S)
-            if warming.is_alive():
-                return False
+    def adopt(self, attempt: int) -> None:
+        """A warm spare becomes the rank of its bundle in `attempt`."""
         self.attempt = attempt
-        return True
 
     def stacks(self) -> str:
         frames = sys._current_frames()

@@ -35,7 +35,7 @@ class Gang(Protocol):
     def waiting_for(self) -> str: ...
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None: ...
     def poll(self, timeout: float): ...  # -> GangOutcome | None
-    def warm_spares(self) -> None: ...  # once the attempt trains: get ready for a fast restart
+    def warm_spares(self) -> int: ...  # once the attempt trains: get ready for a fast restart; -> spares ready
     def stop(self, keep: bool = False) -> None: ...  # keep: hold the reservation for the next attempt
 
 
@@ -145,7 +145,7 @@ class JobSupervisor:
         self._gang: Gang | None = None
         self._held: Gang | None = None  # a stopped gang whose reservation the next attempt may take over
         self._trained = False  # the running attempt has reported a step
-        self._spares_asked = False
+        self._spares_ready = False
         self._started = False
         self._pending_since = time.monotonic()
         self._cancel_reason: str | None = None
@@ -257,7 +257,7 @@ class JobSupervisor:
             self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
             gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
             self._started = True
-            self._trained = self._spares_asked = False
+            self._trained = self._spares_ready = False
             self.ranks = list(getattr(gang, "ranks", []))
             self._detected = None
             self.hangs.reset()
@@ -272,9 +272,12 @@ class JobSupervisor:
             detection = self._detected or self._check_hang()
             if detection is not None:
                 return self._on_detection(detection)
-            if self._trained and not self._spares_asked:
-                self._spares_asked = True
-                gang.warm_spares()  # now, not at the start: their imports would slow the first steps
+            if self._trained and not self._spares_ready:
+                # Started once, now rather than at the start, where their imports would slow the first steps.
+                ready = gang.warm_spares()
+                if ready and ready == gang.world_size:
+                    self._spares_ready = True
+                    self._event("spares_ready", f"{ready} warm spare rank process(es) ready for a restart", spares=ready)
             return self._maybe_grow()
         if outcome.succeeded:
             if self._detected is not None:
@@ -437,15 +440,14 @@ class JobSupervisor:
 
     def _stop_gang(self, keep: bool = False) -> None:
         """Stop the running gang. keep: hold its reservation (and spares) for the next attempt;
-        otherwise release it, and any reservation still held."""
-        gang, self._gang = self._gang, None
-        if self._held is not None and (gang is not None or not keep):
+        otherwise release it, and any reservation still held. A gang whose stop() raised stays
+        referenced, so that the crash handler's call releases it."""
+        if self._held is not None and (self._gang is not None or not keep):
             self._held.stop()
             self._held = None
-        if gang is not None:
-            gang.stop(keep=keep)
-            if keep:
-                self._held = gang
+        if self._gang is not None:
+            self._gang.stop(keep=keep)
+            self._gang, self._held = None, (self._gang if keep else None)
         self._started = False
 
     def _end_attempt(self, cause: str, error: str = "") -> None:

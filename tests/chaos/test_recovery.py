@@ -70,16 +70,15 @@ def worker_processes() -> set[int]:
     return found
 
 
-# Rank 0 of the first attempt burns ~0.1 s of CPU a step on top (parameters unchanged), so that the
-# spares, started after the first report, are up before the job gets past the kill.
-SLOW_FIRST_ATTEMPT = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 2}]
+# Rank 0 of the first attempt burns ~0.25 s of CPU a step on top (parameters unchanged), so that the
+# spares, started after the first report, have done their imports long before the job ends.
+SLOW_FIRST_ATTEMPT = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 5}]
 
 
 def test_sigkill_of_a_rank_mid_run(client, undisturbed):
     job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT))
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
-    ranks = {r["pid"] for r in status["ranks"]}
-    wait_for(lambda: len(worker_processes() - ranks) >= 2, what="two spares")
+    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()), what="spares ready")
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"

@@ -72,7 +72,7 @@ class FakeGang:
         return FakeGang.script.pop(0)
 
     def warm_spares(self):
-        pass
+        return 0
 
     def stop(self, keep=False):
         self.stopped = True
