@@ -99,24 +99,21 @@ class RayGang:
         avoid = f"; avoiding {len(self.exclude_nodes)} quarantined or unreachable node(s)" if self.exclude_nodes else ""
         return f"waiting for resources: {self.world_size} x {{{want}}} (cluster has {have}{avoid})"
 
+    def _new_worker(self, bundle: int, attempt: int, spare: bool = False):
+        """A RankWorker in `bundle` of the reservation: a rank holds the bundle's resources, a spare none."""
+        res = self.spec.resources
+        opts = dict(num_cpus=0 if spare else res.cpus_per_worker, num_gpus=0 if spare else res.gpus_per_worker,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle),
+                    max_restarts=0)
+        if self.spec.runtime_env:
+            opts["runtime_env"] = self.spec.runtime_env
+        return RankWorker.options(**opts).remote(self.job_id, attempt, bundle, self.world_size)
+
     def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
-        runtime_env = self.spec.runtime_env or None
         spares = self._adopt_spares()
         self.warm_ranks = len(spares)
-        for rank in range(self.world_size):
-            if rank in spares:
-                self.workers.append(spares[rank])
-                continue
-            opts = dict(
-                num_cpus=self.spec.resources.cpus_per_worker,
-                num_gpus=self.spec.resources.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
-                max_restarts=0,
-                name=None,
-            )
-            if runtime_env:
-                opts["runtime_env"] = runtime_env
-            self.workers.append(RankWorker.options(**opts).remote(self.job_id, self.attempt, rank, self.world_size))
+        self.workers = [spares[rank] if rank in spares else self._new_worker(rank, self.attempt)
+                        for rank in range(self.world_size)]
         addr, port = ray.get(self.workers[0].address.remote(), timeout=120)
         nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=120)
         pids = ray.get([w.pid.remote() for w in self.workers], timeout=120)
@@ -204,13 +201,8 @@ class RayGang:
         self._spares_started = True
         modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
         omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
-        runtime_env = self.spec.runtime_env or None
         for bundle in range(self.world_size):
-            opts = dict(num_cpus=0, num_gpus=0, max_restarts=0,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle))
-            if runtime_env:
-                opts["runtime_env"] = runtime_env
-            spare = RankWorker.options(**opts).remote(self.job_id, 0, bundle, self.world_size)
+            spare = self._new_worker(bundle, 0, spare=True)
             self._spares.append((spare, spare.warm.remote(omp_threads, modules)))
         return 0
 
