@@ -56,7 +56,7 @@ def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def start_local_ray(num_cpus: int = 2) -> Path:
+def start_local_ray(num_cpus: int = 2, num_gpus: int = 0) -> Path:
     """A fresh in-process local Ray instance (as the integration tests start it) and a stalwart home.
 
     Returns the home directory. The controller is created by `stalwart.Client(home=...)`.
@@ -67,6 +67,6 @@ def start_local_ray(num_cpus: int = 2) -> Path:
     os.environ["STALWART_HOME"] = str(home)
     os.environ.pop("RAY_ADDRESS", None)
     # address="local": always a new instance, never a cluster someone else started on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="stalwart", log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, namespace="stalwart",
+             log_to_driver=False, logging_level="WARNING")
     return home

@@ -1,4 +1,4 @@
-"""The training loop shared by bench/step_overhead.py and bench/start_latency.py.
+"""The training loop shared by bench/step_overhead.py, bench/strategy_overhead.py and bench/start_latency.py.
 
 Not a benchmark itself. The same model, batches and optimizer run either bare (plain
 torch.distributed processes) or under stalwart (`stalwart_main` is a job entrypoint: the
@@ -6,7 +6,8 @@ benchmarks submit it with `workdir: bench/`). Rank 0 measures its own step times
 loop and writes them to `config["out"]` as JSON, so process and cluster start-up are excluded.
 
 The model is examples/tiny_gpt's GPT with a small config (about 0.4M parameters; a step takes
-roughly 50-150 ms on one CPU thread).
+roughly 50-150 ms on one CPU thread). `wrap_bare` wraps it for each strategy (ddp, fsdp, deepspeed)
+as a user would without stalwart; under stalwart, `ctx.prepare` does it.
 """
 
 from __future__ import annotations
@@ -33,12 +34,55 @@ def _cfg(config: dict) -> dict:
     return {**DEFAULTS, **(config or {})}
 
 
-def build(config: dict):
+def build_model(config: dict):
     c = _cfg(config)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
-    model = GPT(context=c["context"], dim=c["dim"], layers=c["layers"], heads=c["heads"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.01)
-    return model, optimizer
+    return GPT(context=c["context"], dim=c["dim"], layers=c["layers"], heads=c["heads"])
+
+
+def make_optimizer(model, config: dict):
+    return torch.optim.AdamW(model.parameters(), lr=_cfg(config)["lr"], weight_decay=0.01)
+
+
+def build(config: dict):
+    model = build_model(config)
+    return model, make_optimizer(model, config)
+
+
+DEEPSPEED_OPTIONS = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+STRATEGY_SPECS = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"},
+                  "deepspeed": {"name": "deepspeed", "options": DEEPSPEED_OPTIONS}}
+
+
+def wrap_bare(strategy: str, model, config: dict, world: int, device: torch.device):
+    """(model, optimizer) wrapped for `strategy` by hand, in a process group already initialized:
+    DistributedDataParallel; FSDP2 `fully_shard` on each block and the root, the optimizer built on
+    the sharded parameters; `deepspeed.initialize` with ZeRO stage 2 and clipping at 1.0."""
+    model = model.to(device)
+    if strategy == "ddp":
+        optimizer = make_optimizer(model, config)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None), optimizer
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, make_optimizer(model, config)
+    if strategy == "deepspeed":
+        import deepspeed
+
+        from stalwart.launchers.strategies import _skip_cpu_shm_op, deepspeed_config
+
+        _skip_cpu_shm_op()  # as under stalwart: no gcc build of an inference-only kernel
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, config),
+                                                       config=deepspeed_config(DEEPSPEED_OPTIONS),
+                                                       dist_init_required=False)
+        return engine, optimizer
+    raise ValueError(f"unknown strategy {strategy!r}")
 
 
 def batch_fn(config: dict, rank: int):
@@ -54,9 +98,13 @@ def batch_fn(config: dict, rank: int):
     return batch
 
 
-def train_step(model, optimizer, x, y):
+def train_step(model, optimizer, x, y, strategy: str = "ddp"):
     logits = model(x)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    if strategy == "deepspeed":  # the engine zeroes, clips and steps
+        model.backward(loss)
+        model.step()
+        return loss, model.get_global_grad_norm()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -87,6 +135,13 @@ class Baton:
 
     def block_of(self, step: int) -> int:
         return 0 if step <= self.warmup else 1 + (step - self.warmup - 1) // self.block
+
+    def timed(self, step: int) -> bool:
+        """Whether `step` is timed: inside a block, and not the block's first step (it spans the wait)."""
+        return step > self.warmup and (step - self.warmup - 1) % self.block != 0
+
+    def timed_steps(self) -> int:
+        return self.blocks * (self.block - 1)
 
     def wait(self, k: int) -> None:
         if self.dir is None:
@@ -140,16 +195,35 @@ def stalwart_main(ctx, config):
     model, optimizer = build(c)
     model, optimizer = ctx.prepare(model, optimizer)
     ctx.restore()
-    batch = batch_fn(c, ctx.rank)
+    user_batch = batch_fn(c, ctx.rank)
+    in_batch_fn = [0.0]
+
+    def batch(index: int):
+        t0 = time.perf_counter()
+        try:
+            return user_batch(index)
+        finally:
+            in_batch_fn[0] += time.perf_counter() - t0
+
     baton = Baton(c, c.get("side", "stalwart"), ctx.rank)
     baton.wait(0)
+    # stalwart's own time on the training thread: in ctx.batches (less the batch function's own
+    # time), ctx.report and ctx.checkpoint, summed over the timed steps of every block.
+    own, t_next = 0.0, time.perf_counter()
     for step, (x, y) in ctx.batches(batch, steps=baton.steps):
-        loss, grad_norm = train_step(model, optimizer, x, y)
+        t_got = time.perf_counter()
+        loss, grad_norm = train_step(model, optimizer, x, y, ctx.strategy)
+        t0 = time.perf_counter()
         ctx.report(step, loss=loss.detach(), grad_norm=grad_norm, tokens=x.numel())
         ctx.checkpoint(step)
+        t1 = time.perf_counter()
+        if baton.timed(step):
+            own += (t_got - t_next - in_batch_fn[0]) + (t1 - t0)
+        in_batch_fn[0] = 0.0
         baton.after_step(step)
+        t_next = time.perf_counter()
     if ctx.rank == 0 and c.get("out"):
-        write_result(c["out"], baton.result())
+        write_result(c["out"], {**baton.result(), "own_s_per_timed_step": own / max(1, baton.timed_steps())})
     return {"steps": baton.steps}
 
 
@@ -158,17 +232,19 @@ def bare_rank(rank: int, world: int, port: int, config: dict) -> None:
     import torch.distributed as dist
 
     c = _cfg(config)
+    strategy = c.get("strategy", "ddp")
+    if c.get("nice"):
+        os.nice(max(0, int(c["nice"]) - os.nice(0)))  # e.g. the niceness Ray gives its workers
     torch.set_num_threads(1)  # what stalwart's runner does for cpus_per_worker: 1
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model, optimizer = build(c)
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model, optimizer = wrap_bare(strategy, build_model(c), c, world, torch.device("cpu"))
         batch = batch_fn(c, rank)
         baton = Baton(c, c.get("side", "bare"), rank)
         baton.wait(0)
         for index in range(baton.steps):
             x, y = batch(index)
-            train_step(model, optimizer, x, y)
+            train_step(model, optimizer, x, y, strategy)
             baton.after_step(index + 1)
         if rank == 0 and c.get("out"):
             write_result(c["out"], baton.result())

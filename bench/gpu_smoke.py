@@ -2,7 +2,8 @@
 
     python bench/gpu_smoke.py [--quick] [--strategies ddp,fsdp,deepspeed] [--params-m 50]
 
-Without a CUDA GPU it exits at once (status 0) with one JSON line saying why it skipped. With one:
+Without a CUDA GPU it exits at once (status 0) with one JSON line saying why it skipped, unless
+`--cpu` asks it to run the jobs of step 2 on CPU ranks (gloo) to try the script itself. With one:
 
 1. snapshot stall: a model of about `--params-m` million fp32 parameters plus its AdamW state on the
    GPU, saved by the checkpoint engine (world size 1, local directory). Reported: the time save()
@@ -31,6 +32,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
 
 STRATEGIES = {
     "ddp": "ddp",
@@ -50,6 +52,8 @@ def job_main(ctx, config):
     sys.path.insert(0, str(REPO / "examples" / "tiny_gpt"))
     import train
 
+    if config.pop("cpu_dry_run", False):
+        return train.main(ctx, config)
     if ctx.device.type != "cuda":
         raise RuntimeError(f"rank {ctx.rank} runs on {ctx.device}, not on a GPU")
     if dist.get_backend() != "nccl":
@@ -111,11 +115,13 @@ def snapshot_stall(params_m: float, reps: int) -> dict:
             "write_s": round(statistics.median(write), 3), "reps": reps}
 
 
-def strategy_jobs(client, strategy: str, steps: int) -> dict:
+def strategy_jobs(client, strategy: str, steps: int, cpu: bool = False) -> dict:
     base = {"entrypoint": "gpu_smoke:job_main", "workdir": str(BENCH), "strategy": STRATEGIES[strategy],
             "config": {"steps": steps, "dim": 256, "layers": 4, "heads": 4, "context": 64, "batch_size": 32,
                        "corpus_bytes": 1_000_000, "warmup": 5, "lr": 0.002},
-            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}}
+            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0 if cpu else 1}}
+    if cpu:
+        base["config"]["cpu_dry_run"] = True
     t0 = time.perf_counter()
     first = client.submit({**base, "name": f"gpu-{strategy}", "checkpoint": {"every_steps": 10}})
     s1 = first.wait(timeout=600, raise_on_failure=False)
@@ -138,39 +144,46 @@ def strategy_jobs(client, strategy: str, steps: int) -> dict:
             **({} if ok else {"error": s2.get("reason"), "logs": second.logs()[-2000:]})}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
-    ap.add_argument("--strategies", default="ddp,fsdp,deepspeed")
-    ap.add_argument("--params-m", type=float, default=100.0, help="model size for the snapshot stall, in millions")
-    args = ap.parse_args()
-
+def gpu_snapshot(args) -> bool:
     import torch
 
-    if not torch.cuda.is_available():
-        emit({"check": "gpu_smoke", "skipped": True,
-              "reason": f"no CUDA GPU visible to torch {torch.__version__} "
-                        f"(cuda build: {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); nothing to check on this machine"})
-        return 0
-    emit({"check": "device", "ok": True, "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-          "torch": torch.__version__, "cuda": torch.version.cuda})
-    failed = False
     try:
         line = snapshot_stall(args.params_m / (4 if args.quick else 1), reps=3 if args.quick else 5)
     except Exception as exc:  # noqa: BLE001 - report and go on to the jobs
         line = {"check": "snapshot_stall", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     emit(line)
-    failed |= not line["ok"]
     torch.cuda.empty_cache()
+    return line["ok"]
 
-    import ray
 
-    home = Path(tempfile.mkdtemp(prefix="stalwart-gpu-smoke-home-"))
-    os.environ["STALWART_HOME"] = str(home)
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=min(8, os.cpu_count() or 2), num_gpus=1, include_dashboard=False, namespace="stalwart",
-             log_to_driver=False, logging_level="WARNING")
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
+    ap.add_argument("--strategies", default="ddp,fsdp,deepspeed")
+    ap.add_argument("--cpu", action="store_true", help="no GPU: run the strategy jobs on CPU to try the script")
+    ap.add_argument("--params-m", type=float, default=100.0, help="model size for the snapshot stall, in millions")
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.cpu:
+        emit({"check": "gpu_smoke", "skipped": True,
+              "reason": f"no CUDA GPU visible to torch {torch.__version__} "
+                        f"(cuda build: {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); nothing to check on this machine"})
+        return 0
+    failed = False
+    if args.cpu:
+        emit({"check": "device", "ok": True, "name": "cpu (--cpu: no snapshot stall, jobs on gloo)",
+              "torch": torch.__version__})
+    else:
+        emit({"check": "device", "ok": True, "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+              "torch": torch.__version__, "cuda": torch.version.cuda})
+        failed |= not gpu_snapshot(args)
+
+    from _common import start_local_ray
+
+    home = start_local_ray(num_cpus=min(8, os.cpu_count() or 2), num_gpus=0 if args.cpu else 1)
     import stalwart
 
     client = stalwart.Client(home=home)
@@ -183,7 +196,7 @@ def main() -> int:
                 emit({"check": "strategy_deepspeed", "skipped": True, "reason": deepspeed_missing()})
                 continue
         try:
-            line = strategy_jobs(client, strategy, steps=20 if args.quick else 40)
+            line = strategy_jobs(client, strategy, steps=20 if args.quick else 40, cpu=args.cpu)
         except Exception as exc:  # noqa: BLE001
             line = {"check": f"strategy_{strategy}", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         emit(line)

@@ -1,11 +1,14 @@
 """Benchmark: per-step overhead of running a training loop under stalwart.
 
-Prints ONE JSON line. Run from the repository root: `python bench/step_overhead.py [--quick]`.
+Prints ONE JSON line. Run from the repository root:
+`python bench/step_overhead.py [--quick] [--strategy ddp|fsdp|deepspeed]`.
 
 The same loop (bench/_workload.py: examples/tiny_gpt's GPT, dim 128, 2 layers, batch 32 x 64
-bytes, AdamW, grad clipping; DDP over gloo on 2 CPU ranks, one torch thread per rank) runs:
+bytes, AdamW, grad clipping; 2 CPU ranks over gloo, one torch thread per rank; DDP, FSDP2 or
+DeepSpeed ZeRO-2 as `--strategy` says) runs:
 
-* bare: two plain torch.distributed processes (torch.multiprocessing.spawn, gloo, DDP);
+* bare: two plain torch.distributed processes (torch.multiprocessing.spawn, gloo), the model
+  wrapped by hand (bench/_workload.wrap_bare);
 * bare_ray: the same bare loop in two plain Ray actors on the same Ray instance (no stalwart):
   it shares the stalwart ranks' process environment (Ray worker processes run at nice 15, in the
   Ray instance's session), so stalwart / bare_ray isolates stalwart's own layer, while
@@ -32,6 +35,10 @@ bare block of the same round; `ratio` is the median of these per-round ratios. A
 ratio of the pooled medians, of means, of p10s (the least disturbed steps), and of process CPU
 seconds per step (all threads of rank 0's process: Ray's worker threads and the reporter
 included), which the other tenants disturb much less than wall time. Target: ratio <= 1.01.
+
+The stalwart variant also times stalwart's own calls on its training thread (ctx.batches less the
+batch function, ctx.report, ctx.checkpoint) over the timed steps: `stalwart_own_us_per_step`, a
+figure that background load barely moves, unlike the step time around it.
 
 Also measured: the cost of one `ctx.report(step, loss=tensor, grad_norm=tensor, tokens=int)` call
 on a real TrainContext (Reporter thread running, shipping to a no-op sink every 0.5 s) against
@@ -62,8 +69,11 @@ def free_port() -> int:
 
 
 def submit(client, config: dict, side: str, every_steps: int, tmp: Path):
+    from _workload import STRATEGY_SPECS
+
     spec = {"name": f"bench-{side.replace('_', '-')}", "entrypoint": "_workload:stalwart_main",
             "workdir": str(BENCH), "config": {**config, "side": side, "out": str(tmp / f"{side}.json")},
+            "strategy": STRATEGY_SPECS[config.get("strategy", "ddp")],
             "resources": {"workers": 2, "cpus_per_worker": 1},
             "checkpoint": {"uri": str(tmp / f"ckpt-{side}"), "every_steps": every_steps, "keep_last": 2}}
     return client.submit(spec)
@@ -157,10 +167,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 blocks of 5 timed steps per variant")
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--block", type=int, default=6, help="steps per block (the first of each is not timed)")
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
+    ap.add_argument("--bare-nice", type=int, default=0, help="niceness of the bare processes (Ray's workers: 15)")
     args = ap.parse_args()
     blocks = args.blocks or (16 if args.quick else 48)
     warmup = 20
-    config = {"warmup": warmup, "block": args.block, "blocks": blocks, "steps": warmup + args.block * blocks}
+    config = {"warmup": warmup, "block": args.block, "blocks": blocks, "steps": warmup + args.block * blocks,
+              "strategy": args.strategy}
 
     import torch.multiprocessing as mp
 
@@ -177,7 +190,8 @@ def main() -> None:
     baton.mkdir()
     config["baton_dir"] = str(baton)
     variants = ["bare", "bare_ray", "stalwart", "stalwart_ckpt"]
-    bare = mp.spawn(_workload.bare_rank, args=(2, free_port(), {**config, "side": "bare", "out": str(tmp / "bare.json")}),
+    bare = mp.spawn(_workload.bare_rank, args=(2, free_port(), {**config, "side": "bare", "out": str(tmp / "bare.json"),
+                                                               "nice": args.bare_nice}),
                     nprocs=2, join=False)
     bare_ray = start_bare_ray(config, tmp)
     jobs = {"stalwart": submit(client, config, "stalwart", 10**9, tmp),
@@ -253,8 +267,10 @@ def main() -> None:
 
     main_ratio = median(pair)
     emit({
-        "benchmark": "step_overhead",
-        "figure": {"stalwart_median_step_ms": med["stalwart"] * 1000, "stalwart_mean_step_ms": mean["stalwart"] * 1000,
+        "benchmark": "step_overhead", "strategy": args.strategy,
+        "figure": {"stalwart_own_us_per_step": res["stalwart"]["own_s_per_timed_step"] * 1e6,
+                   "stalwart_own_pct_of_step": 100 * res["stalwart"]["own_s_per_timed_step"] / med["stalwart"],
+                   "stalwart_median_step_ms": med["stalwart"] * 1000, "stalwart_mean_step_ms": mean["stalwart"] * 1000,
                    "stalwart_ckpt_every50_mean_step_ms": mean["stalwart_ckpt"] * 1000,
                    "report_us_per_call": rep["report_us"]},
         "baseline": {"bare_median_step_ms": med["bare"] * 1000, "bare_mean_step_ms": mean["bare"] * 1000,
@@ -282,7 +298,8 @@ def main() -> None:
         "repetitions": {"blocks": blocks, "timed_steps_per_block": args.block - 1,
                         "timed_steps_per_variant": len(pooled("stalwart")), "warmup_steps": warmup,
                         "report_reps": rep["reps"], "report_calls_per_rep": rep["calls_per_rep"]},
-        "setup": "2 ranks, gloo, DDP, 1 torch thread per rank, tiny GPT dim 128 x 2 layers, batch 32x64; "
+        "bare_niceness": args.bare_nice,
+        "setup": f"2 ranks, gloo, {args.strategy}, 1 torch thread per rank, tiny GPT dim 128 x 2 layers, batch 32x64; "
                  "variants take turns block by block",
     })
 

@@ -19,14 +19,19 @@ clipping at 1.0; 2 CPU ranks over gloo, one torch thread per rank) runs:
   stalwart's ranks are), so that stalwart / ray is stalwart's own share and ray / bare is what
   running in a Ray worker process costs (its niceness, its threads).
 
-Ray starts its workers at niceness 15 (RAY_worker_niceness), so on a machine busy with other
-work stalwart's ranks would lose CPU to it that the bare processes keep; the bare ranks run at the
-same niceness (`--bare-nice`, default 15) so the ratio measures stalwart, not the scheduler.
+Ray starts its workers at niceness 15, where any other work on the machine (Ray's own daemons
+included) takes CPU from them first. stalwart's ranks run at `resources.niceness` (default 0, as a
+plain torchrun rank); the bare ranks run at `--bare-nice` (default 0; 15 reproduces Ray's), while
+the `ray` variant keeps the 15 its actors get.
 
 Rank 0 timestamps every loop iteration and writes the step durations after `warmup` steps to a JSON
 file, so process, Ray and rendezvous start-up are excluded. The variants' order rotates round by
 round; the figure is the median over rounds of each run's median step time; ratio = stalwart /
 bare (the issue's figure) and stalwart / ray (stalwart's own share). Target: <= 1.01.
+
+`--gpu` runs the same comparison on one CUDA GPU (one rank, NCCL, a bigger GPT: dim 512 x 6 layers,
+batch 32 x 256). GPU steps are asynchronous, so there the figure is the mean step over the timed
+window, between two device synchronizations, rather than the median of per-step intervals.
 """
 
 from __future__ import annotations
@@ -42,76 +47,46 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "examples" / "tiny_gpt"))
+sys.path.insert(0, str(BENCH))
 
-from model import GPT  # noqa: E402
+from _workload import STRATEGY_SPECS as STRATEGIES  # noqa: E402
+from _workload import batch_fn, build_model, make_optimizer, train_step, wrap_bare, write_result  # noqa: E402
 
 CONFIG = {"dim": 128, "layers": 2, "heads": 4, "context": 64, "batch_size": 32, "lr": 1e-3, "seed": 0}
-STRATEGIES = {
-    "ddp": {"name": "ddp"},
-    "fsdp": {"name": "fsdp"},
-    "deepspeed": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}},
-}
+GPU_CONFIG = {"dim": 512, "layers": 6, "heads": 8, "context": 256, "batch_size": 32, "gpu": True}
 
 
-# ---- the loop, shared by both variants -------------------------------------------------------------
-def build(c: dict):
-    torch.manual_seed(c["seed"])
-    return GPT(context=c["context"], dim=c["dim"], layers=c["layers"], heads=c["heads"])
-
-
-def batch_fn(c: dict, rank: int):
-    def batch(index: int):
-        g = torch.Generator().manual_seed(index * 1009 + rank)
-        window = torch.randint(0, 256, (c["batch_size"], c["context"] + 1), generator=g)
-        return window[:, :-1], window[:, 1:]
-
-    return batch
-
-
-def train_step(strategy: str, model, optimizer, x, y):
-    logits = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    if strategy == "deepspeed":
-        model.backward(loss)
-        model.step()
-        return loss, model.get_global_grad_norm()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss, grad_norm
+def stamp(stamps: list[float], c: dict, step: int) -> None:
+    """Time one more step; on a GPU, wait for the device at the window's two ends (only there)."""
+    if c.get("gpu") and step in (c["warmup"], c["steps"]):
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
 
 
 def summarize(stamps: list[float], warmup: int) -> dict:
     d = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
-    return {"steps_timed": len(d), "median_step_s": statistics.median(d), "mean_step_s": statistics.fmean(d)}
-
-
-def write_result(path: str, result: dict) -> None:
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(f"{path}.tmp", path)
+    return {"steps_timed": len(d), "median_step_s": statistics.median(d), "mean_step_s": statistics.fmean(d),
+            "window_step_s": (stamps[-1] - stamps[warmup]) / len(d)}
 
 
 # ---- under stalwart (a job entrypoint: workdir bench/) ---------------------------------------------
 def stalwart_main(ctx, config):
     c = {**CONFIG, **config}
-    model = build(c)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.01)
+    model = build_model(c)
+    optimizer = make_optimizer(model, c)
     model, optimizer = ctx.prepare(model, optimizer)
     ctx.restore()
     stamps = [time.perf_counter()]
     for step, (x, y) in ctx.batches(batch_fn(c, ctx.rank), steps=c["steps"]):
-        loss, grad_norm = train_step(ctx.strategy, model, optimizer, x, y)
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        loss, grad_norm = train_step(model, optimizer, x, y, ctx.strategy)
         ctx.report(step, loss=loss.detach(), grad_norm=grad_norm, tokens=x.numel())
         ctx.checkpoint(step)
-        stamps.append(time.perf_counter())
+        stamp(stamps, c, step)
     if ctx.rank == 0:
         write_result(c["out"], summarize(stamps, c["warmup"]))
 
@@ -121,41 +96,23 @@ def bare_rank(rank: int, world: int, port: int, strategy: str, config: dict) -> 
     import torch.distributed as dist
 
     c = {**CONFIG, **config}
-    os.nice(max(0, int(c.get("nice", 0)) - os.nice(0)))  # the niceness Ray gives its workers
+    os.nice(max(0, int(c.get("nice", 0)) - os.nice(0)))  # only ever raised: --bare-nice
     torch.set_num_threads(1)  # what stalwart's runner does for cpus_per_worker: 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", 0) if c.get("gpu") else torch.device("cpu")
+    if c.get("gpu"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if c.get("gpu") else "gloo", rank=rank, world_size=world)
     try:
-        model = build(c)
-        if strategy == "ddp":
-            optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.01)
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        elif strategy == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.01)
-        else:
-            import deepspeed
-
-            from stalwart.launchers.strategies import _skip_cpu_shm_op, deepspeed_config
-
-            _skip_cpu_shm_op()  # as under stalwart: no gcc build of an inference-only kernel
-            optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.01)
-            model, optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(STRATEGIES["deepspeed"]["options"]),
-                dist_init_required=False)
+        model, optimizer = wrap_bare(strategy, build_model(c), c, world, device)
         batch = batch_fn(c, rank)
         stamps = [time.perf_counter()]
         for index in range(1, c["steps"] + 1):
             x, y = batch(index)
-            train_step(strategy, model, optimizer, x, y)
-            stamps.append(time.perf_counter())
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            train_step(model, optimizer, x, y, strategy)
+            stamp(stamps, c, index)
         if rank == 0:
             write_result(c["out"], summarize(stamps, c["warmup"]))
     finally:
@@ -169,20 +126,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def world_of(config: dict) -> int:
+    return 1 if config.get("gpu") else 2
+
+
 def run_bare(strategy: str, config: dict, out: Path) -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(bare_rank, args=(2, free_port(), strategy, {**config, "out": str(out)}), nprocs=2, join=True)
+    world = world_of(config)
+    mp.spawn(bare_rank, args=(world, free_port(), strategy, {**config, "out": str(out)}), nprocs=world, join=True)
     return json.loads(out.read_text())
 
 
 def run_in_ray(strategy: str, config: dict, out: Path) -> dict:
-    """The bare loop in two Ray actors, each in its own bundle of a placement group."""
+    """The bare loop in Ray actors (two on CPU, one on a GPU), each in its own bundle of a placement group."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    @ray.remote(num_cpus=1)
+    world, gpus = world_of(config), (1 if config.get("gpu") else 0)
+
+    @ray.remote(num_cpus=1, num_gpus=gpus)
     class BareRank:
         def run(self, rank: int, world: int, port: int, strategy: str, config: dict) -> None:
             for path in (str(REPO), str(BENCH), str(REPO / "examples" / "tiny_gpt")):
@@ -192,13 +156,13 @@ def run_in_ray(strategy: str, config: dict, out: Path) -> dict:
 
             strategy_overhead.bare_rank(rank, world, port, strategy, config)
 
-    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    pg = placement_group([{"CPU": 1, **({"GPU": 1} if gpus else {})}] * world)
     ray.get(pg.ready(), timeout=120)
     try:
         ranks = [BareRank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-                 .remote() for i in range(2)]
+                 .remote() for i in range(world)]
         port = free_port()
-        ray.get([a.run.remote(i, 2, port, strategy, {**config, "out": str(out), "nice": 0}) for i, a in enumerate(ranks)],
+        ray.get([a.run.remote(i, world, port, strategy, {**config, "out": str(out), "nice": 0}) for i, a in enumerate(ranks)],
                 timeout=900)
     finally:
         remove_placement_group(pg)
@@ -208,7 +172,8 @@ def run_in_ray(strategy: str, config: dict, out: Path) -> dict:
 def run_stalwart(client, strategy: str, config: dict, out: Path, ckpt: Path) -> dict:
     spec = {"name": f"bench-{strategy}", "entrypoint": "strategy_overhead:stalwart_main", "workdir": str(BENCH),
             "config": {**config, "out": str(out)}, "strategy": STRATEGIES[strategy],
-            "resources": {"workers": 2, "cpus_per_worker": 1},
+            "resources": {"workers": world_of(config), "cpus_per_worker": 1,
+                          "gpus_per_worker": 1 if config.get("gpu") else 0},
             # Per-step overhead only: the spares' imports (a few CPU seconds once per attempt, right
             # after its first step) would land inside this short timed window; docs/BENCHMARKS.md
             # gives their cost apart.
@@ -227,13 +192,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--timed-steps", type=int, default=None)
     ap.add_argument("--strategies", default="ddp,fsdp,deepspeed")
-    ap.add_argument("--bare-nice", type=int, default=int(os.environ.get("RAY_worker_niceness", 15)),
-                    help="niceness of the bare ranks (Ray's workers run at 15)")
+    ap.add_argument("--gpu", action="store_true", help="one rank on one CUDA GPU (NCCL), a bigger model")
+    ap.add_argument("--bare-nice", type=int, default=0, help="niceness of the bare ranks (Ray's workers run at 15)")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     timed = args.timed_steps or (60 if args.quick else 200)
     warmup = 20
-    config = {"steps": warmup + timed, "warmup": warmup}
+    config = {"steps": warmup + timed, "warmup": warmup, **(GPU_CONFIG if args.gpu else {})}
+    figure = "window_step_s" if args.gpu else "median_step_s"
     bare_config = {**config, "nice": args.bare_nice}
     wanted = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if "deepspeed" in wanted:
@@ -243,12 +209,9 @@ def main() -> None:
             print(f"deepspeed is not importable ({deepspeed_missing()}); skipping it", file=sys.stderr)
             wanted.remove("deepspeed")
 
-    import ray
+    from _common import start_local_ray
 
-    home = Path(tempfile.mkdtemp(prefix="stalwart-bench-home-"))
-    os.environ["STALWART_HOME"] = str(home)
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="stalwart", log_to_driver=False, logging_level="WARNING")
+    home = start_local_ray(num_cpus=2, num_gpus=1 if args.gpu else 0)
     import stalwart
 
     client = stalwart.Client(home=home)
@@ -268,12 +231,12 @@ def main() -> None:
                 else:
                     res = run_stalwart(client, strategy, config, out, tmp / f"ckpt-{strategy}-{r}")
                 runs[variant].append(res)
-                print(f"{strategy} round {r} {variant}: median {res['median_step_s'] * 1000:.1f} ms", file=sys.stderr)
-        med = {v: statistics.median(x["median_step_s"] for x in runs[v]) for v in runs}
+                print(f"{strategy} round {r} {variant}: {res[figure] * 1000:.2f} ms", file=sys.stderr)
+        med = {v: statistics.median(x[figure] for x in runs[v]) for v in runs}
         ratio = med["stalwart"] / med["bare"]
 
         def per_round(a: str, b: str) -> list[float]:
-            return [round(x["median_step_s"] / y["median_step_s"], 4) for x, y in zip(runs[a], runs[b])]
+            return [round(x[figure] / y[figure], 4) for x, y in zip(runs[a], runs[b])]
 
         print(json.dumps({
             "benchmark": "strategy_overhead", "strategy": strategy,
@@ -289,7 +252,11 @@ def main() -> None:
             "target": {"ratio": "<= 1.01"}, "met": ratio <= 1.01,
             "repetitions": {"rounds": rounds, "timed_steps": timed, "warmup_steps": warmup},
             "bare_niceness": args.bare_nice, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-            "setup": f"2 ranks, gloo, {strategy}, 1 torch thread per rank, tiny GPT dim 128 x 2 layers, batch 32x64",
+            "figure_is": figure,
+            "setup": (f"1 rank on {torch.cuda.get_device_name(0)}, nccl, {strategy}, "
+                      "GPT dim 512 x 6 layers, batch 32x256"
+                      if args.gpu else
+                      f"2 ranks, gloo, {strategy}, 1 torch thread per rank, tiny GPT dim 128 x 2 layers, batch 32x64"),
         }), flush=True)
     client.close()
 

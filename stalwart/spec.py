@@ -30,6 +30,12 @@ class Resources(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each rank")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved for each rank (0: train on CPU with gloo)")
     placement: Literal["pack", "spread"] = Field("pack", description="how the gang's bundles are placed")
+    niceness: int | None = Field(
+        0, ge=-20, le=19,
+        description="scheduling niceness of each rank's training thread and the threads and processes it starts. "
+                    "Ray starts its workers at 15, below every ordinary process on the node; 0 (the default) is "
+                    "what a plain torchrun rank and Ray's own daemons run at. Lowering it needs root or "
+                    "CAP_SYS_NICE; without them the ranks keep Ray's and rank 0 logs why. null keeps Ray's")
     min_workers: int | None = Field(None, ge=1, description="elastic: after a failure, go on with this many ranks "
                                     "or more rather than wait for all; grow back when capacity returns")
 

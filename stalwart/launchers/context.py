@@ -75,7 +75,7 @@ class TrainContext:
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
-        self._recent_losses: deque[float] = deque(maxlen=50)
+        self._recent_losses: deque[Any] = deque(maxlen=50)  # floats or 0-d tensors
         cache_dir = plan.get("cache_dir")
         # A node-local copy only pays off when the storage is remote.
         self._cache = ckpt.LocalCache(cache_dir) if cache_dir and not storage.uri.startswith("file://") else None
@@ -165,8 +165,9 @@ class TrainContext:
         busy, self._last_cpu = (cpu - self._last_cpu if self._last_cpu is not None else None), cpu
         self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position, busy)
         if loss is not None and (step % 10 == 0):
-            # A sampled float for the checkpoint's loss statistics; one sync every 10 steps.
-            self._recent_losses.append(float(loss))
+            # A sample for the checkpoint's loss statistics, kept as it came: a tensor is read only
+            # when a checkpoint is taken, so reporting never waits for the device.
+            self._recent_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
     def log(self, message: str) -> None:
         self._reporter.log(f"[rank {self.rank}] {message}\n")
@@ -283,7 +284,7 @@ class TrainContext:
         self._lazy_group = False
 
     def _loss_stats(self) -> dict:
-        losses = list(self._recent_losses)
+        losses = [float(x) for x in self._recent_losses]
         finite = [x for x in losses if np.isfinite(x)]
         return {
             "samples": len(losses),

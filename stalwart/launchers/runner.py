@@ -50,6 +50,9 @@ def run_rank(worker, payload: dict) -> dict:
     out, err = sys.stdout, sys.stderr
     sys.stdout = _Tee(out, reporter.log, f"[rank {rank}] ")
     sys.stderr = _Tee(err, reporter.log, f"[rank {rank}] ")
+    refused = set_niceness(spec.resources.niceness)  # before the process group starts its threads
+    if refused and rank == 0:
+        reporter.log(f"[rank 0] stalwart: {refused}\n")
     ctx = None
     started = time.time()
     try:
@@ -102,6 +105,27 @@ def run_rank(worker, payload: dict) -> dict:
                 dist.destroy_process_group()
             except (RuntimeError, ValueError):
                 pass
+
+
+def set_niceness(target: int | None) -> str | None:
+    """Give the calling thread niceness `target`; return why not, if the OS refused.
+
+    On Linux niceness belongs to each thread, and threads and processes inherit it when they are
+    created: the rank's training thread, the process group's threads, DataLoader workers and the
+    reporter take it, while Ray's own threads in the worker keep the 15 Ray gave them.
+    """
+    if target is None or not hasattr(os, "setpriority"):
+        return None
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current == target:
+        return None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, target)
+    except PermissionError:
+        return (f"ranks run at niceness {current}, not resources.niceness {target}: lowering it needs root or "
+                f"CAP_SYS_NICE (or an RLIMIT_NICE that allows it); set resources.niceness to null to keep "
+                f"Ray's without this note")
+    return None
 
 
 def _device(spec: JobSpec, payload: dict) -> torch.device:

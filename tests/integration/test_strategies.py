@@ -183,3 +183,17 @@ def test_fsdp_mixed_precision_and_activation_checkpointing_resume_bitwise(client
                                          faults=KILL)).wait(timeout=300)
     assert killed["restarts"] == {"node_failure": 1}
     assert_bitwise_equal(tensors_at(killed["checkpoint_uri"], STEPS), tensors_at(ref_status["checkpoint_uri"], STEPS))
+
+
+def test_gpu_smoke_script_runs_its_jobs_on_cpu():
+    """bench/gpu_smoke.py only meets a GPU now and then: its job path is kept working here (--cpu)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--quick", "--strategies", "ddp"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ddp = next(line for line in lines if line["check"] == "strategy_ddp")
+    assert ddp["ok"] and ddp["restored_step"] == 20 and ddp["loss_last"] < ddp["loss_first"]

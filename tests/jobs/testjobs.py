@@ -32,3 +32,10 @@ def linear(ctx, config):
             time.sleep(config["sleep"])
     return {"weights": [round(float(v), 6) for v in model.module.weight.flatten()] if hasattr(model, "module")
             else [round(float(v), 6) for v in model.weight.flatten()]}
+
+
+def niceness(ctx, config):
+    """Prints the training thread's niceness (per thread on Linux)."""
+    import os
+
+    print(f"niceness={os.getpriority(os.PRIO_PROCESS, 0)}")

@@ -138,3 +138,20 @@ def test_spec_error_pickles():
     err = SpecError([("a.b", "bad")], "x.yaml")
     again = pickle.loads(pickle.dumps(err))
     assert again.problems == [("a.b", "bad")] and "x.yaml" in str(again)
+
+
+def test_niceness_is_bounded_and_refusal_is_explained(monkeypatch):
+    from stalwart.launchers import runner
+
+    with pytest.raises(SpecError, match="niceness"):
+        JobSpec.from_dict({"name": "n", "entrypoint": "m:f", "resources": {"niceness": 20}})
+    assert JobSpec.from_dict({"name": "n", "entrypoint": "m:f"}).resources.niceness == 0
+
+    def refuse(*args):
+        raise PermissionError("not permitted")
+
+    monkeypatch.setattr(runner.os, "getpriority", lambda *a: 15)
+    monkeypatch.setattr(runner.os, "setpriority", refuse)
+    note = runner.set_niceness(0)
+    assert "niceness 15" in note and "CAP_SYS_NICE" in note and "resources.niceness" in note
+    assert runner.set_niceness(None) is None and runner.set_niceness(15) is None
