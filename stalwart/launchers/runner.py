@@ -20,6 +20,7 @@ from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import StalwartError
 from stalwart.launchers import context as context_module
 from stalwart.launchers.context import TrainContext
+from stalwart.launchers.niceness import set_niceness
 from stalwart.launchers.reporter import Reporter
 from stalwart.launchers.worker import _Tee, collective_timeout, format_user_error, import_entrypoint
 from stalwart.spec import JobSpec
@@ -46,13 +47,15 @@ def run_rank(worker, payload: dict) -> dict:
     os.environ.update(spec.env)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
+    # Before any thread of the rank starts (reporter, process group): they inherit it.
+    refused = set_niceness(spec.resources.niceness)
     reporter = Reporter(payload["sink"], spec.monitoring.report_interval_s).start()
     out, err = sys.stdout, sys.stderr
     sys.stdout = _Tee(out, reporter.log, f"[rank {rank}] ")
     sys.stderr = _Tee(err, reporter.log, f"[rank {rank}] ")
-    refused = set_niceness(spec.resources.niceness)  # before the process group starts its threads
     if refused and rank == 0:
-        reporter.log(f"[rank 0] stalwart: {refused}\n")
+        reporter.log(f"[rank 0] stalwart: ranks are {refused}; set resources.niceness to null to keep Ray's "
+                     f"niceness without this note\n")
     ctx = None
     started = time.time()
     try:
@@ -105,27 +108,6 @@ def run_rank(worker, payload: dict) -> dict:
                 dist.destroy_process_group()
             except (RuntimeError, ValueError):
                 pass
-
-
-def set_niceness(target: int | None) -> str | None:
-    """Give the calling thread niceness `target`; return why not, if the OS refused.
-
-    On Linux niceness belongs to each thread, and threads and processes inherit it when they are
-    created: the rank's training thread, the process group's threads, DataLoader workers and the
-    reporter take it, while Ray's own threads in the worker keep the 15 Ray gave them.
-    """
-    if target is None or not hasattr(os, "setpriority"):
-        return None
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if current == target:
-        return None
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, target)
-    except PermissionError:
-        return (f"ranks run at niceness {current}, not resources.niceness {target}: lowering it needs root or "
-                f"CAP_SYS_NICE (or an RLIMIT_NICE that allows it); set resources.niceness to null to keep "
-                f"Ray's without this note")
-    return None
 
 
 def _device(spec: JobSpec, payload: dict) -> torch.device:

@@ -18,6 +18,7 @@ import ray
 from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import JobNotFound, SpecError, StorageError
 from stalwart.launchers.gang import RayGang
+from stalwart.launchers.niceness import set_niceness
 from stalwart.monitoring.metrics import JobsCollector, start_exporter
 from stalwart.orchestrator.store import Store
 from stalwart.orchestrator.supervisor import JobSupervisor
@@ -42,6 +43,8 @@ FINAL_REPORT_WAIT_S = 10.0
 
 class Controller:
     def __init__(self, home: str):
+        # The controller detects faults and must not queue behind the ranks (now at 0) for a core.
+        set_niceness(0, all_threads=True)
         self.home = Path(home).expanduser()
         self.store = Store(self.home)
         self.supervisors: dict[str, JobSupervisor] = {}

@@ -141,7 +141,7 @@ def test_spec_error_pickles():
 
 
 def test_niceness_is_bounded_and_refusal_is_explained(monkeypatch):
-    from stalwart.launchers import runner
+    from stalwart.launchers import niceness
 
     with pytest.raises(SpecError, match="niceness"):
         JobSpec.from_dict({"name": "n", "entrypoint": "m:f", "resources": {"niceness": 20}})
@@ -150,8 +150,32 @@ def test_niceness_is_bounded_and_refusal_is_explained(monkeypatch):
     def refuse(*args):
         raise PermissionError("not permitted")
 
-    monkeypatch.setattr(runner.os, "getpriority", lambda *a: 15)
-    monkeypatch.setattr(runner.os, "setpriority", refuse)
-    note = runner.set_niceness(0)
-    assert "niceness 15" in note and "CAP_SYS_NICE" in note and "resources.niceness" in note
-    assert runner.set_niceness(None) is None and runner.set_niceness(15) is None
+    monkeypatch.setattr(niceness.os, "getpriority", lambda *a: 15)
+    monkeypatch.setattr(niceness.os, "setpriority", refuse)
+    note = niceness.set_niceness(0)
+    assert "niceness 15, not 0" in note and "CAP_SYS_NICE" in note
+    assert niceness.set_niceness(0, all_threads=True) == note
+    assert niceness.set_niceness(None) is None and niceness.set_niceness(15) is None
+
+
+def test_niceness_applies_to_the_calling_thread_and_what_it_starts():
+    import os
+    import threading
+
+    from stalwart.launchers.niceness import set_niceness
+
+    seen = {}
+
+    def body():
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert set_niceness(min(19, base + 2)) is None  # raising needs no privilege
+        child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+        seen.update(base=base, mine=os.getpriority(os.PRIO_PROCESS, 0))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["mine"] == seen["child"] == min(19, seen["base"] + 2)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == seen["base"]  # this thread is untouched
