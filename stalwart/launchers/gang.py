@@ -203,7 +203,7 @@ class RayGang:
         omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
         for bundle in range(self.world_size):
             spare = self._new_worker(bundle, 0, spare=True)
-            self._spares.append((spare, spare.warm.remote(omp_threads, modules)))
+            self._spares.append((spare, spare.warm.remote(omp_threads, modules, self.spec.resources.niceness)))
         return 0
 
     def _adopt_spares(self) -> dict[int, object]:

@@ -2,9 +2,9 @@
 
 Ray starts its worker processes at niceness 15, below every ordinary process on the node. That
 suits short tasks that should yield to the node's daemons. It does not suit a training rank,
-which is the node's main work, or the controller, which must see a fault within a second. On
-Linux niceness belongs to each thread, and new threads and processes inherit it from the thread
-that creates them.
+which is the node's main work, a spare that must be ready for the next fault, or the controller,
+which must see a fault within a second. On Linux niceness belongs to each thread, and new threads
+and processes inherit it from the thread that creates them.
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ def set_niceness(target: int | None, *, all_threads: bool = False) -> str | None
     for tid in tids:
         try:
             current = os.getpriority(os.PRIO_PROCESS, tid)
-            if current != target:
-                os.setpriority(os.PRIO_PROCESS, tid, target)
+        except OSError:  # a thread that ended meanwhile
+            continue
+        if current == target:
+            continue
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
         except PermissionError:
             refused = current
-        except ProcessLookupError:  # a thread that ended meanwhile
+        except OSError:
             continue
     if refused is None:
         return None

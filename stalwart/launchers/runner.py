@@ -47,8 +47,8 @@ def run_rank(worker, payload: dict) -> dict:
     os.environ.update(spec.env)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
-    # Before any thread of the rank starts (reporter, process group): they inherit it.
-    refused = set_niceness(spec.resources.niceness)
+    # Every thread of the process, before the rank starts more (reporter, process group): they inherit it.
+    refused = set_niceness(spec.resources.niceness, all_threads=True)
     reporter = Reporter(payload["sink"], spec.monitoring.report_interval_s).start()
     out, err = sys.stdout, sys.stderr
     sys.stdout = _Tee(out, reporter.log, f"[rank {rank}] ")

@@ -14,6 +14,7 @@ import traceback
 import ray
 
 from stalwart.errors import StalwartError
+from stalwart.launchers.niceness import set_niceness
 
 # torch.distributed's own timeout must stay above stalwart's hang detection, so that stalwart
 # sees a hang (and takes the stacks) before the collective gives up. Override with this variable.
@@ -104,12 +105,15 @@ class RankWorker:
         """The GPUs Ray assigned to this worker (empty without GPUs)."""
         return [str(g) for g in ray.get_gpu_ids()]
 
-    def warm(self, omp_threads: int, modules: list[str]) -> None:
+    def warm(self, omp_threads: int, modules: list[str], niceness: int | None = None) -> None:
         """As a spare: import what a rank imports (torch, stalwart's runner, the strategy's modules),
         then idle until adopted. A module that fails to import is left for the rank to report.
 
         Ray gives an actor without CPUs OMP_NUM_THREADS=1 where a rank with `omp_threads` CPUs gets
-        that many; set it as a rank's, before torch loads OpenMP (unless the job's runtime_env sets it)."""
+        that many; set it as a rank's, before torch loads OpenMP (unless the job's runtime_env sets it).
+        The imports run at the ranks' niceness: at Ray's 15 they would wait behind the ranks for as
+        long as those keep the cores busy, and the spares would not be ready for the next fault."""
+        set_niceness(niceness, all_threads=True)
         env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
         if os.environ.get("OMP_NUM_THREADS") == "1" and "OMP_NUM_THREADS" not in env_vars:
             os.environ["OMP_NUM_THREADS"] = str(omp_threads)
