@@ -233,8 +233,10 @@ def bare_rank(rank: int, world: int, port: int, config: dict) -> None:
 
     c = _cfg(config)
     strategy = c.get("strategy", "ddp")
-    if c.get("nice"):
-        os.nice(max(0, int(c["nice"]) - os.nice(0)))  # e.g. the niceness Ray gives its workers
+    if c.get("nice") is not None:
+        from stalwart.launchers.niceness import set_niceness
+
+        set_niceness(int(c["nice"]), all_threads=True)  # e.g. 15, the niceness Ray gives its workers
     torch.set_num_threads(1)  # what stalwart's runner does for cpus_per_worker: 1
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # as torchrun sets them
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

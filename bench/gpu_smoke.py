@@ -34,12 +34,6 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-STRATEGIES = {
-    "ddp": "ddp",
-    "fsdp": {"name": "fsdp"},
-    "deepspeed": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}},
-}
-
 
 def emit(line: dict) -> None:
     print(json.dumps(line), flush=True)
@@ -116,7 +110,8 @@ def snapshot_stall(params_m: float, reps: int) -> dict:
 
 
 def strategy_jobs(client, strategy: str, steps: int, cpu: bool = False) -> dict:
-    base = {"entrypoint": "gpu_smoke:job_main", "workdir": str(BENCH), "strategy": STRATEGIES[strategy],
+    from _workload import STRATEGY_SPECS
+    base = {"entrypoint": "gpu_smoke:job_main", "workdir": str(BENCH), "strategy": STRATEGY_SPECS[strategy],
             "config": {"steps": steps, "dim": 256, "layers": 4, "heads": 4, "context": 64, "batch_size": 32,
                        "corpus_bytes": 1_000_000, "warmup": 5, "lr": 0.002},
             "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0 if cpu else 1}}

@@ -9,10 +9,10 @@ DeepSpeed ZeRO-2 as `--strategy` says) runs:
 
 * bare: two plain torch.distributed processes (torch.multiprocessing.spawn, gloo), the model
   wrapped by hand (bench/_workload.wrap_bare);
-* bare_ray: the same bare loop in two plain Ray actors on the same Ray instance (no stalwart):
-  it shares the stalwart ranks' process environment (Ray worker processes run at nice 15, in the
-  Ray instance's session), so stalwart / bare_ray isolates stalwart's own layer, while
-  stalwart / bare also includes what running in Ray worker processes costs or gains;
+* bare_ray: the same bare loop in two plain Ray actors on the same Ray instance (no stalwart),
+  at the niceness Ray gives its workers (15), in the Ray instance's session: bare_ray / bare is
+  what a plain Ray worker process costs or gains. stalwart's ranks run at `resources.niceness`
+  (default 0), so stalwart / bare_ray holds that difference as well as stalwart's own layer;
 * stalwart: a real job submitted through `stalwart.Client` to a local Ray instance (started once,
   warm), the loop written with ctx.prepare / ctx.restore / ctx.batches / ctx.report / ctx.checkpoint,
   with checkpoint.every_steps far beyond the run, so ctx.checkpoint is called every step and

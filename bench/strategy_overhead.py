@@ -16,11 +16,13 @@ clipping at 1.0; 2 CPU ranks over gloo, one torch thread per rank) runs:
   never saves), and fault_tolerance.warm_spares off: the spares' one-time imports are a per-attempt
   cost, not a per-step one, and are measured apart.
 * ray: the bare loop, unchanged, run inside two Ray actors (1 CPU each, in a placement group, as
-  stalwart's ranks are), so that stalwart / ray is stalwart's own share and ray / bare is what
-  running in a Ray worker process costs (its niceness, its threads).
+  stalwart's ranks are) at the niceness Ray gave them, so that ray / bare is what running in a
+  plain Ray worker process costs (its niceness, its threads). Until stalwart's ranks took
+  `resources.niceness`, stalwart / ray was stalwart's own share; now it also holds the difference
+  between niceness 0 and Ray's.
 
-Ray starts its workers at niceness 15, where any other work on the machine (Ray's own daemons
-included) takes CPU from them first. stalwart's ranks run at `resources.niceness` (default 0, as a
+Ray starts its workers at niceness 15, where other work on the machine at 0 (Ray's own daemons
+included) wins the CPU from them whenever both want it. stalwart's ranks run at `resources.niceness` (default 0, as a
 plain torchrun rank); the bare ranks run at `--bare-nice` (default 0; 15 reproduces Ray's), while
 the `ray` variant keeps the 15 its actors get.
 
@@ -55,6 +57,8 @@ sys.path.insert(0, str(BENCH))
 
 from _workload import STRATEGY_SPECS as STRATEGIES  # noqa: E402
 from _workload import batch_fn, build_model, make_optimizer, train_step, wrap_bare, write_result  # noqa: E402
+
+from stalwart.launchers.niceness import set_niceness  # noqa: E402
 
 CONFIG = {"dim": 128, "layers": 2, "heads": 4, "context": 64, "batch_size": 32, "lr": 1e-3, "seed": 0}
 GPU_CONFIG = {"dim": 512, "layers": 6, "heads": 8, "context": 256, "batch_size": 32, "gpu": True}
@@ -96,7 +100,8 @@ def bare_rank(rank: int, world: int, port: int, strategy: str, config: dict) -> 
     import torch.distributed as dist
 
     c = {**CONFIG, **config}
-    os.nice(max(0, int(c.get("nice", 0)) - os.nice(0)))  # only ever raised: --bare-nice
+    if c.get("nice") is not None:
+        set_niceness(int(c["nice"]), all_threads=True)  # --bare-nice
     torch.set_num_threads(1)  # what stalwart's runner does for cpus_per_worker: 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -162,7 +167,7 @@ def run_in_ray(strategy: str, config: dict, out: Path) -> dict:
         ranks = [BareRank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                  .remote() for i in range(world)]
         port = free_port()
-        ray.get([a.run.remote(i, world, port, strategy, {**config, "out": str(out), "nice": 0}) for i, a in enumerate(ranks)],
+        ray.get([a.run.remote(i, world, port, strategy, {**config, "out": str(out), "nice": None}) for i, a in enumerate(ranks)],
                 timeout=900)
     finally:
         remove_placement_group(pg)

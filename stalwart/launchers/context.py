@@ -165,9 +165,10 @@ class TrainContext:
         busy, self._last_cpu = (cpu - self._last_cpu if self._last_cpu is not None else None), cpu
         self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position, busy)
         if loss is not None and (step % 10 == 0):
-            # A sample for the checkpoint's loss statistics, kept as it came: a tensor is read only
-            # when a checkpoint is taken, so reporting never waits for the device.
-            self._recent_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            # A sample for the checkpoint's loss statistics. A tensor is copied on its device (the
+            # loss's memory may be reused: a buffer, a CUDA graph's output) and read only when a
+            # checkpoint is taken, so reporting never waits for the device.
+            self._recent_losses.append(loss.detach().clone() if isinstance(loss, torch.Tensor) else loss)
 
     def log(self, message: str) -> None:
         self._reporter.log(f"[rank {self.rank}] {message}\n")
@@ -284,7 +285,12 @@ class TrainContext:
         self._lazy_group = False
 
     def _loss_stats(self) -> dict:
-        losses = [float(x) for x in self._recent_losses]
+        losses = []
+        for x in self._recent_losses:
+            try:
+                losses.append(float(x))
+            except (RuntimeError, TypeError, ValueError):  # a sample that cannot be read must not fail a save
+                continue
         finite = [x for x in losses if np.isfinite(x)]
         return {
             "samples": len(losses),

@@ -12,6 +12,13 @@ from __future__ import annotations
 import os
 
 
+def _threads() -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: niceness is the process's
+        return [0]
+
+
 def set_niceness(target: int | None, *, all_threads: bool = False) -> str | None:
     """Give the calling thread (or every thread of this process) niceness `target`.
 
@@ -20,26 +27,28 @@ def set_niceness(target: int | None, *, all_threads: bool = False) -> str | None
     """
     if target is None or not hasattr(os, "setpriority"):
         return None
-    tids = [0]
-    if all_threads:
-        try:
-            tids = [int(t) for t in os.listdir("/proc/self/task")]
-        except OSError:
-            pass
-    refused = None
-    for tid in tids:
-        try:
-            current = os.getpriority(os.PRIO_PROCESS, tid)
-        except OSError:  # a thread that ended meanwhile
-            continue
-        if current == target:
-            continue
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, target)
-        except PermissionError:
-            refused = current
-        except OSError:
-            continue
+    refused, done = None, set()
+    for _ in range(3):  # again while threads appear: one started meanwhile took its creator's old value
+        tids = _threads() if all_threads else [0]
+        new = [tid for tid in tids if tid not in done]
+        if not new:
+            break
+        for tid in new:
+            done.add(tid)
+            try:
+                current = os.getpriority(os.PRIO_PROCESS, tid)
+            except OSError:  # a thread that ended meanwhile
+                continue
+            if current == target:
+                continue
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+            except PermissionError:
+                refused = current
+            except OSError:
+                continue
+        if not all_threads:
+            break
     if refused is None:
         return None
     return (f"running at niceness {refused}, not {target}: lowering it needs root or CAP_SYS_NICE (or an "

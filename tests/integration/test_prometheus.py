@@ -183,9 +183,12 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(prometheus, f
     restarts = prometheus.query(f'stalwart_job_restarts_total{{job_id="{job_id}",cause="node_failure"}}')
     assert float(restarts[0]["value"][1]) == 1
     assert float(prometheus.query(f'stalwart_job_attempt{{job_id="{job_id}"}}')[0]["value"][1]) == 2
-    assert float(prometheus.query(f'stalwart_checkpoint_last_step{{job_id="{job_id}"}}')[0]["value"][1]) >= 20
+    wait_for(lambda: prometheus.query(f'stalwart_checkpoint_last_step{{job_id="{job_id}"}} >= 20'), timeout=60,
+             what="the step-20 checkpoint in Prometheus")
     assert float(prometheus.query(f'stalwart_checkpoint_size_bytes{{job_id="{job_id}"}}')[0]["value"][1]) > 10_000
-    ranks = prometheus.query(f'stalwart_rank_step_duration_seconds{{job_id="{job_id}"}}')
+    # Both ranks' gauges: the fixture saw them in the job's status, a scrape may not have yet.
+    ranks = wait_for(lambda: (r := prometheus.query(f'stalwart_rank_step_duration_seconds{{job_id="{job_id}"}}'))
+                     and len(r) == 2 and r, timeout=60, what="both ranks' step times in Prometheus")
     assert sorted(s["metric"]["rank"] for s in ranks) == ["0", "1"]
     assert all("step" not in s["metric"] for s in ranks)
 

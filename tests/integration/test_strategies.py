@@ -193,7 +193,7 @@ def test_gpu_smoke_script_runs_its_jobs_on_cpu():
 
     out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--quick", "--strategies", "ddp"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     ddp = next(line for line in lines if line["check"] == "strategy_ddp")
     assert ddp["ok"] and ddp["restored_step"] == 20 and ddp["loss_last"] < ddp["loss_first"]

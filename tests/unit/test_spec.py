@@ -1,3 +1,4 @@
+import sys
 import textwrap
 
 import pytest
@@ -158,6 +159,7 @@ def test_niceness_is_bounded_and_refusal_is_explained(monkeypatch):
     assert niceness.set_niceness(None) is None and niceness.set_niceness(15) is None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness is per thread on Linux only")
 def test_niceness_applies_to_the_calling_thread_and_what_it_starts():
     import os
     import threading
