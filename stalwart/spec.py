@@ -33,7 +33,7 @@ class Resources(_Section):
     niceness: int | None = Field(
         0, ge=-20, le=19,
         description="scheduling niceness of each rank's process (all its threads) and what it starts. "
-                    "Ray starts its workers at 15, below every ordinary process on the node; 0 (the default) is "
+                    "Ray starts its workers 15 above its own, behind the node's other processes; 0 (the default) is "
                     "what a plain torchrun rank and Ray's own daemons run at. Lowering it needs root or "
                     "CAP_SYS_NICE; without them the ranks keep Ray's and rank 0 logs why. null keeps Ray's")
     min_workers: int | None = Field(None, ge=1, description="elastic: after a failure, go on with this many ranks "

@@ -69,7 +69,6 @@ class RayGang:
             selector = [{"ray.io/node-id": f"!in({','.join(exclude_nodes)})"} for _ in range(self.world_size)]
         self.exclude_nodes = tuple(exclude_nodes)
         self._spares: list[tuple] = []  # (actor, ref of its warm() call), by bundle
-        self._spares_started = False
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
             self._pg, self._spares = previous._pg, previous._spares
             previous._pg, previous._spares = None, []
@@ -192,13 +191,12 @@ class RayGang:
     def warm_spares(self) -> int:
         """Start one spare per bundle, once (CPU jobs with fault_tolerance.warm_spares); return how
         many have finished their imports."""
-        if self._spares_started:
+        if self._spares:  # started: start() has taken over or dropped any earlier ones
             refs = [ref for _, ref in self._spares]
-            return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+            return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
         if (self._stopped or self._pg is None or not self.spec.fault_tolerance.warm_spares
                 or self.spec.resources.gpus_per_worker > 0):
             return 0
-        self._spares_started = True
         modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
         omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
         for bundle in range(self.world_size):

@@ -275,7 +275,7 @@ class JobSupervisor:
             if self._trained and not self._spares_ready:
                 # Started once, now rather than at the start, where their imports would slow the first steps.
                 ready = gang.warm_spares()
-                if ready and ready == gang.world_size:
+                if ready == gang.world_size:
                     self._spares_ready = True
                     self._event("spares_ready", f"{ready} warm spare rank process(es) ready for a restart", spares=ready)
             return self._maybe_grow()
