@@ -62,7 +62,8 @@ def spec(server, name: str, every: int, steps: int) -> dict:
             "config": {**MODEL, "steps": steps}, "resources": {"workers": 2, "cpus_per_worker": 1},
             "checkpoint": {"uri": server.uri(), "every_steps": every, "keep_last": 3,
                            "s3": {"endpoint_url": o.endpoint_url, "region": o.region,
-                                  "access_key_id": o.access_key_id, "secret_access_key": o.secret_access_key}},
+                                  "access_key_id": o.access_key_id.get_secret_value(),
+                                  "secret_access_key": o.secret_access_key.get_secret_value()}},
             "fault_tolerance": {"budgets": {"node_failure": 100}, "max_restarts": 100}}
 
 

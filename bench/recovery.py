@@ -116,7 +116,8 @@ def stalwart_trial(client, server, tmp: Path, i: int) -> dict:
             "config": job_config(stamps), "resources": {"workers": 2, "cpus_per_worker": 1},
             "checkpoint": {"uri": server.uri(f"stalwart-{i}-{os.getpid()}"), "every_steps": EVERY, "keep_last": 3,
                            "s3": {"endpoint_url": o.endpoint_url, "region": o.region,
-                                  "access_key_id": o.access_key_id, "secret_access_key": o.secret_access_key}}}
+                                  "access_key_id": o.access_key_id.get_secret_value(),
+                                  "secret_access_key": o.secret_access_key.get_secret_value()}}}
     job = client.submit(spec)
     r0, r1 = stamps / "stalwart-rank0.txt", stamps / "stalwart-rank1.txt"
     target = COMMITTED_BEFORE_KILL * EVERY

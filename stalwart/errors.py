@@ -81,3 +81,7 @@ class JobFailed(StalwartError):
 
 class ClusterError(StalwartError):
     """The Ray cluster or the controller cannot be reached or started."""
+
+
+class NoCluster(ClusterError):
+    """No Ray cluster runs where one was looked for (as opposed to one that refused us)."""

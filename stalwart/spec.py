@@ -6,13 +6,14 @@ rejected, because a misspelt knob that is silently ignored is worse than a refus
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from stalwart.errors import SpecError
@@ -22,7 +23,9 @@ Cause = Literal["node_failure", "hang", "nan", "loss_spike", "user_error"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a raw ValidationError's text would otherwise quote the input, secrets included
+    # (stalwart's own messages, from _problems, quote only what is not a secret).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 class Resources(_Section):
@@ -113,14 +116,32 @@ def _strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
     return problems
 
 
+# How a secret is written wherever it is not revealed: pydantic's rendering of a SecretStr.
+MASK = "**********"
+# The fields of a JobSpec that hold secrets, by path (see JobSpec.to_dict and JobSpec.secrets).
+SECRET_FIELDS = ("checkpoint.s3.access_key_id", "checkpoint.s3.secret_access_key")
+
+
 class S3Options(_Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS")
     region: str | None = None
-    access_key_id: str | None = Field(None, description="None: the standard AWS credential chain")
-    secret_access_key: str | None = None
+    access_key_id: SecretStr | None = Field(
+        None, description="None (preferred): the standard AWS credential chain. A key given here is a secret: "
+                          "masked in every output, never written to disk by stalwart")
+    secret_access_key: SecretStr | None = None
     multipart_chunk_mb: int = Field(16, ge=5, le=5120)
     max_concurrency: int = Field(8, ge=1, le=64)
     retry_deadline_s: float = Field(60.0, gt=0, description="how long transient errors are retried before a save fails")
+
+    @field_validator("access_key_id", "secret_access_key")
+    @classmethod
+    def _not_masked(cls, value: SecretStr | None) -> SecretStr | None:
+        # A spec copied from `validate --json` or `status` carries the mask; taken as the key, it would
+        # fail at the first upload with an unhelpful "access denied".
+        if value is not None and value.get_secret_value() == MASK:
+            raise ValueError(f"{MASK} is how stalwart prints a secret, not the secret itself; give the real "
+                             "key, or leave out both keys and use the AWS credential chain")
+        return value
 
     @model_validator(mode="after")
     def _pair(self) -> "S3Options":
@@ -279,6 +300,8 @@ class JobSpec(_Section):
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for every rank")
     runtime_env: dict[str, Any] | None = Field(None, description="a Ray runtime_env for the rank workers")
     faults: list[Fault] = Field(default_factory=list, description="faults to inject (recovery rehearsal)")
+    priority: int = Field(0, ge=-1000, le=1000, description="queue order while jobs wait for resources: higher "
+                          "starts first, equal ones in submit order; a running job is never preempted")
 
     @field_validator("name")
     @classmethod
@@ -354,8 +377,66 @@ class JobSpec(_Section):
             raise SpecError([("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")], str(path)) from None
         return cls.from_dict(data, source=str(path), workdir=str(path.resolve().parent))
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    # ---- serializing, and the secrets -----------------------------------------------------
+    def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
+        """The spec as JSON-able data. The secrets (SECRET_FIELDS) come out as MASK, so the result is safe
+        to store and print; it is not a runnable spec when it holds any, because a masked value is refused
+        as input (`with_secrets` puts them back).
+
+        reveal_secrets=True gives the real values, only to hand the spec to the process that runs it
+        (the client to the controller, the controller to the ranks, over Ray); never store or print it.
+        """
+        data = self.model_dump(mode="json")
+        return self._put_secrets(data, self.secrets()) if reveal_secrets else data
+
+    def secrets(self) -> dict[str, str]:
+        """The secrets set in this spec, {field path: value} (e.g. checkpoint.s3.secret_access_key)."""
+        found = {}
+        for path in SECRET_FIELDS:
+            value: Any = self
+            for part in path.split("."):
+                value = getattr(value, part)
+            if value is not None:
+                found[path] = value.get_secret_value()
+        return found
+
+    @classmethod
+    def with_secrets(cls, data: dict[str, Any], secrets: dict[str, str]) -> "JobSpec":
+        """The spec of `data`, a masked `to_dict()`, with the values of its `secrets()` put back.
+        Raises SpecError when a masked field has no value in `secrets`."""
+        data = cls._put_secrets(copy.deepcopy(data), secrets)
+        missing = masked_secrets(data)
+        if missing:
+            raise SpecError([(", ".join(missing), "masked, and its value was not given")])
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(_problems(exc)) from None
+
+    @staticmethod
+    def _put_secrets(data: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
+        for path, value in secrets.items():
+            *parents, leaf = path.split(".")
+            section = data
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[leaf] = value
+        return data
+
+
+def masked_secrets(data: dict[str, Any]) -> list[str]:
+    """The SECRET_FIELDS that `data`, a spec as `JobSpec.to_dict()` gives it, holds masked."""
+    masked = []
+    for path in SECRET_FIELDS:
+        value: Any = data
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value == MASK:
+            masked.append(path)
+    return masked
+
+
+_SECRET_NAMES = {path.split(".")[-1] for path in SECRET_FIELDS}
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -371,7 +452,9 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
             msg = "required field is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
+        secret = path.split(".")[-1] in _SECRET_NAMES  # a secret's value is never echoed, even a wrong one
+        if (err["type"] not in ("extra_forbidden", "missing") and "input" in err
+                and not isinstance(err["input"], dict) and not secret):
             msg = f"{msg} (got {err['input']!r})"
         problems.append((path, msg))
     return problems

@@ -10,7 +10,24 @@ import pytest
 # Make tests/s3server.py importable whatever pytest's import mode is.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ray_fixtures import start_local_ray  # noqa: E402
 from s3server import S3Server, find_rclone  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One real local Ray instance for the test process (integration and chaos tests share it, and
+    so share its controller), with stalwart's home in a temp dir."""
+    home = tmp_path_factory.mktemp("stalwart-home")
+    start_local_ray(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def client(ray_local):
+    from stalwart import Client
+
+    return Client(home=ray_local)
 
 
 @pytest.fixture(scope="session")

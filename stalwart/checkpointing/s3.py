@@ -107,8 +107,10 @@ class S3Storage(Storage):
     def _make_client(self, read_timeout_s: float, attempts: int):
         opts = self.options
         # A Session per storage: boto3's default session is not thread-safe to create clients from.
-        session = boto3.session.Session(aws_access_key_id=opts.access_key_id,
-                                        aws_secret_access_key=opts.secret_access_key, region_name=opts.region)
+        key_id = None if opts.access_key_id is None else opts.access_key_id.get_secret_value()
+        secret = None if opts.secret_access_key is None else opts.secret_access_key.get_secret_value()
+        session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret,
+                                        region_name=opts.region)
         extra = {}
         if self.endpoint_url:
             # Path-style URLs work on every S3-compatible server (bucket-in-hostname needs DNS),
@@ -278,8 +280,9 @@ class S3Storage(Storage):
             return (f"{endpoint} answered {code} to an object upload, so it does not look like an S3 server; "
                     "set checkpoint.s3.endpoint_url (or AWS_ENDPOINT_URL) to the S3 endpoint")
         if isinstance(exc, NoCredentialsError):
-            return ("no S3 credentials found; set checkpoint.s3.access_key_id and secret_access_key, or configure "
-                    "the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
+            return ("no S3 credentials found; configure the standard AWS credential chain (AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role), or set checkpoint.s3.access_key_id and "
+                    "secret_access_key")
         if code in _AUTH_CODES:
             return (f"{endpoint} rejected the S3 credentials ({code}); check checkpoint.s3.access_key_id and "
                     "secret_access_key (or the AWS credential chain) and that the key is valid for this endpoint")

@@ -119,7 +119,7 @@ class RayGang:
         self.ranks = [{"rank": r, "node_id": n, "pid": p} for r, (n, p) in enumerate(zip(nodes, pids))]
         gpus = (ray.get([w.gpu_ids.remote() for w in self.workers], timeout=120)
                 if self.spec.resources.gpus_per_worker > 0 else None)
-        spec_dict = self.spec.to_dict()
+        spec_dict = self.spec.to_dict(reveal_secrets=True)  # the ranks open the S3 storage with the keys
         for rank, worker in enumerate(self.workers):
             same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]
             payload = {"spec": spec_dict, "master_addr": addr, "master_port": port, "plan": plan,

@@ -6,13 +6,13 @@ import datetime
 import importlib
 import io
 import os
-import socket
 import sys
 import threading
 import traceback
 
 import ray
 
+from stalwart._net import free_port
 from stalwart.errors import StalwartError
 from stalwart.launchers.niceness import set_niceness
 
@@ -74,12 +74,6 @@ class _Tee(io.TextIOBase):
             self._partial = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 @ray.remote(max_concurrency=4)
 class RankWorker:
     """Lifecycle: created in a placement-group bundle; `address()` (rank 0 only) picks the rendezvous;
@@ -93,7 +87,7 @@ class RankWorker:
         self.world_size = world_size
 
     def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port("")
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -7,11 +7,10 @@ and starts a new attempt of every job that was not finished (spending no fault b
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
+import threading
 import time
-from pathlib import Path
 
 import ray
 
@@ -20,21 +19,42 @@ from stalwart.errors import JobNotFound, SpecError, StorageError
 from stalwart.launchers.gang import RayGang
 from stalwart.launchers.niceness import set_niceness
 from stalwart.monitoring.metrics import JobsCollector, start_exporter
-from stalwart.orchestrator.store import Store
+from stalwart.orchestrator import credentials
+from stalwart.orchestrator.cluster import home_dir
+from stalwart.orchestrator.queue import AdmissionQueue, unfit
+from stalwart.orchestrator.states import TERMINAL_STATES
+from stalwart.orchestrator.store import SUMMARY_KEYS, Store, stored_jobs, stored_status
 from stalwart.orchestrator.supervisor import JobSupervisor
 from stalwart.spec import JobSpec
 
 NAMESPACE = "stalwart"
 CONTROLLER_NAME = "stalwart-controller"
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+TERMINAL = TERMINAL_STATES
 
 
-def _push(controller, job_id: str, attempt: int, rank: int, batch: dict) -> None:
-    # Fire and forget: a training rank never waits for the controller's answer. Only a rank's final
-    # batch, sent once its work is done, is waited for (briefly), so it lands before the rank's result.
-    ref = controller.push.remote(job_id, attempt, rank, batch)
-    if batch.get("final"):
-        ray.wait([ref], timeout=FINAL_REPORT_WAIT_S)
+class _Sink:
+    """A rank's report stream to the controller (it travels to the rank and is called there).
+
+    Fire and forget: a training rank never waits for the controller's answer. Only a rank's final
+    batch, sent once its work is done, is waited for (briefly), together with every batch still in
+    flight: the controller is a threaded actor, which may run an earlier push after a later one, and
+    all of them (a last checkpoint's commit, say) must land before the rank's result.
+    """
+
+    def __init__(self, controller, job_id: str, attempt: int, rank: int):
+        self.controller, self.job_id, self.attempt, self.rank = controller, job_id, attempt, rank
+        self._inflight: list = []
+
+    def __call__(self, batch: dict) -> None:
+        ref = self.controller.push.remote(self.job_id, self.attempt, self.rank, batch)
+        if batch.get("final"):
+            pending = self._inflight + [ref]
+            ray.wait(pending, num_returns=len(pending), timeout=FINAL_REPORT_WAIT_S)
+            self._inflight = []
+            return
+        self._inflight.append(ref)
+        if len(self._inflight) > 64:  # keep only those not yet done (a cheap, non-blocking check)
+            self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=0)[1]
 
 
 # How long a finished rank waits for the controller to take its last reports.
@@ -42,12 +62,13 @@ FINAL_REPORT_WAIT_S = 10.0
 
 
 class Controller:
-    def __init__(self, home: str):
+    def __init__(self, home: str | None):
         # The controller detects faults and must not queue behind the ranks (now at 0) for a core.
         set_niceness(0, all_threads=True)
-        self.home = Path(home).expanduser()
+        self.home = home_dir(home)  # None: this node's STALWART_HOME, else ~/.stalwart
         self.store = Store(self.home)
         self.supervisors: dict[str, JobSupervisor] = {}
+        self.queue = AdmissionQueue()  # jobs waiting for their first start; their supervisors ask it
         self._self = None
 
         def snapshot() -> list[dict]:  # what a Prometheus scrape sees: live jobs, and jobs ended < 1 h ago
@@ -65,27 +86,53 @@ class Controller:
         return self._self
 
     def _sink(self, job_id: str, attempt: int, rank: int):
-        return functools.partial(_push, self._handle(), job_id, attempt, rank)
+        return _Sink(self._handle(), job_id, attempt, rank)
 
     def _supervise(self, job_id: str, spec: JobSpec, checkpoint_uri: str, **kwargs) -> JobSupervisor:
         # RayGang takes exclude_nodes (quarantined nodes) from the supervisor.
-        sup = JobSupervisor(job_id, spec, self.store, RayGang, self._sink, checkpoint_uri, **kwargs)
+        sup = JobSupervisor(job_id, spec, self.store, RayGang, self._sink, checkpoint_uri, queue=self.queue, **kwargs)
         self.supervisors[job_id] = sup
         sup.start()
+        if spec.secrets():
+            threading.Thread(target=self._forget_secrets_when_done, args=(sup,), daemon=True,
+                             name=f"secrets-{job_id}").start()
         return sup
 
+    @staticmethod
+    def _forget_secrets_when_done(sup: JobSupervisor) -> None:
+        # A finished job is never resumed, so the cluster need not hold its secrets any longer.
+        sup.join()
+        credentials.forget(sup.job_id)
+
     def _resume_unfinished(self) -> None:
+        # The queue first, whole, so that no job heads it only because the one before it was not added yet.
+        for job in self.store.jobs():
+            if job["state"] not in TERMINAL and not self.store.attempts(job["id"]):
+                self.queue.add(job["id"], job["spec"].get("priority", 0), job["created"])
         for job in self.store.jobs():
             if job["state"] in TERMINAL:
                 continue
-            spec = JobSpec.model_validate(job["spec"])
             attempts = self.store.attempts(job["id"])
             last = attempts[-1]["attempt"] if attempts else 0
             if attempts:
                 self.store.end_attempt(job["id"], last, "controller_restart", "the controller restarted")
+            try:
+                spec = credentials.restore(job["id"], job["spec"])  # the store has the secrets masked
+            except SpecError as exc:
+                self._cannot_resume(job, last, exc)
+                continue
             self._supervise(job["id"], spec, job["detail"].get("checkpoint_uri") or self._default_uri(job["id"]),
                             first_attempt=last + 1, reason="controller restarted: waiting for resources",
                             resumed_cause="a controller restart" if attempts else None)
+
+    def _cannot_resume(self, job: dict, attempt: int, exc: SpecError) -> None:
+        # The job ends FAILED and says why, rather than the controller failing to start over one job.
+        reason = "cannot resume after a restart: " + "; ".join(f"{path}: {msg}" for path, msg in exc.problems)
+        self.store.set_state(job["id"], "FAILED", {**job["detail"], "reason": reason, "error": reason,
+                                                   "attempt": attempt})
+        self.store.add_event(job["id"], "state", f"FAILED: {reason}", attempt, state="FAILED")
+        self.queue.remove(job["id"])
+        credentials.forget(job["id"])
 
     def _default_uri(self, job_id: str) -> str:
         return str(self.home / "checkpoints" / job_id)
@@ -97,6 +144,10 @@ class Controller:
     def submit(self, spec_dict: dict) -> str:
         """Validate, prove the checkpoint storage works, record, queue. Raises SpecError or StorageError."""
         spec = JobSpec.from_dict(spec_dict)
+        # One that can never fit would wait forever (and, heading the queue, hold up every job behind it).
+        problem = unfit(spec.resources, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if problem is not None:
+            raise SpecError([problem])
         job_id = f"{spec.name}-{secrets.token_hex(3)}"
         uri = spec.checkpoint.uri or self._default_uri(job_id)
         try:
@@ -110,42 +161,36 @@ class Controller:
                                       f"no committed checkpoint under {spec.checkpoint.resume_from}")])
         except StorageError as exc:
             raise SpecError([("checkpoint.uri", str(exc))]) from None
+        # The store (on disk) gets the spec with its secrets masked; the cluster's memory, their values.
+        credentials.keep(job_id, spec)
         self.store.add_job(job_id, spec.name, spec.to_dict(), "PENDING", {"checkpoint_uri": uri})
         self.store.add_event(job_id, "submitted", f"submitted; checkpoints at {uri}", 0)
+        self.queue.add(job_id, spec.priority)
         self._supervise(job_id, spec, uri)
         return job_id
 
     def status(self, job_id: str) -> dict:
-        job = self.store.job(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
+        out = stored_status(self.store, job_id)
         sup = self.supervisors.get(job_id)
-        out = {k: job[k] for k in ("id", "name", "state", "created", "updated")}
-        out.update(job["detail"])
-        out["checkpoint_uri"] = job["detail"].get("checkpoint_uri")
-        out["log_path"] = str(self.store.log_path(job_id))
-        out["attempts"] = self.store.attempts(job_id)
         if sup is not None:
-            out.update(sup.status())
+            # Newer than the figures it last saved; a resumed supervisor has no rate of its own yet.
+            out.update({k: v for k, v in sup.status().items() if v is not None or k not in out})
         return out
 
     def job_spec(self, job_id: str) -> dict:
         job = self.store.job(job_id)
         if job is None:
             raise JobNotFound(job_id)
-        return job["spec"]
+        return job["spec"]  # as stored: secrets masked
 
     def jobs(self) -> list[dict]:
-        out = []
-        for job in self.store.jobs():
-            row = {k: job[k] for k in ("id", "name", "state", "created", "updated")}
-            row["reason"] = job["detail"].get("reason", "")
-            sup = self.supervisors.get(job["id"])
+        rows = stored_jobs(self.store)
+        for row in rows:
+            sup = self.supervisors.get(row["id"])
             if sup is not None:
                 s = sup.status()
-                row.update({k: s[k] for k in ("step", "max_steps", "loss", "tokens_per_s", "attempt", "restarts")})
-            out.append(row)
-        return out
+                row.update({k: s[k] for k in SUMMARY_KEYS if k in s and (s[k] is not None or k not in row)})
+        return rows
 
     def events(self, job_id: str, since: int = 0) -> list[dict]:
         if self.store.job(job_id) is None:
@@ -194,7 +239,7 @@ class Controller:
 RemoteController = ray.remote(Controller)
 
 
-def get_or_create_controller(home: str):
+def get_or_create_controller(home: str | None):
     """The controller of the connected cluster, created (detached, named) if it does not exist."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

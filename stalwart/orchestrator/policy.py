@@ -9,6 +9,13 @@ from stalwart.spec import FaultTolerance
 
 # Causes that are not the job's fault and spend no budget.
 FREE_CAUSES = {"controller_restart", "grow"}
+# How an attempt ends without a fault.
+ENDINGS = {"succeeded", "cancelled"}
+
+
+def spends_budget(cause: str | None) -> bool:
+    """Whether an attempt that ended with `cause` spent a restart (a new controller recounts them)."""
+    return bool(cause) and cause not in FREE_CAUSES and cause not in ENDINGS
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,10 @@ class Cancelled(JobState):
         return self.reason
 
 
+# The names of the states a job ends in (the one definition; the store and the clients use names).
+TERMINAL_STATES = frozenset(cls.name for cls in (Succeeded, Failed, Cancelled))
+
+
 # ---- events: what the supervisor observed ------------------------------------------------------
 @dataclass(frozen=True)
 class Waiting:

@@ -2,6 +2,8 @@
 
 Everything a restarted controller needs to carry on lives here. One connection, one lock: the
 controller is a threaded actor and SQLite connections are not shared across threads safely.
+`stored_status` and `stored_jobs` read a job's figures from here alone (no Ray), so that another
+process can show them with `Store(home, readonly=True)` while the controller runs, or after it ended.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from stalwart.errors import JobNotFound
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,12 +46,24 @@ def _clean(value: Any) -> Any:
 
 
 class Store:
-    def __init__(self, home: str | Path):
+    """The controller's store, or with `readonly` another process's view of it: that creates no file
+    or folder and writes nothing (WAL lets it read while the controller writes). A read-only store
+    raises FileNotFoundError where the controller never ran."""
+
+    def __init__(self, home: str | Path, *, readonly: bool = False):
         self.home = Path(home).expanduser()
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        db = self.home / "controller.db"
+        if readonly:
+            if not db.is_file():
+                raise FileNotFoundError(f"no stalwart state in {self.home} (no controller.db)")
+            self._db = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+            return
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "jobs").mkdir(exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.home / "controller.db", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
@@ -62,6 +78,13 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE jobs SET state=?, detail=?, updated=? WHERE id=?",
                              (state, _dumps(detail), time.time(), job_id))
+
+    def update_detail(self, job_id: str, **fields: Any) -> None:
+        """Merge `fields` into a job's detail, leaving its state as it is."""
+        with self._lock:
+            row = self._db.execute("SELECT detail FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is not None:
+                self._db.execute("UPDATE jobs SET detail=? WHERE id=?", (_dumps({**json.loads(row[0]), **fields}), job_id))
 
     def job(self, job_id: str) -> dict | None:
         with self._lock:
@@ -112,7 +135,8 @@ class Store:
     # ---- files ------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
         path = self.home / "jobs" / job_id
-        path.mkdir(parents=True, exist_ok=True)
+        if not self.readonly:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def log_path(self, job_id: str) -> Path:
@@ -141,6 +165,38 @@ class Store:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# What a job listing shows of each job, besides its id, name, state and times.
+SUMMARY_KEYS = ("reason", "priority", "step", "max_steps", "loss", "tokens_per_s", "attempt", "restarts")
+
+
+def stored_status(store: Store, job_id: str) -> dict:
+    """A job's status as the store has it: state, reason, attempts, and the figures its supervisor
+    last saved (step, loss, last checkpoint...). A live supervisor's figures are newer. Raises JobNotFound."""
+    job = store.job(job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return {"checkpoint_uri": None, **_flatten(job), "log_path": str(store.log_path(job_id)),
+            "attempts": store.attempts(job_id)}
+
+
+def stored_jobs(store: Store) -> list[dict]:
+    """Every job, oldest first: id, name, state, times and the SUMMARY_KEYS (None where not known)."""
+    rows = []
+    for job in store.jobs():
+        flat = _flatten(job)
+        rows.append({k: flat.get(k) for k in ("id", "name", "state", "created", "updated", *SUMMARY_KEYS)})
+    return rows
+
+
+def _flatten(job: dict) -> dict:
+    """A job's record as one level: its state and times, the figures saved under detail["stats"], the
+    rest of its detail (reason, attempt, checkpoint_uri, a failure's cause...), and its priority."""
+    detail = dict(job["detail"])
+    stats = detail.pop("stats", None) or {}
+    return {**{k: job[k] for k in ("id", "name", "state", "created", "updated")}, **stats, **detail,
+            "priority": job["spec"].get("priority", 0)}
 
 
 def _job_row(row) -> dict:

@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
 from stalwart.orchestrator import states as st
-from stalwart.orchestrator.policy import FailurePolicy, Rollback
+from stalwart.orchestrator.policy import FailurePolicy, Rollback, spends_budget
+from stalwart.orchestrator.queue import AdmissionQueue
 from stalwart.orchestrator.store import Store
 from stalwart.spec import JobSpec
 
@@ -61,6 +62,17 @@ class LiveStats:
     rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
     rank_step_s: dict = field(default_factory=dict)  # rank -> recent seconds per step
     step_records: int = 0  # rank-0 records this attempt (step_times keeps only the recent ones)
+
+    @classmethod
+    def resumed(cls, saved: dict) -> LiveStats:
+        """Carry on from the figures a previous controller saved (`JobSupervisor.summary()`), so a job
+        resumed after a controller restart neither shows step 0 nor forgets its last checkpoint."""
+        def number(key):  # a non-finite loss was saved as text
+            return saved.get(key) if isinstance(saved.get(key), (int, float)) else None
+
+        return cls(step=number("step") or 0, loss=number("loss"), grad_norm=number("grad_norm"),
+                   max_steps=number("max_steps"), last_checkpoint=saved.get("last_checkpoint"),
+                   last_checkpoint_step=number("last_checkpoint_step"), last_checkpoint_at=number("last_checkpoint_at"))
 
     def tokens_per_s(self, window: float = 20.0) -> float | None:
         if len(self.tokens) < 2:
@@ -107,20 +119,22 @@ class JobSupervisor:
 
     def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
                  sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
-                 reason: str = "queued", resumed_cause: str | None = None):
+                 reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None):
         self.job_id = job_id
         self.spec = spec
         self.store = store
         self.gang_factory = gang_factory
         self.sink_factory = sink_factory
         self.checkpoint_uri = checkpoint_uri
+        self.queue = queue  # None: nothing to wait for before reserving (tests)
         self.policy = FailurePolicy(spec.fault_tolerance)
         for a in store.attempts(job_id):
-            if a["cause"] and a["cause"] not in ("succeeded", "cancelled", "controller_restart"):
+            if spends_budget(a["cause"]):
                 self.policy.spent[a["cause"]] += 1
         self._last_attempt = first_attempt
+        job = store.job(job_id)
+        self.live = LiveStats.resumed((job or {}).get("detail", {}).get("stats") or {})
         self.state: st.JobState = st.Pending(reason, first_attempt, self._plan(first_attempt))
-        self.live = LiveStats()
         self.failure: dict | None = None
         self.ranks: list[dict] = []
         ft = spec.fault_tolerance
@@ -151,6 +165,9 @@ class JobSupervisor:
         self._cancel_reason: str | None = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        # Saving the figures (state changes on the loop, commits on the report threads) computes and
+        # writes them under one lock, so an older summary never overwrites a newer one.
+        self._saving = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"supervisor-{job_id}", daemon=True)
         if resumed_cause:
             self._event("attempt_interrupted", f"attempt interrupted by {resumed_cause}; starting attempt {first_attempt}")
@@ -187,6 +204,8 @@ class JobSupervisor:
             self._record_state()
         finally:
             self._stop_gang()  # and release a reservation held for a restart that will not come
+            if self.queue is not None:
+                self.queue.remove(self.job_id)  # ended before it started: the next job may go
 
     def _advance(self, event: st.Event) -> None:
         before = self.state
@@ -209,6 +228,15 @@ class JobSupervisor:
         raise st.IllegalTransition(f"nothing to do in {state.name}")
 
     def _act_pending(self, state: st.Pending) -> st.Event:
+        queued = self.queue.admit(self.job_id) if self.queue is not None else None
+        if queued is not None:
+            if self._gang is not None:
+                # It headed the queue until a job of higher priority came: a pending placement group
+                # would compete with that job's for the next free resources.
+                self._gang.stop()
+                self._gang = None
+            self._wake.wait(self.POLL_S)  # a cancel wakes it
+            return st.Waiting(queued)
         if self._gang is None:
             avoid = self.quarantined | self.unreachable
             kwargs = {"exclude_nodes": tuple(sorted(avoid))} if avoid else {}
@@ -220,6 +248,8 @@ class JobSupervisor:
             self._pending_since = time.monotonic()
         if self._gang.reserve(self.POLL_S):
             self.unreachable.clear()  # they only had to be kept out of this reservation
+            if self.queue is not None:
+                self.queue.remove(self.job_id)  # admitted for good: its restarts do not queue again
             return st.Reserved()
         waited = time.monotonic() - self._pending_since
         shrink = self._shrink_to(state, waited)
@@ -454,11 +484,13 @@ class JobSupervisor:
         self.store.end_attempt(self.job_id, self.attempt, cause, error)
 
     def _record_state(self) -> None:
-        detail = {"reason": self.state.describe(), "attempt": self.attempt, "checkpoint_uri": self.checkpoint_uri}
-        if isinstance(self.state, st.Failed):
-            detail.update(self.failure or {"error": self.state.reason, "cause": self.state.cause})
-            detail["reason"] = self.state.reason
-        self.store.set_state(self.job_id, self.state.name, detail)
+        with self._saving:
+            detail = {"reason": self.state.describe(), "attempt": self.attempt, "checkpoint_uri": self.checkpoint_uri,
+                      "stats": self.summary()}
+            if isinstance(self.state, st.Failed):
+                detail.update(self.failure or {"error": self.state.reason, "cause": self.state.cause})
+                detail["reason"] = self.state.reason
+            self.store.set_state(self.job_id, self.state.name, detail)
         self._event("state", f"{self.state.name}" + (f": {self.state.describe()}" if self.state.describe() else ""),
                     state=self.state.name)
 
@@ -550,12 +582,14 @@ class JobSupervisor:
         kind = ev.get("kind", "?")
         data = {k: v for k, v in ev.items() if k not in ("kind",)}
         if kind == "checkpoint_committed":
-            self.commits.append(ev.get("step"))
-            self.live.last_checkpoint = ev.get("uri")
-            self.live.last_checkpoint_step = ev.get("step")
-            self.live.last_checkpoint_at = ev.get("ts")
-            self.saves.update(checkpoint_stall_s=ev.get("stall_s"), checkpoint_write_s=ev.get("write_s"),
-                              checkpoint_bytes=ev.get("bytes"))
+            with self._saving:
+                self.commits.append(ev.get("step"))
+                self.live.last_checkpoint = ev.get("uri")
+                self.live.last_checkpoint_step = ev.get("step")
+                self.live.last_checkpoint_at = ev.get("ts")
+                self.saves.update(checkpoint_stall_s=ev.get("stall_s"), checkpoint_write_s=ev.get("write_s"),
+                                  checkpoint_bytes=ev.get("bytes"))
+                self.store.update_detail(self.job_id, stats=self.summary())
             msg = f"checkpoint step {ev.get('step')} committed (stall {_ms(ev.get('stall_s'))}, write {_s(ev.get('write_s'))})"
         elif kind == "checkpoint_failed":
             self.saves["checkpoint_failures"] += 1
@@ -574,24 +608,32 @@ class JobSupervisor:
         self.store.add_event(self.job_id, kind, msg, attempt, **data)
 
     # ---- status -----------------------------------------------------------------------
-    def status(self) -> dict:
+    def summary(self) -> dict:
+        """The figures saved with the job's record (detail["stats"]) on every state change, checkpoint
+        commit and at the end, so that status and list show them once this supervisor is gone."""
         live = self.live
-        step_time = live.step_time_s()
-        eta = None
-        if step_time and live.max_steps:
-            eta = max(0.0, (live.max_steps - live.step) * step_time)
         return {
             "step": live.step,
             "max_steps": live.max_steps,
             "loss": _finite(live.loss),
             "grad_norm": _finite(live.grad_norm),
             "tokens_per_s": live.tokens_per_s(),
-            "step_time_s": step_time,
-            "eta_s": eta,
+            "step_time_s": live.step_time_s(),
             "last_checkpoint": live.last_checkpoint,
             "last_checkpoint_step": live.last_checkpoint_step,
             "last_checkpoint_at": live.last_checkpoint_at,
             "restarts": dict(self.policy.spent),
+        }
+
+    def status(self) -> dict:
+        live, summary = self.live, self.summary()
+        step_time = summary["step_time_s"]
+        eta = None
+        if step_time and live.max_steps:
+            eta = max(0.0, (live.max_steps - live.step) * step_time)
+        return {
+            **summary,
+            "eta_s": eta,
             "attempt": self.attempt,
             "ranks": self.ranks,
             "stragglers": sorted(self.stragglers.stragglers),

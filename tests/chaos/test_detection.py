@@ -90,9 +90,12 @@ def test_injected_hang_reports_where_it_hangs(client):
 
 def test_controller_killed_mid_run(client):
     job = client.submit(tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}))
-    wait_for(lambda: job.status().get("step", 0) >= 15)
+    wait_for(lambda: (s := job.status()).get("step", 0) >= 15 and (s.get("last_checkpoint_step") or 0) >= 10)
     controller = ray.get_actor("stalwart-controller", namespace="stalwart")
     ray.kill(controller, no_restart=False)
+    # The new controller carries on from the figures the old one saved, not from step 0.
+    resumed = wait_for(lambda: (s := job.status())["attempts"][0]["cause"] == "controller_restart" and s)
+    assert resumed["step"] >= 10 and resumed["last_checkpoint_step"] >= 10
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
     causes = [a["cause"] for a in status["attempts"]]

@@ -5,6 +5,7 @@ import ray
 
 from jobspecs import job_spec, tiny_gpt_spec, wait_for
 from stalwart.errors import JobFailed, SpecError
+from stalwart.orchestrator.store import Store, stored_jobs, stored_status
 
 
 
@@ -57,6 +58,45 @@ def test_second_job_waits_for_resources_then_runs(client):
     assert first.wait(timeout=120)["state"] == "SUCCEEDED"
     assert second.wait(timeout=120)["state"] == "SUCCEEDED"
     assert second.status()["attempts"][0]["started"] >= first.status()["attempts"][0]["ended"] - 1
+
+
+def test_waiting_jobs_hold_no_placement_group_and_start_by_priority(client):
+    blocker = client.submit(job_spec("testjobs:linear", {"steps": 80, "sleep": 0.1}))
+    wait_for(lambda: blocker.status()["state"] == "RUNNING", timeout=60)
+    low = client.submit(job_spec("testjobs:linear", {"steps": 5}))
+    high = client.submit(job_spec("testjobs:linear", {"steps": 5}, priority=5))
+    queued = wait_for(lambda: "queued: " in (s := low.status())["reason"] and s, timeout=30)
+    assert queued["state"] == "PENDING" and f"1 job(s) ahead (first: {high.id}, priority 5)" in queued["reason"]
+    wait_for(lambda: "waiting for resources" in high.status()["reason"], timeout=30)
+
+    def pending_groups() -> set[str]:
+        return {pg["name"] for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"}
+
+    # Only the head of the queue holds a placement group (low's, made while it was alone, is gone).
+    wait_for(lambda: pending_groups() == {f"stalwart-{high.id}-1"}, timeout=10, what="only the head's group pending")
+    assert blocker.wait(timeout=120)["state"] == "SUCCEEDED"
+    high_status, low_status = high.wait(timeout=120), low.wait(timeout=120)
+    assert low_status["attempts"][0]["started"] >= high_status["attempts"][0]["ended"] - 1
+
+
+def test_a_job_that_can_never_fit_is_refused_at_submit(client):
+    before = len(client.jobs())
+    with pytest.raises(SpecError, match=r"resources.gpus_per_worker: each rank needs 64 GPU"):
+        client.submit(job_spec("testjobs:linear", resources={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 64}))
+    with pytest.raises(SpecError, match=r"resources.workers: .* holds at most 2"):
+        client.submit(job_spec("testjobs:linear", workers=3))
+    assert len(client.jobs()) == before
+
+
+def test_a_finished_job_keeps_its_figures_for_another_process(client, ray_local):
+    job = client.submit(job_spec("testjobs:linear", {"steps": 30}, checkpoint={"every_steps": 10}))
+    assert job.wait(timeout=120)["state"] == "SUCCEEDED"
+    stored = stored_status(Store(ray_local, readonly=True), job.id)  # as `stalwart status` would, no cluster
+    assert stored["state"] == "SUCCEEDED" and stored["step"] == 30 and stored["max_steps"] == 30
+    assert isinstance(stored["loss"], float) and stored["last_checkpoint_step"] == 30
+    assert stored["tokens_per_s"] and stored["restarts"] == {}
+    (row,) = [r for r in stored_jobs(Store(ray_local, readonly=True)) if r["id"] == job.id]
+    assert row["step"] == 30 and row["loss"] == stored["loss"]
 
 
 def test_bad_spec_is_refused_and_nothing_is_recorded(client):

@@ -80,7 +80,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def endpoint(client) -> str:
-    url = client._call("metrics_endpoint")
+    url = client.metrics_endpoint()
     assert url and url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
     return url
 

@@ -14,6 +14,7 @@ import time
 
 import pytest
 from botocore.stub import Stubber
+from pydantic import SecretStr
 from s3server import S3Server, free_port
 
 from stalwart.checkpointing.s3 import S3Storage
@@ -171,7 +172,7 @@ def test_s3_check_wrong_endpoint():
 
 @pytest.mark.parametrize("field", ["access_key_id", "secret_access_key"])
 def test_s3_check_bad_credentials(s3_server, s3_uri, field):
-    opts = s3_server.options.model_copy(update={field: "wrong"})
+    opts = s3_server.options.model_copy(update={field: SecretStr("wrong")})
     with pytest.raises(StorageError) as info:
         S3Storage(s3_uri, opts).check()
     assert info.value.transient is False

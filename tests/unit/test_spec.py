@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from stalwart.errors import SpecError
-from stalwart.spec import JobSpec
+from stalwart.spec import MASK, SECRET_FIELDS, JobSpec, masked_secrets
 
 
 def load(tmp_path, text):
@@ -181,3 +181,67 @@ def test_niceness_applies_to_the_calling_thread_and_what_it_starts():
     t.join()
     assert seen["mine"] == seen["child"] == min(19, seen["base"] + 2)
     assert os.getpriority(os.PRIO_PROCESS, 0) == seen["base"]  # this thread is untouched
+
+
+SECRET = "s3cr3t-4f9a1c"
+
+
+def keyed(**s3) -> dict:
+    return {"name": "k", "entrypoint": "a:b",
+            "checkpoint": {"s3": {"access_key_id": "AKID-7e2b", "secret_access_key": SECRET, **s3}}}
+
+
+def test_s3_keys_are_masked_wherever_the_spec_is_written():
+    import json
+
+    spec = JobSpec.from_dict(keyed())
+    masked = spec.to_dict()
+    assert masked["checkpoint"]["s3"]["secret_access_key"] == MASK
+    assert masked["checkpoint"]["s3"]["access_key_id"] == MASK
+    for text in (json.dumps(masked), repr(spec), str(spec), repr(spec.checkpoint.s3), spec.model_dump_json()):
+        assert SECRET not in text and "AKID-7e2b" not in text
+    # No keys: nothing to mask, and the AWS credential chain is used.
+    plain = JobSpec.from_dict({"name": "k", "entrypoint": "a:b"})
+    assert plain.to_dict()["checkpoint"]["s3"]["secret_access_key"] is None and plain.secrets() == {}
+
+
+def test_s3_keys_are_revealed_only_on_request_and_restored_into_a_masked_spec():
+    spec = JobSpec.from_dict(keyed())
+    assert spec.checkpoint.s3.secret_access_key.get_secret_value() == SECRET
+    assert spec.to_dict(reveal_secrets=True)["checkpoint"]["s3"]["secret_access_key"] == SECRET
+    assert JobSpec.from_dict(spec.to_dict(reveal_secrets=True)) == spec
+    assert spec.secrets() == {"checkpoint.s3.access_key_id": "AKID-7e2b", "checkpoint.s3.secret_access_key": SECRET}
+    assert masked_secrets(spec.to_dict()) == list(SECRET_FIELDS)
+    assert JobSpec.with_secrets(spec.to_dict(), spec.secrets()) == spec
+    with pytest.raises(SpecError) as exc:
+        JobSpec.with_secrets(spec.to_dict(), {})
+    assert "masked" in str(exc.value)
+
+
+def test_a_masked_value_given_as_a_key_is_refused(tmp_path):
+    masked = JobSpec.from_dict(keyed()).to_dict()
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict(masked)
+    p = problems(exc)
+    assert "how stalwart prints a secret" in p["checkpoint.s3.secret_access_key"]
+    assert "AWS credential chain" in p["checkpoint.s3.access_key_id"]
+    with pytest.raises(SpecError, match="how stalwart prints a secret"):
+        load(tmp_path, """
+            name: demo
+            entrypoint: train:main
+            checkpoint: {s3: {access_key_id: AKID, secret_access_key: "**********"}}
+        """)
+
+
+def test_errors_never_quote_a_secret():
+    with pytest.raises(SpecError) as exc:  # a wrong type is named, the value not quoted
+        JobSpec.from_dict(keyed(secret_access_key=12345))
+    assert "valid string" in str(exc.value) and "12345" not in str(exc.value)
+    with pytest.raises(SpecError) as exc:  # one key only: the pair check must not echo the one given
+        JobSpec.from_dict({"name": "k", "entrypoint": "a:b", "checkpoint": {"s3": {"secret_access_key": SECRET}}})
+    assert "set both" in str(exc.value) and SECRET not in str(exc.value)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as raw:  # a raw pydantic error hides its input too
+        JobSpec.model_validate(keyed(secret_access_key=None))
+    assert "AKID-7e2b" not in str(raw.value)

@@ -1,0 +1,118 @@
+"""`stalwart checkpoints`: list, show, verify and delete committed checkpoints, by job id or URI."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, fail, fmt, job_handle, reader
+from stalwart.errors import StalwartError
+
+ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and delete committed checkpoints.")
+app.add_typer(ckpt_app, name="checkpoints")
+WhereArg = typer.Argument(..., help="a job id, or a checkpoint URI (file:///dir, a path, s3://bucket/prefix)")
+EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint")
+
+
+def _storage(where: str, address: Optional[str], endpoint_url: Optional[str]):
+    from stalwart.checkpointing.engine import resolve
+    from stalwart.spec import MASK, S3Options
+
+    options = S3Options(endpoint_url=endpoint_url) if endpoint_url else None
+    if "://" not in where and "/" not in where:  # a job id: its records say where its checkpoints are
+        job = job_handle(reader(address), where)
+        where = job.status()["checkpoint_uri"]
+        if options is None:
+            # The spec's keys come back masked (they are never stored): the AWS credential chain reads instead.
+            s3 = {k: v for k, v in job.spec()["checkpoint"]["s3"].items() if v != MASK}
+            s3.pop("access_key_id", None), s3.pop("secret_access_key", None)
+            options = S3Options.model_validate(s3)
+    try:
+        return resolve(where, options)
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+@ckpt_app.command("list")
+def checkpoints_list(where: str = WhereArg, address: Optional[str] = AddressOpt,
+                     endpoint_url: Optional[str] = EndpointOpt, as_json: bool = JsonOpt):
+    """Saved checkpoints, newest first; only committed ones (with a manifest) can be loaded."""
+    from stalwart.checkpointing.engine import describe
+
+    storage, _ = _storage(where, address, endpoint_url)
+    try:
+        rows = describe(storage)
+    except StalwartError as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("step", "committed", "ranks", "size", "created", "loss", "uri")
+    for r in rows:
+        table.add_row(str(r["step"]), Text("yes", "green") if r["committed"] else Text(r.get("problem", "no"), "red"),
+                      str(r.get("world_size", "-")), f"{r['bytes'] / 1e6:.1f} MB" if "bytes" in r else "-",
+                      clock(r["created_at"]) if "created_at" in r else "-", fmt(r.get("loss")), r["uri"])
+    console.print(table)
+
+
+@ckpt_app.command("show")
+def checkpoints_show(where: str = WhereArg, step: Optional[int] = typer.Argument(None, help="default: newest"),
+                     address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt):
+    """Print a checkpoint's manifest."""
+    from stalwart.checkpointing.engine import committed_steps, read_manifest
+
+    storage, named = _storage(where, address, endpoint_url)
+    try:
+        step = step if step is not None else named if named is not None else (committed_steps(storage) or [None])[0]
+        if step is None:
+            fail(f"no committed checkpoint under {storage.uri}")
+        console.print_json(json.dumps(read_manifest(storage, step), default=str))
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+@ckpt_app.command("verify")
+def checkpoints_verify(where: str = WhereArg, step: Optional[int] = typer.Argument(None, help="default: all"),
+                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt):
+    """Read every shard and check sizes and checksums against the manifest. Exit 1 if any fails."""
+    from stalwart.checkpointing.engine import committed_steps, load
+    from stalwart.errors import CheckpointCorrupt
+
+    storage, named = _storage(where, address, endpoint_url)
+    steps = [step] if step is not None else [named] if named is not None else committed_steps(storage)
+    bad = 0
+    for s in steps:
+        try:
+            load(storage, s, 0)
+            console.print(f"[green]ok[/]      step {s}")
+        except CheckpointCorrupt as exc:
+            bad += 1
+            console.print(f"[red]corrupt[/] step {s}: {escape(str(exc.reason))}")
+        except StalwartError as exc:
+            fail(str(exc))
+    if not steps:
+        console.print(f"no committed checkpoint under {storage.uri}")
+    raise typer.Exit(1 if bad else 0)
+
+
+@ckpt_app.command("delete")
+def checkpoints_delete(where: str = WhereArg, step: int = typer.Argument(...),
+                       yes: bool = typer.Option(False, "--yes", help="do not ask"),
+                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt):
+    """Delete one checkpoint (manifest first, then its shards)."""
+    from stalwart.checkpointing.engine import delete_checkpoint, step_dir
+
+    storage, _ = _storage(where, address, endpoint_url)
+    if not yes and not typer.confirm(f"delete {storage.uri}/{step_dir(step)}?"):
+        raise typer.Exit(1)
+    try:
+        n = delete_checkpoint(storage, step)
+    except StalwartError as exc:
+        fail(str(exc))
+    console.print(f"deleted {n} object(s) of step {step}" if n else f"nothing saved at step {step}")
+

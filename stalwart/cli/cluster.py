@@ -1,0 +1,79 @@
+"""`stalwart up` and `stalwart down`: the background cluster on this machine, and only it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from stalwart.cli.common import app, console, err, fail, say
+from stalwart.errors import StalwartError
+
+
+@app.command()
+def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default: all)"),
+       num_gpus: Optional[int] = typer.Option(None, help="GPUs to offer (default: all)"),
+       host: str = typer.Option("127.0.0.1", "--host", help="address to bind Ray and its dashboard to; another "
+                                "machine's nodes and clients need this machine's own address here"),
+       port: Optional[int] = typer.Option(None, "--port", help="Ray's (GCS) port (default: a free one)"),
+       dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="default 8265, if free")):
+    """Start a Ray head (token auth and dashboard on) and the controller, in the background."""
+    from stalwart.client import Client
+    from stalwart.orchestrator import cluster
+
+    home = cluster.home_dir()
+    record = cluster.local_cluster(home)
+    started = record is None
+    if started:
+        say("starting a Ray head in the background ...")
+        try:
+            record = cluster.start_background(home, num_cpus=num_cpus, num_gpus=num_gpus, host=host, port=port,
+                                              dashboard_port=dashboard_port)
+        except StalwartError as exc:
+            fail(str(exc))
+    else:
+        say(f"a cluster started by `stalwart up` already runs at {record['address']}")
+    try:
+        client = Client(record["address"], home=home, start="never", say=say)
+    except StalwartError as exc:
+        if started:
+            cluster.stop_background(home)  # a start that cannot be used leaves nothing running
+        fail(f"{exc}{' (the new cluster was stopped again)' if started else ''}")
+    address = record["address"]
+    loopback = record.get("host", host) in ("127.0.0.1", "localhost", "::1")
+    console.print(
+        f"stalwart is up: Ray at {address}, controller ready (state in {client.controller_info['home']}).\n"
+        f"  dashboard    {record.get('dashboard', '-')}   (`ray status`, `ray job` work here too)\n"
+        f"  submit       stalwart submit job.yaml   (elsewhere: --address {address}, or RAY_ADDRESS)\n"
+        f"  more nodes   on each other machine, with this machine's Ray token in ~/.ray/auth_token there\n"
+        f"               (`ray get-auth-token` prints it): RAY_AUTH_MODE=token ray start --address={address}\n"
+        + ("               (Ray listens on 127.0.0.1 only: `stalwart up --host <this machine's address>` "
+           "to take other machines)\n" if loopback else "")
+        + "  stop         stalwart down", highlight=False, markup=False, soft_wrap=True)
+    client.close()
+
+
+@app.command()
+def down():
+    """Cancel running jobs and stop the cluster that `stalwart up` started here, and nothing else."""
+    from stalwart.client import Client
+    from stalwart.orchestrator import cluster
+
+    home = cluster.home_dir()
+    record = cluster.local_cluster(home)
+    if record is None:
+        stopped = cluster.stop_background(home)  # a record whose head no longer answers: end its leftovers
+        console.print("stopped the leftovers of a cluster whose head had gone" if stopped else
+                      f"no cluster started by `stalwart up` is running (state dir {home})")
+        return
+    try:
+        client = Client(record["address"], home=home, start="never")
+        ids = client.cancel_all("the cluster is going down (`stalwart down`)")
+        if ids:
+            console.print(f"cancelled {len(ids)} job(s): {', '.join(ids)}")
+        client.close()
+    except StalwartError as exc:
+        err.print(f"[yellow]could not reach the controller ({escape(str(exc))}); stopping the cluster anyway[/]")
+    cluster.stop_background(home)
+    console.print(f"stopped the cluster at {record['address']}")

@@ -1,0 +1,123 @@
+"""What every command shares: the Typer app, the consoles, options, how a command reaches the
+cluster (or, to read, the state dir), errors as one line, and small formatters."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from stalwart.errors import NoCluster, StalwartError
+from stalwart.orchestrator.states import TERMINAL_STATES as TERMINAL
+from stalwart.spec import JobSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run sharded PyTorch training jobs on Ray and keep them alive.")
+console = Console()
+err = Console(stderr=True)
+
+AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                          help="Ray cluster: host:port, ray://host:10001 or http://host:8265 (default: the local one)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+InjectOpt = typer.Option(None, "--inject", help="inject a fault to rehearse recovery, e.g. kill:rank=1,step=40 "
+                         "(kinds: kill, nan, hang, spike, slow, error)")
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "cyan",
+               "RESTARTING": "magenta", "PENDING": "white"}
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and exit `code`: 1 for errors, 2 for usage errors (Typer's own)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def say(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]", highlight=False)
+
+
+def connect(address: Optional[str], start: str = "background"):
+    """A Client for a command that needs the cluster (a job command, `up`, `down`)."""
+    from stalwart.client import Client
+
+    try:
+        return Client(address, start=start, say=say)
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+def reader(address: Optional[str]):
+    """A Client, or, when no cluster runs (and none was named), the state dir's `Records`, for the
+    commands that only read: they work after `stalwart run` ended or with the cluster down."""
+    from stalwart.client import Client, Records
+
+    try:
+        return Client(address, start="never", say=say)
+    except NoCluster as exc:
+        if address:
+            fail(str(exc))
+        return Records()
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+def job_handle(client, job_id: str):
+    try:
+        return client.job(job_id)
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+def load_spec(path: Path, resume_from: Optional[str] = None, inject: Optional[list[str]] = None) -> JobSpec:
+    try:
+        spec = JobSpec.from_yaml(path)
+        if resume_from or inject:
+            from stalwart.spec import Fault
+
+            data = spec.to_dict(reveal_secrets=True)
+            if resume_from:
+                data["checkpoint"]["resume_from"] = resume_from
+            data["faults"] += [Fault.parse(text).model_dump() for text in inject or []]
+            spec = JobSpec.from_dict(data, source=str(path))
+        return spec
+    except StalwartError as exc:
+        fail(str(exc))
+
+
+def stale_note(s: dict) -> None:
+    if s.get("stale"):
+        err.print("[yellow]no cluster is running: this is the job's last recorded state[/]", highlight=False)
+
+
+# ---- formatting --------------------------------------------------------------------------
+def fmt_time(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
+
+
+def styled_state(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+__all__ = ["app", "console", "err", "TERMINAL", "AddressOpt", "JsonOpt", "InjectOpt", "STATE_STYLE", "fail", "say",
+           "connect", "reader", "job_handle", "load_spec", "stale_note", "fmt_time", "fmt", "styled_state", "clock"]

@@ -1,0 +1,66 @@
+"""Running `stalwart` and `ray` as a user's shell does, and small spec files, for the cluster tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+class Cli:
+    """Runs `stalwart ...` and `ray ...` with one state dir, as a user's shell would."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        self.env["STALWART_HOME"] = str(home)
+        self.env["COLUMNS"] = "200"
+        self.started: list[subprocess.Popen] = []
+
+    def __call__(self, *args: str, timeout: float = 240, check: bool = True, env: dict | None = None):
+        proc = subprocess.run([str(BIN / "stalwart"), *args], capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, **(env or {})}, cwd=REPO)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"stalwart {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str, timeout: float = 120):
+        return json.loads(self(*args, "--json", timeout=timeout).stdout)
+
+    def background(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([str(BIN / "stalwart"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=self.env, cwd=REPO)
+        self.started.append(proc)
+        return proc
+
+    def ray(self, *args: str, timeout: float = 180, env: dict | None = None):
+        return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, **(env or {})}, cwd=REPO)
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        self("down", check=False, timeout=120)
+
+
+def small_job(tmp_path: Path, steps: int = 30, **sections) -> Path:
+    """A spec file for a small tiny-GPT run (seconds on 2 CPUs), next to nothing: its code is named by workdir."""
+    spec = {"name": "tiny-gpt", "entrypoint": "train:main", "workdir": str(REPO / "examples" / "tiny_gpt"),
+            "config": {"steps": steps, "dim": 64, "layers": 1, "heads": 4, "context": 32, "batch_size": 8,
+                       "corpus_bytes": 200_000, "warmup": 5, "lr": 0.003},
+            "resources": {"workers": 2, "cpus_per_worker": 1},
+            "checkpoint": {"every_steps": 10}}
+    spec.update(sections)
+    path = tmp_path / f"job-{len(list(tmp_path.glob('job-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
