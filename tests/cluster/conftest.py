@@ -8,6 +8,9 @@ from clitools import Cli
 
 @pytest.fixture
 def cli(tmp_path):
+    from stalwart.orchestrator.cluster import ensure_ray_token
+
+    ensure_ray_token()  # as `ray get-auth-token --generate` would: a hand-started `ray start` needs one
     c = Cli(tmp_path / "home")
     yield c
     c.close()

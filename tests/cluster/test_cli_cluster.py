@@ -10,6 +10,7 @@ import time
 import psutil
 
 from clitools import small_job
+from stalwart._net import free_port
 
 
 def ray_processes_of(session_dir: str) -> list[int]:
@@ -19,11 +20,14 @@ def ray_processes_of(session_dir: str) -> list[int]:
 
 def test_up_submit_follow_status_down(cli, tmp_path):
     # A Ray instance someone started by hand on the same machine: `stalwart down` must leave it alone.
-    other = cli.ray("start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+    port = free_port()
+    other = cli.ray("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                     "--disable-usage-stats", env={"RAY_AUTH_MODE": "token"})
     assert other.returncode == 0, other.stderr
     other_gcs = [p for p in psutil.process_iter(["cmdline"])
-                 if (p.info["cmdline"] or [""])[0].endswith("gcs_server") and p.create_time() > time.time() - 120]
+                 if (p.info["cmdline"] or [""])[0].endswith("gcs_server")
+                 and f"--gcs_server_port={port}" in p.info["cmdline"]]
+    assert len(other_gcs) == 1
     try:
         up = cli("up", "--num-cpus", "2")
         assert "dashboard" in up.stdout and "RAY_AUTH_MODE=token ray start --address=" in up.stdout
@@ -34,6 +38,10 @@ def test_up_submit_follow_status_down(cli, tmp_path):
         job_id = cli("submit", str(spec)).stdout.strip()
         assert job_id.startswith("tiny-gpt-")
         assert [j["id"] for j in cli.json("list")] == [job_id]
+        # The same cluster named the ways users have it: its address, and its dashboard URL (Ray Jobs').
+        info = __import__("json").loads(record)
+        for address in (info["address"], info["dashboard"]):
+            assert [j["id"] for j in cli.json("list", "--address", address)] == [job_id]
 
         # A CLI process attached to the job dies: the job goes on.
         follower = cli.background("logs", job_id, "--follow")
@@ -68,7 +76,11 @@ def test_up_submit_follow_status_down(cli, tmp_path):
         assert "parameters" in cli("logs", job_id).stdout
     finally:
         for p in other_gcs:
-            session = next((a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--session-dir=")), None)
+            try:
+                cmdline = p.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            session = next((a.split("=", 1)[1] for a in cmdline if a.startswith("--session-dir=")), None)
             for pid in ray_processes_of(session) if session else []:
                 try:
                     os.kill(pid, signal.SIGKILL)
