@@ -55,12 +55,10 @@ class Cli:
 
 def small_job(tmp_path: Path, steps: int = 30, **sections) -> Path:
     """A spec file for a small tiny-GPT run (seconds on 2 CPUs), next to nothing: its code is named by workdir."""
-    spec = {"name": "tiny-gpt", "entrypoint": "train:main", "workdir": str(REPO / "examples" / "tiny_gpt"),
-            "config": {"steps": steps, "dim": 64, "layers": 1, "heads": 4, "context": 32, "batch_size": 8,
-                       "corpus_bytes": 200_000, "warmup": 5, "lr": 0.003},
-            "resources": {"workers": 2, "cpus_per_worker": 1},
-            "checkpoint": {"every_steps": 10}}
-    spec.update(sections)
+    from jobspecs import tiny_gpt_spec
+
+    spec = tiny_gpt_spec(steps, **{"checkpoint": {"every_steps": 10}, **sections})
+    spec["config"].update(dim=64, layers=1, batch_size=8, corpus_bytes=200_000)  # smaller still: seconds
     path = tmp_path / f"job-{len(list(tmp_path.glob('job-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
