@@ -136,12 +136,13 @@ def report_cost(calls: int, reps: int) -> dict:
 
     from stalwart.checkpointing.storage import FileStorage
     from stalwart.launchers.context import TrainContext
+    from stalwart.launchers.plan import AttemptPlan
     from stalwart.launchers.reporter import Reporter
 
     reporter = Reporter(lambda batch: None, interval=0.5).start()
     ctx = TrainContext(job_id="bench", attempt=1, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                        config={}, strategy="ddp", storage=FileStorage(tempfile.mkdtemp(prefix="stalwart-bench-")),
-                       every_steps=10**9, keep_last=1, reporter=reporter, plan={})
+                       every_steps=10**9, keep_last=1, reporter=reporter, plan=AttemptPlan(checkpoint_uri=""))
     loss, grad_norm = torch.tensor(2.5), torch.tensor(0.7)
     report_us, append_us = [], []
     step = 0

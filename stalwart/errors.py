@@ -85,3 +85,35 @@ class ClusterError(StalwartError):
 
 class NoCluster(ClusterError):
     """No Ray cluster runs where one was looked for (as opposed to one that refused us)."""
+
+
+class GangStartFailed(StalwartError):
+    """A rank's worker died, or did not answer, while its gang was starting (before any report)."""
+
+
+class WaitTimeout(StalwartError, TimeoutError):
+    """A wait ran out of time. `what` says what it waited for; `setting` names the environment
+    variable that sets the limit."""
+
+    def __init__(self, what: str, timeout_s: float, setting: str):
+        self.what = what
+        self.timeout_s = timeout_s
+        self.setting = setting
+        super().__init__(f"gave up after {timeout_s:g} s waiting for {what}; set {setting} to wait longer")
+
+    def __reduce__(self):
+        return (WaitTimeout, (self.what, self.timeout_s, self.setting))
+
+
+class SubmissionConflict(StalwartError):
+    """A submission id that an earlier submit used with a different spec (HTTP 409). The same id with
+    the same spec is not an error: it gives the job that submit created."""
+
+    def __init__(self, submission_id: str, job_id: str):
+        self.submission_id = submission_id
+        self.job_id = job_id
+        super().__init__(f"submission id {submission_id!r} was used for job {job_id} with a different spec; "
+                         f"use a new submission id for a new job")
+
+    def __reduce__(self):
+        return (SubmissionConflict, (self.submission_id, self.job_id))

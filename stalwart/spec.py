@@ -7,10 +7,11 @@ rejected, because a misspelt knob that is silently ignored is worse than a refus
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
@@ -172,10 +173,14 @@ class CheckpointSpec(_Section):
         return uri
 
 
+# Restarts allowed per cause unless the spec says otherwise (a spec's budgets are laid over these).
+DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0}
+
+
 class FaultTolerance(_Section):
     max_restarts: int = Field(10, ge=0, description="global cap on restarts, all causes together")
     budgets: dict[Cause, int] = Field(
-        default_factory=lambda: {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0},
+        default_factory=lambda: dict(DEFAULT_BUDGETS),
         description="restarts allowed per cause",
     )
     backoff_s: float = Field(1.0, ge=0, description="wait before the 2nd restart for a cause (the 1st is immediate); doubles after")
@@ -201,12 +206,100 @@ class FaultTolerance(_Section):
         for cause, n in budgets.items():
             if n < 0:
                 raise ValueError(f"budget for {cause} must be >= 0, got {n}")
-        defaults = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0}
-        return {**defaults, **budgets}
+        return {**DEFAULT_BUDGETS, **budgets}
+
+
+def _local_dir(value: str | None) -> str | None:
+    # Trackers run in the controller: a relative path would be relative to its working directory,
+    # not to the user's, so only absolute ones are taken.
+    if value is None:
+        return None
+    path = value.removeprefix("file://")
+    if "://" in path:
+        raise ValueError("not a local directory; use an absolute path or file:///dir")
+    if not os.path.isabs(os.path.expanduser(path)):
+        raise ValueError("relative; trackers run in the controller, whose working directory is not yours: "
+                         "use an absolute path or file:///dir")
+    return value
+
+
+def _needs_extra(module: str, extra: str, what: str) -> None:
+    # Checked where the spec is validated, like the deepspeed strategy: the controller imports it later.
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"the {what} tracker needs the {module} package, which is not installed here: "
+                         f"pip install 'stalwart[{extra}]'")
+
+
+_MLFLOW_SCHEMES = ("file", "http", "https", "databricks")
+_MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+class MlflowOptions(_Section):
+    tracking_uri: str = Field(description="file:///dir (a local store) or an absolute path, http(s)://server, "
+                              "databricks, or a database (sqlite:///abs/mlflow.db, postgresql://...; these need the "
+                              "full mlflow package). Credentials go in the controller's environment "
+                              "(MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never here: specs are stored and shown")
+    experiment: str = Field("stalwart", min_length=1, max_length=500, description="created if it does not exist")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        scheme = uri.split("://", 1)[0] if "://" in uri else ("databricks" if uri == "databricks" else "file")
+        if scheme == "file":
+            _local_dir(uri)
+        elif scheme in _MLFLOW_DATABASES:
+            if importlib.util.find_spec("sqlalchemy") is None:
+                raise ValueError(f"a {scheme} tracking store needs the full mlflow package (pip install mlflow); "
+                                 "stalwart[mlflow] brings mlflow-skinny, which writes to file:///dir or a server")
+        elif scheme not in _MLFLOW_SCHEMES:
+            raise ValueError(f"unsupported tracking URI scheme {scheme!r}; use file:///dir, http(s)://server, "
+                             f"databricks or one of {', '.join(_MLFLOW_DATABASES)}")
+        return uri
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "MlflowOptions":
+        # A model-level check, so that the error quotes no input (a field's error would show the password).
+        if "@" in self.tracking_uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("tracking_uri holds credentials (user:password@); specs are stored and shown, so put "
+                             "them in MLFLOW_TRACKING_USERNAME/PASSWORD in the controller's environment")
+        return self
+
+
+class WandbOptions(_Section):
+    project: str = Field("stalwart", min_length=1, max_length=128)
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline: files only, no network (upload later with `wandb sync DIR`). Online "
+                              "needs WANDB_API_KEY (or `wandb login`) where the controller runs")
+    dir: str | None = Field(None, description="where the run's local files go (absolute); default: the job's "
+                            "folder in the state dir")
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, value: str | None) -> str | None:
+        return _local_dir(value)
 
 
 class Monitoring(_Section):
     report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
+    # Experiment trackers (stalwart.monitoring.sinks): the controller hands them every report and event.
+    tensorboard: str | None = Field(None, description="a directory (absolute, or file:///dir): the job's event "
+                                    "files go under DIR/<job id>")
+    mlflow: MlflowOptions | None = Field(None, description="an MLflow run per job, in this store and experiment")
+    wandb: WandbOptions | None = Field(None, description="a Weights & Biases run per job (its id is the job id)")
+
+    # Each tracker is an optional extra: a spec naming one that is not installed is refused here.
+    _TRACKER_EXTRAS: ClassVar[dict[str, tuple[str, str]]] = {
+        "tensorboard": ("tensorboard", "TensorBoard"), "mlflow": ("mlflow", "MLflow"), "wandb": ("wandb", "W&B")}
+
+    @field_validator("tensorboard", "mlflow", "wandb")
+    @classmethod
+    def _tracker(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            if info.field_name == "tensorboard":
+                _local_dir(value)
+            module, name = cls._TRACKER_EXTRAS[info.field_name]
+            _needs_extra(module, module, name)
+        return value
 
 
 class Fault(_Section):
@@ -464,6 +557,8 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        # An optional section (`MlflowOptions | None`) is found among its union's members.
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann

@@ -9,8 +9,14 @@ Layout under the storage root (one root per job):
 A checkpoint is committed exactly when its manifest exists. Nothing without one is ever loaded.
 Replicated state (DDP) is split across ranks so each writes about 1/world of the bytes. Sharded
 state (FSDP, ZeRO; layout "sharded") holds `shards.Piece` leaves: each rank writes its own blocks
-with their place in the global tensors, and a load reads every shard and puts the blocks back
-together, so a checkpoint written by N ranks restores on any number of ranks.
+with their place in the global tensors, so a checkpoint written by N ranks restores on any number
+of ranks. `load` reads every shard and puts the blocks back together (and `checkpoints verify`
+checks every byte that way); a restore reads only its rank's share (`share.py`), through the index
+each shard ends with, whose place and checksum the manifest records.
+
+A save that does not commit removes what it wrote (each rank its own shard, when every rank knows
+the save failed), and a restore removes what earlier attempts left uncommitted: failed saves must not
+hold the space the next one needs.
 """
 
 from __future__ import annotations
@@ -32,13 +38,23 @@ import torch.distributed as dist
 
 from stalwart.checkpointing import checksum, shards
 from stalwart.checkpointing.storage import Storage, map_private, open_storage
-from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StorageError
+from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StorageError, WaitTimeout
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+# How long `CheckpointEngine.wait` waits for the save in flight (its shard write, the exchange of
+# shard records and the manifest) before it gives up. Each part has its own bound (storage retry
+# deadlines, the group's collective timeout); this one catches what slips past them, so it is long.
+SAVE_WAIT_TIMEOUT_S = 1800.0
+SAVE_WAIT_TIMEOUT_ENV = "STALWART_CHECKPOINT_WAIT_TIMEOUT_S"
+
+
+def save_wait_timeout_s() -> float:
+    return float(os.environ.get(SAVE_WAIT_TIMEOUT_ENV, SAVE_WAIT_TIMEOUT_S))
 
 
 def step_dir(step: int) -> str:
@@ -147,6 +163,7 @@ class CheckpointEngine:
         self.cache = cache
         self._snapshot = shards.Snapshot()
         self._thread: threading.Thread | None = None
+        self._in_flight: int | None = None  # the step of the save whose thread is running
         self._last: SaveResult | None = None
 
     @property
@@ -174,12 +191,28 @@ class CheckpointEngine:
         stall = time.perf_counter() - t0
         self._thread = threading.Thread(target=self._write, args=(step, objects, stall, dict(meta or {})),
                                         name=f"stalwart-ckpt-{step}", daemon=True)
+        self._in_flight = step
         self._thread.start()
 
-    def wait(self) -> SaveResult | None:
-        """Block until the save in flight (if any) has committed or failed; return its result."""
+    @property
+    def saved_any(self) -> bool:
+        """Whether this engine has started a save (so a sweep of uncommitted steps is no longer safe)."""
+        return self._thread is not None or self._last is not None
+
+    def wait(self, timeout_s: float | None = None) -> SaveResult | None:
+        """Block until the save in flight (if any) has committed or failed; return its result.
+
+        Raises WaitTimeout after `timeout_s` (default: `save_wait_timeout_s()`, set by
+        STALWART_CHECKPOINT_WAIT_TIMEOUT_S); the save is then still running and holds the snapshot,
+        so no new save can start.
+        """
         if self._thread is not None:
-            self._thread.join()
+            limit = save_wait_timeout_s() if timeout_s is None else timeout_s
+            self._thread.join(limit)
+            if self._thread.is_alive():
+                raise WaitTimeout(f"the background write of checkpoint step {self._in_flight} to "
+                                  f"{self.storage.uri} (its shard, the shard exchange and the manifest)",
+                                  limit, SAVE_WAIT_TIMEOUT_ENV)
             self._thread = None
         return self._last
 
@@ -188,38 +221,45 @@ class CheckpointEngine:
         t0 = time.perf_counter()
         key = f"{step_dir(step)}/{shard_name(self.rank, self.world_size)}"
         try:
-            reader = self._snapshot.reader(objects)
+            reader = self._stream(objects)
             size = self.storage.write(key, reader)
             record = {"file": shard_name(self.rank, self.world_size), "rank": self.rank, "size": size,
-                      "checksum": reader.checksum}
+                      "checksum": reader.checksum, "index": reader.index_record}
         except StorageError as exc:
             record = {"rank": self.rank, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - any bug here must become a failed save, not a dead thread
             log.exception("checkpoint write failed")
             record = {"rank": self.rank, "error": f"{type(exc).__name__}: {exc}"}
         records = self._exchange(record)
+        exchanged = all(r["rank"] != _EXCHANGE_FAILED for r in records)
         errors = [r["error"] for r in records if "error" in r]
         result = SaveResult(step, False, stall, time.perf_counter() - t0, record.get("size", 0))
         if errors:
             result.error = "; ".join(sorted(set(errors)))
+            if exchanged:
+                # Every rank saw the same records, so rank 0 will not commit: what this rank wrote is
+                # garbage. (After a failed exchange, rank 0 may have seen a clean one and committed, so
+                # the shard stays; retention or the next restore's sweep removes it if it was torn.)
+                self._discard(step, [key])
         elif self.rank == 0:
             try:
                 self._commit(step, records, meta)
                 result.committed = True
             except StorageError as exc:
                 result.error = f"manifest not written: {exc}"
+                self._discard_uncommitted(step, records)
         else:
             result.committed = True  # rank 0 commits; a failed commit is reported by rank 0
         result.write_s = time.perf_counter() - t0  # until committed; retention and the cache copy follow
         if result.committed and self.rank == 0:
             try:
-                self._retain()
+                self._retain(step)
             except StorageError as exc:  # the checkpoint stands; the next save's pass deletes what this one left
                 log.warning("checkpoint retention failed: %s", exc)
         if self.cache is not None and "error" not in record:
             # After the commit, so the durable copy is never delayed by the local one.
             try:
-                self.cache.put(step, record["file"], self._snapshot.reader(objects))
+                self.cache.put(step, record["file"], self._stream(objects))
             except OSError as exc:
                 log.warning("local checkpoint cache not written: %s", exc)
         self._last = result
@@ -229,15 +269,39 @@ class CheckpointEngine:
             except Exception:  # noqa: BLE001 - reporting must not kill the writer
                 log.exception("checkpoint result callback failed")
 
+    def _stream(self, objects: dict) -> shards.ShardReader:
+        """This rank's shard as a stream; every copy (storage, the node-local cache) is the same bytes."""
+        return self._snapshot.reader(objects, objects.get("pieces"))
+
     def _exchange(self, record: dict) -> list[dict]:
+        """Every rank's shard record; when the exchange itself failed, this rank's and a record of rank
+        -1 saying so (then the ranks may not all have seen the same)."""
         if self.world_size == 1 or self.group is None:
             return [record]
         gathered: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(gathered, record, group=self.group)
         except RuntimeError as exc:  # a peer died or timed out: this checkpoint cannot commit
-            return [record, {"rank": -1, "error": f"shard exchange failed: {exc}"}]
+            return [record, {"rank": _EXCHANGE_FAILED, "error": f"shard exchange failed: {exc}"}]
         return gathered
+
+    def _discard(self, step: int, keys: list[str]) -> None:
+        """Delete what a save that will never commit wrote. The storage drops a step directory once
+        it is empty, so whichever rank deletes last leaves nothing of the step."""
+        try:
+            self.storage.delete(keys)
+        except StorageError as exc:  # the restore sweep or retention deletes it later
+            log.warning("could not remove the uncommitted checkpoint step %d: %s", step, exc)
+
+    def _discard_uncommitted(self, step: int, records: list[dict]) -> None:
+        """Rank 0, after its manifest write failed: remove every shard, unless the manifest landed after
+        all (an upload can fail on our side and still complete on the server)."""
+        try:
+            if self.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
+                return
+        except StorageError:
+            return  # cannot tell whether it is committed: leave it
+        self._discard(step, [f"{step_dir(step)}/{r['file']}" for r in records if "file" in r])
 
     def _commit(self, step: int, records: list[dict], meta: dict) -> None:
         manifest = {
@@ -254,21 +318,47 @@ class CheckpointEngine:
         }
         self.storage.write(f"{step_dir(step)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
 
-    def _retain(self) -> None:
-        """Keep the newest `keep_last` committed checkpoints and the pinned ones; drop torn older saves."""
+    def _retain(self, just_committed: int) -> None:
+        """Keep the newest `keep_last` committed checkpoints and the pinned ones; drop torn saves older
+        than the step just committed.
+
+        Why only older ones: the other ranks may already be writing their shards of the next save
+        (they leave the record exchange before rank 0 gets here), and that save is of a later step,
+        since a run saves its steps in increasing order. A torn save of an earlier step has no writer
+        left. (Not "older than the newest committed": after a rollback this attempt saves steps below
+        a committed one of an earlier attempt, and one of them may be in flight.)
+        """
         steps = list_steps(self.storage)
         committed = sorted((s for s, ok in steps.items() if ok), reverse=True)
         if not committed:
             return
         keep = set(committed[: self.keep_last]) | self.pinned
-        newest = committed[0]
-        doomed = [s for s, ok in steps.items() if s not in keep and (ok or s < newest)]
+        doomed = [s for s, ok in steps.items() if s not in keep and (ok or s < just_committed)]
+        self._delete_steps(doomed)
+
+    def sweep_uncommitted(self) -> list[int]:
+        """Delete every step without a manifest: what failed saves of earlier attempts left. Rank 0.
+
+        Safe only before any rank of this attempt starts a save: the restore calls it on rank 0
+        before the ranks agree on the step to load, and no rank saves before that agreement, which
+        needs rank 0 (earlier attempts' ranks are gone: a gang is stopped before the next starts).
+        Returns the steps deleted.
+        """
+        if self.saved_any:
+            return []  # this attempt saves already: one of these may be in flight
+        doomed = [s for s, ok in list_steps(self.storage).items() if not ok]
+        self._delete_steps(doomed)
+        return sorted(doomed)
+
+    def _delete_steps(self, doomed: list[int]) -> None:
         if doomed:
             keys = [k for k in self.storage.list() if _step_of(k) in doomed]
             # Manifests go first so that a crash halfway leaves torn data, never a manifest without shards.
-            keys.sort(key=lambda k: not k.endswith(MANIFEST))
             self.storage.delete([k for k in keys if k.endswith(MANIFEST)])
             self.storage.delete([k for k in keys if not k.endswith(MANIFEST)])
+
+
+_EXCHANGE_FAILED = -1  # the rank of the record `_exchange` adds when the exchange itself failed
 
 
 def _deepcopy_small(obj: Any) -> Any:
@@ -302,11 +392,18 @@ def read_manifest(storage: Storage, step: int) -> dict:
     """The manifest of `step`; raises CheckpointCorrupt if it is unreadable or incomplete."""
     uri = f"{storage.uri}/{step_dir(step)}"
     try:
-        manifest = json.loads(storage.read(f"{step_dir(step)}/{MANIFEST}"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointCorrupt(uri, f"manifest is not valid JSON ({exc})") from None
+        raw = storage.read(f"{step_dir(step)}/{MANIFEST}")
     except StorageError as exc:
         raise CheckpointCorrupt(uri, f"manifest cannot be read ({exc})") from None
+    return parse_manifest(raw, uri)
+
+
+def parse_manifest(raw: bytes, uri: str) -> dict:
+    """A manifest's bytes as read from `uri`; raises CheckpointCorrupt if they are not a complete manifest."""
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(uri, f"manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "shards" not in manifest:
         raise CheckpointCorrupt(uri, "manifest is incomplete or of an unknown format")
     return manifest
@@ -335,6 +432,11 @@ def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads
             raise CheckpointCorrupt(uri, f"{record['file']} has {len(blob)} bytes, manifest says {record['size']}")
         if verify and not checksum.matches(record, blob):
             raise CheckpointCorrupt(uri, f"{record['file']} fails its checksum")
+        index = record.get("index")
+        if verify and index and not checksum.matches(index, memoryview(blob)[index["at"]:][:index["nbytes"]]):
+            # The whole shard is intact but its index is not the one the manifest promised: ranged
+            # restores of it would fail, so it is as unusable as a corrupt shard.
+            raise CheckpointCorrupt(uri, f"{record['file']}: its index fails its checksum")
         try:
             return record["rank"], shards.parse(blob)  # tensors are views on the blob, which this load owns
         except (ValueError, KeyError, EOFError) as exc:

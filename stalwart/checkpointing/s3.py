@@ -205,11 +205,50 @@ class S3Storage(Storage):
             return buf.getvalue()
 
         try:
-            return self._retrying(f"reading {self.uri}/{key}", download)
+            blob = self._retrying(f"reading {self.uri}/{key}", download)
         except StorageError as exc:
             if _code(exc.__cause__) in _MISSING_CODES:
                 raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from exc.__cause__
             raise
+        self._count(len(blob))
+        return blob
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        """One ranged GET (`Range: bytes=a-b`), streamed straight into `out`. The caller splits a large
+        range into parts (one request each) when it wants them in parallel."""
+        out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        if out.nbytes == 0:
+            return
+        full, last = self._key(key), offset + out.nbytes - 1
+        what = f"reading bytes {offset}-{last} of {self.uri}/{key}"
+
+        def download() -> None:
+            body = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{last}")["Body"]
+            got = 0
+            try:
+                for chunk in body.iter_chunks(1 << 20):  # each attempt starts over at the range's start
+                    n = min(len(chunk), out.nbytes - got)
+                    out[got:got + n] = chunk[:n]
+                    got += n
+            finally:
+                body.close()
+            if got < out.nbytes:
+                # A short body is an object shorter than the range (the server clips a range to the
+                # object): the same request would get the same answer, so it is not retried.
+                raise _ShortRange(got)
+
+        try:
+            self._retrying(what, download)
+        except _ShortRange as exc:
+            raise StorageError(f"{self.uri}/{key} ends before byte {offset + out.nbytes} ({what}: got "
+                               f"{exc.got} bytes)", uri=self.uri) from None
+        except StorageError as exc:
+            if _code(exc.__cause__) in _MISSING_CODES:
+                raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from exc.__cause__
+            if _code(exc.__cause__) == "InvalidRange":
+                raise StorageError(f"{self.uri}/{key} ends before byte {offset}", uri=self.uri) from exc.__cause__
+            raise
+        self._count(out.nbytes)
 
     def list(self, prefix: str = "") -> list[str]:
         def listing() -> list[str]:
@@ -294,6 +333,14 @@ class S3Storage(Storage):
                     "grant s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there, or use another "
                     "checkpoint.uri")
         return f"{self.uri} failed its storage check at {endpoint}: {_describe(exc)}"
+
+
+class _ShortRange(Exception):
+    """A ranged GET returned fewer bytes than asked for."""
+
+    def __init__(self, got: int):
+        self.got = got
+        super().__init__(f"{got} bytes")
 
 
 class _ViewReader(io.RawIOBase):

@@ -1,8 +1,13 @@
 """The shard format and the host-memory snapshot that feeds it.
 
 A shard is one object: a fixed preamble, a JSON header listing every tensor (dtype, shape, offset),
-the raw tensor bytes, then a pickled tail of small non-tensor objects. Writing streams straight from
-the snapshot buffers (no serialized copy in memory); reading maps tensors onto the downloaded bytes.
+the raw tensor bytes, a pickled tail of small non-tensor objects, then the index (JSON): each tensor's
+byte range in the object, its place in the global tensor when it is a `Piece`, and a checksum of
+every chunk (`chunk_bytes()`, counted from the tensor's first byte) of its bytes. The manifest gives
+the index's range and checksum, so a restore can read and verify just the byte ranges it needs
+(`share.py`) where the whole-shard checksum would need every byte. Writing streams straight from the
+snapshot buffers (no serialized copy in memory) and hashes every byte once for both checksums;
+reading maps tensors onto the downloaded bytes. Readers of the full shard ignore the index.
 
 The state of a job is a tree of dicts and lists whose leaves are tensors or small Python values.
 `flatten` turns it into `{path: tensor}` plus a skeleton; `unflatten` puts it back together.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -32,6 +38,22 @@ from stalwart.checkpointing import checksum as checksums
 MAGIC = b"STLWSHD1"
 _PREAMBLE = struct.Struct("<8sQ")  # magic, header length
 _ALIGN = 64
+INDEX_VERSION = 1
+
+# The granularity of the per-chunk checksums: a ranged read verifies whole chunks, so it reads up to
+# one chunk more than it needs at each end of a range it takes from the middle of a tensor. Smaller
+# chunks make the index bigger (about 40 bytes a chunk). Recorded in each index; the reader uses that.
+DEFAULT_CHUNK_BYTES = 1 << 20
+CHUNK_ENV = "STALWART_CHECKPOINT_CHUNK_BYTES"
+
+
+def chunk_bytes() -> int:
+    """The checksum chunk for new saves: `STALWART_CHECKPOINT_CHUNK_BYTES`, else 1 MiB."""
+    value = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+    if value < _ALIGN or value % _ALIGN:
+        # Whole multiples of the alignment keep every range a reader takes aligned for any dtype.
+        raise ValueError(f"{CHUNK_ENV} must be a positive multiple of {_ALIGN} bytes, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -133,6 +155,21 @@ def block_of(full: torch.Tensor, offset: tuple[int, ...], shape: tuple[int, ...]
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
+def cut(saved: "torch.Tensor | Piece", offset, shape) -> torch.Tensor:
+    """The block of `shape` at `offset` (global coordinates) of a loaded tensor: a full tensor, or a
+    `Piece` that a share read returned (it must contain the block). A view, not a copy."""
+    offset, shape = tuple(int(n) for n in offset), tuple(int(n) for n in shape)
+    if isinstance(saved, Piece):
+        have = tuple(saved.local.shape)
+        if math.prod(shape) == 0:
+            return saved.local.new_empty(shape)
+        if len(offset) != len(saved.offset) or any(
+                o < po or o + n > po + h for o, n, po, h in zip(offset, shape, saved.offset, have)):
+            raise ValueError(f"block {shape} at {offset} is not inside the {have} piece read at {saved.offset}")
+        return block_of(saved.local, tuple(o - po for o, po in zip(offset, saved.offset)), shape)
+    return block_of(saved, offset, shape)
+
+
 def assign(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     """Split replicated tensors across ranks so that each rank writes about 1/world of the bytes.
 
@@ -226,12 +263,59 @@ class Snapshot:
         pad = (-(_PREAMBLE.size + len(header))) % _ALIGN
         return _PREAMBLE.pack(MAGIC, len(header) + pad) + header + b" " * pad
 
-    def reader(self, objects: Any) -> "ShardReader":
-        """A file object streaming the shard: preamble+header, tensor bytes, pickled objects."""
+    def reader(self, objects: Any, pieces: dict[str, dict] | None = None) -> "ShardReader":
+        """A file object streaming the shard: preamble+header, tensor bytes, pickled objects, index.
+
+        `pieces` (`{path: {"shape", "offset"}}`, as `flatten` gives it) places the sharded tensors
+        in the index."""
         self.ready()
         tail = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
         data = memoryview(self._buffer.numpy()) if self._buffer is not None else memoryview(b"")
-        return ShardReader([memoryview(self.header(tail)), data, memoryview(tail)])
+        header = self.header(tail)
+        data_start = len(header)
+        entries = [(p, str(d).removeprefix("torch."), list(s), data_start + o, n, (pieces or {}).get(p))
+                   for p, d, s, o, n in self._layout]
+        index = ShardIndex(entries, data_start + self.nbytes, len(tail), chunk_bytes())
+        return ShardReader([memoryview(header), data, memoryview(tail)], index=index)
+
+
+class ShardIndex:
+    """The index a shard ends with, before its digests are known: the regions to hash, and how to
+    write the JSON once they are. Digests have a fixed width, so the size is known up front (a
+    stream's size must be, for an upload)."""
+
+    def __init__(self, entries: list[tuple[str, str, list[int], int, int, dict | None]], objects_at: int,
+                 objects_bytes: int, chunk: int, algorithm: str = checksums.DEFAULT):
+        self.entries, self.chunk, self.algorithm = entries, chunk, algorithm
+        self.objects = (objects_at, objects_bytes)
+        self.regions: list[tuple[int, int]] = []  # stream byte ranges with one digest each, in order
+        for _path, _dtype, _shape, at, nbytes, _piece in entries:
+            self.regions += [(a, min(a + chunk, at + nbytes)) for a in range(at, at + nbytes, chunk)]
+        self.regions.append((objects_at, objects_at + objects_bytes))
+        width = len(checksums.new(algorithm).hexdigest())
+        self.size = len(self.render(["0" * width] * len(self.regions)))
+
+    def render(self, digests: list[str]) -> bytes:
+        sums = iter(digests)
+        tensors = {}
+        for path, dtype, shape, at, nbytes, piece in self.entries:
+            entry = {"dtype": dtype, "shape": shape, "at": at, "nbytes": nbytes,
+                     "sums": [next(sums) for _ in range(-(-nbytes // self.chunk))]}
+            if piece is not None:
+                entry["piece"] = {"shape": list(piece["shape"]), "offset": list(piece["offset"])}
+            tensors[path] = entry
+        at, nbytes = self.objects
+        body = {"version": INDEX_VERSION, "algorithm": self.algorithm, "chunk": self.chunk, "tensors": tensors,
+                "objects": {"at": at, "nbytes": nbytes, "sum": next(sums)}}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_index(blob: bytes | bytearray | memoryview) -> dict:
+    """The index JSON of a shard (already checked against the manifest); ValueError if it is not one."""
+    index = json.loads(bytes(blob))
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or "tensors" not in index:
+        raise ValueError("not a shard index of a known version")
+    return index
 
 
 class ShardReader(io.RawIOBase):
@@ -242,7 +326,15 @@ class ShardReader(io.RawIOBase):
     however the stream is read or re-read; `checksum` is the record value for the whole stream.
     """
 
-    def __init__(self, parts: list[memoryview], algorithm: str = checksums.DEFAULT):
+    _HASH_STEP = 1 << 20  # both hashers take the same 1 MiB while it is in cache
+
+    def __init__(self, parts: list[memoryview], algorithm: str = checksums.DEFAULT, index: ShardIndex | None = None):
+        self._index = index
+        self._index_buf: bytearray | None = None
+        if index is not None:
+            # The index's bytes are written in place once the regions before it are hashed.
+            self._index_buf = bytearray(index.size)
+            parts = [*parts, memoryview(self._index_buf)]
         self._parts = [p.cast("B") for p in parts if p.nbytes]
         self._starts = []
         offset = 0
@@ -250,16 +342,31 @@ class ShardReader(io.RawIOBase):
             self._starts.append(offset)
             offset += p.nbytes
         self.size = offset
+        self._index_at = offset - (index.size if index is not None else 0)
         self._pos = 0
         self._hashed = 0  # bytes [0, _hashed) are in _hasher
         self._algorithm = algorithm
         self._hasher = checksums.new(algorithm)
+        self._digests: list[str] = []  # of index.regions, in order, as they complete
+        self._region_hasher = None
+        self._index_written = index is None
 
     @property
     def checksum(self) -> str:
         """`algorithm:hexdigest` of the whole stream (bytes not read yet are hashed now)."""
         self._hash_to(self.size)
         return checksums.tag(self._algorithm, self._hasher)
+
+    @property
+    def index_record(self) -> dict | None:
+        """Where the index is and its checksum, for the manifest (None for a stream without one)."""
+        if self._index is None:
+            return None
+        self._hash_to(self.size)
+        hasher = checksums.new(self._algorithm)
+        hasher.update(self._index_buf)
+        return {"at": self._index_at, "nbytes": len(self._index_buf),
+                "checksum": checksums.tag(self._algorithm, hasher)}
 
     def readable(self) -> bool:
         return True
@@ -283,10 +390,39 @@ class ShardReader(io.RawIOBase):
                 yield part[lo - first:hi - first]
 
     def _hash_to(self, end: int) -> None:
-        if end > self._hashed:
-            for chunk in self._chunks(self._hashed, end):
+        while self._hashed < end:
+            if not self._index_written and self._hashed >= self._index_at:
+                self._write_index()
+            stop = min(end, self._hashed + self._HASH_STEP)
+            if not self._index_written:
+                stop = min(stop, self._index_at)  # the index's bytes exist only once the regions are hashed
+            for chunk in self._chunks(self._hashed, stop):
                 self._hasher.update(chunk)
-            self._hashed = end
+            if self._index is not None:
+                self._hash_regions(self._hashed, stop)
+            self._hashed = stop
+
+    def _hash_regions(self, lo: int, hi: int) -> None:
+        regions = self._index.regions
+        while len(self._digests) < len(regions):
+            start, end = regions[len(self._digests)]
+            if start >= hi:
+                return
+            if self._region_hasher is None:
+                self._region_hasher = checksums.new(self._algorithm)
+            for chunk in self._chunks(max(lo, start), min(hi, end)):
+                self._region_hasher.update(chunk)
+            if end > hi:
+                return
+            self._digests.append(self._region_hasher.hexdigest())
+            self._region_hasher = None
+
+    def _write_index(self) -> None:
+        rendered = self._index.render(self._digests)
+        if len(rendered) != len(self._index_buf) or len(self._digests) != len(self._index.regions):
+            raise RuntimeError("shard index changed size between planning and writing")  # a bug, not bad data
+        self._index_buf[:] = rendered
+        self._index_written = True
 
     def views(self, chunk: int = 64 << 20):
         """Yield the rest of the stream as read-only views, hashing each (no copy: for writers that take

@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -30,9 +31,12 @@ class Storage(ABC):
     Lifecycle: construct with `open_storage(uri)`, call `check()` once before relying on it (it
     raises a permanent `StorageError` naming what to fix), then use from any thread.
     Every method raises `StorageError`; `transient=True` means a later retry may succeed.
+    `bytes_read` counts the bytes this instance has read (whole objects and ranges), so a restore's
+    reads can be measured.
     """
 
     uri: str
+    bytes_read: int = 0
 
     @abstractmethod
     def write(self, key: str, src: Source) -> int:
@@ -51,6 +55,25 @@ class Storage(ABC):
         blob = self.read(key)
         return blob if isinstance(blob, bytearray) else bytearray(blob)
 
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        """Fill `out` with the object's bytes [offset, offset + len(out)). Raises StorageError(transient=False)
+        if the object does not exist or is shorter. By default the whole object is read (and counted):
+        backends that can read a range override this."""
+        blob = memoryview(self.read(key)).cast("B")
+        if offset + out.nbytes > blob.nbytes:
+            raise StorageError(f"{self.uri}/{key} has {blob.nbytes} bytes, fewer than the {offset + out.nbytes} "
+                               "asked for", uri=self.uri)
+        out[:] = blob[offset:offset + out.nbytes]
+
+    def map_range(self, key: str, lo: int, hi: int) -> memoryview | None:
+        """Bytes [lo, hi) of the object as a private view that copies nothing (a copy-on-write mapping
+        of a local file), counted as read; None where the backend cannot map (then use read_into)."""
+        return None
+
+    def _count(self, n: int) -> None:
+        with _COUNT_LOCK:
+            self.bytes_read += n
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix`, relative to the root, sorted."""
@@ -68,6 +91,9 @@ class Storage(ABC):
 
     def close(self) -> None:
         pass
+
+
+_COUNT_LOCK = threading.Lock()  # bytes_read is bumped from the loaders' threads
 
 
 def map_private(path: str | os.PathLike) -> memoryview | None:
@@ -125,6 +151,11 @@ class FileStorage(Storage):
             _unlink_quietly(locals().get("tmp"))
             raise StorageError(f"cannot write {self.uri}/{key}: {exc.strerror or exc}", uri=self.uri,
                                transient=exc.errno in _TRANSIENT_ERRNOS) from exc
+        except BaseException:
+            # A source that fails halfway (or an interrupt) must not leave its partial temporary file:
+            # list() hides temporary files, so nothing would ever delete it, and it holds disk space.
+            _unlink_quietly(locals().get("tmp"))
+            raise
 
     def read(self, key: str) -> bytes:
         # A bytearray, read straight into: a checkpoint load parses it in place (no second copy).
@@ -140,6 +171,7 @@ class FileStorage(Storage):
                         got += n
                 if got < len(buf):
                     del buf[got:]
+                self._count(len(buf))
                 return buf
         except FileNotFoundError:
             raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
@@ -153,7 +185,36 @@ class FileStorage(Storage):
             raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
         except OSError:
             mapped = None
-        return mapped if mapped is not None else super().read_private(key)
+        if mapped is None:
+            return super().read_private(key)
+        self._count(mapped.nbytes)  # mapped, not yet paged in: a load touches every byte (it checksums them)
+        return mapped
+
+    def map_range(self, key: str, lo: int, hi: int) -> memoryview | None:
+        try:
+            mapped = map_private(self._path(key))
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
+        except OSError:
+            return None
+        if mapped is None:
+            return None
+        if hi > mapped.nbytes:
+            raise StorageError(f"{self.uri}/{key} ends before byte {hi}", uri=self.uri)
+        self._count(hi - lo)  # mapped, paged in as the caller touches it (a restore checksums every byte)
+        return mapped[lo:hi]
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> None:
+        try:
+            with open(self._path(key), "rb") as f:
+                pread_exactly(f.fileno(), offset, out)
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key} does not exist", uri=self.uri) from None
+        except EOFError:
+            raise StorageError(f"{self.uri}/{key} ends before byte {offset + out.nbytes}", uri=self.uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}/{key}: {exc.strerror or exc}", uri=self.uri) from exc
+        self._count(out.nbytes)
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root
@@ -194,6 +255,17 @@ class FileStorage(Storage):
 
 
 _TRANSIENT_ERRNOS = {4, 11, 16, 110}  # EINTR, EAGAIN, EBUSY, ETIMEDOUT
+
+
+def pread_exactly(fd: int, offset: int, out: memoryview) -> None:
+    """Read len(out) bytes at `offset` of `fd` straight into `out`; EOFError if the file is shorter."""
+    out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+    got = 0
+    while got < out.nbytes:
+        n = os.preadv(fd, [out[got:]], offset + got)
+        if n == 0:
+            raise EOFError(f"end of file at byte {offset + got}")
+        got += n
 
 
 def _unlink_quietly(path) -> None:

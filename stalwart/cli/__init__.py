@@ -12,7 +12,8 @@ import sys
 
 from rich.markup import escape
 
-from stalwart.cli import checkpoints, cluster, jobs, monitoring, views  # noqa: F401 - they register commands
+from stalwart.cli import checkpoints, cluster, jobs, monitoring, serve, views  # noqa: F401 - they register commands
+from stalwart.cli import forecast  # noqa: F401 - registers `stalwart forecast`
 from stalwart.cli.common import app, console, err
 from stalwart.errors import StalwartError
 

@@ -19,12 +19,16 @@ WhereArg = typer.Argument(..., help="a job id, or a checkpoint URI (file:///dir,
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint")
 
 
+def _is_job_id(where: str) -> bool:
+    return "://" not in where and "/" not in where
+
+
 def _storage(where: str, address: Optional[str], endpoint_url: Optional[str]):
     from stalwart.checkpointing.engine import resolve
     from stalwart.spec import MASK, S3Options
 
     options = S3Options(endpoint_url=endpoint_url) if endpoint_url else None
-    if "://" not in where and "/" not in where:  # a job id: its records say where its checkpoints are
+    if _is_job_id(where):  # its records say where its checkpoints are
         job = job_handle(reader(address), where)
         where = job.status()["checkpoint_uri"]
         if options is None:
@@ -44,9 +48,12 @@ def checkpoints_list(where: str = WhereArg, address: Optional[str] = AddressOpt,
     """Saved checkpoints, newest first; only committed ones (with a manifest) can be loaded."""
     from stalwart.checkpointing.engine import describe
 
-    storage, _ = _storage(where, address, endpoint_url)
     try:
-        rows = describe(storage)
+        if _is_job_id(where) and endpoint_url is None:
+            # Through the client: over --server the storage may be reachable from the cluster only.
+            rows = job_handle(reader(address), where).client.checkpoints(where)
+        else:
+            rows = describe(_storage(where, address, endpoint_url)[0])
     except StalwartError as exc:
         fail(str(exc))
     if as_json:

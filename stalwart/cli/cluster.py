@@ -17,11 +17,20 @@ def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default
        host: str = typer.Option("127.0.0.1", "--host", help="address to bind Ray and its dashboard to; another "
                                 "machine's nodes and clients need this machine's own address here"),
        port: Optional[int] = typer.Option(None, "--port", help="Ray's (GCS) port (default: a free one)"),
-       dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="default 8265, if free")):
-    """Start a Ray head (token auth and dashboard on) and the controller, in the background."""
+       dashboard_port: Optional[int] = typer.Option(None, "--dashboard-port", help="default 8265, if free"),
+       api: bool = typer.Option(True, "--api/--no-api", help="serve the REST API too (see `stalwart serve`)"),
+       api_host: str = typer.Option("127.0.0.1", "--api-host", help="address the REST API listens on; anything "
+                                    "but loopback must be asked for here, and wants --tls-cert/--tls-key"),
+       api_port: int = typer.Option(8642, "--api-port", envvar="STALWART_API_PORT", help="the REST API's port"),
+       tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="serve the API over HTTPS (PEM certificate)"),
+       tls_key: Optional[str] = typer.Option(None, "--tls-key", help="the certificate's private key (PEM)")):
+    """Start a Ray head (token auth and dashboard on), the controller and the REST API, in the background."""
+    from stalwart.cli.serve import start_api
     from stalwart.client import Client
     from stalwart.orchestrator import cluster
 
+    if api and (tls_cert is None) != (tls_key is None):
+        fail("give both --tls-cert and --tls-key, or neither")
     home = cluster.home_dir()
     record = cluster.local_cluster(home)
     started = record is None
@@ -42,10 +51,19 @@ def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default
         fail(f"{exc}{' (the new cluster was stopped again)' if started else ''}")
     address = record["address"]
     loopback = record.get("host", host) in ("127.0.0.1", "localhost", "::1")
+    api_line = "not started (--no-api); `stalwart serve` starts it"
+    if api:
+        try:
+            api_line = start_api(client.controller_info["home"], api_host, api_port, tls_cert, tls_key)
+        except StalwartError as exc:  # the cluster is up and usable without it: say so, and how to fix it
+            api_line = "not started"
+            err.print(f"[yellow]warning: the REST API did not start: {escape(str(exc))}; the cluster runs without "
+                      f"it (`stalwart serve --port PORT` starts it)[/]", highlight=False)
     console.print(
         f"stalwart is up: Ray at {address}, controller ready (state in {client.controller_info['home']}).\n"
         f"  dashboard    {record.get('dashboard', '-')}   (`ray status`, `ray job` work here too)\n"
         f"  submit       stalwart submit job.yaml   (elsewhere: --address {address}, or RAY_ADDRESS)\n"
+        f"  REST API     {api_line}\n"
         f"  more nodes   on each other machine, with this machine's Ray token in ~/.ray/auth_token there\n"
         f"               (`ray get-auth-token` prints it): RAY_AUTH_MODE=token ray start --address={address}\n"
         + ("               (Ray listens on 127.0.0.1 only: `stalwart up --host <this machine's address>` "

@@ -28,6 +28,16 @@ InjectOpt = typer.Option(None, "--inject", help="inject a fault to rehearse reco
                          "(kinds: kill, nan, hang, spike, slow, error)")
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "cyan",
                "RESTARTING": "magenta", "PENDING": "white"}
+# The REST API that the job commands speak to instead of Ray, when `--server` (or STALWART_SERVER) names one.
+_server: dict[str, Optional[str]] = {"url": None}
+
+
+@app.callback()
+def _options(server: Optional[str] = typer.Option(
+        None, "--server", envvar="STALWART_SERVER", metavar="URL",
+        help="run the job commands over stalwart's REST API at URL (e.g. http://head:8642) instead of Ray; the "
+             "token comes from STALWART_API_TOKEN or $STALWART_HOME/api-token")):
+    _server["url"] = server or None
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -41,10 +51,13 @@ def say(message: str) -> None:
 
 
 def connect(address: Optional[str], start: str = "background"):
-    """A Client for a command that needs the cluster (a job command, `up`, `down`)."""
-    from stalwart.client import Client
+    """A Client for a command that needs the cluster (a job command, `up`, `down`); with --server,
+    an HttpClient (the server wins over an address)."""
+    from stalwart.client import Client, HttpClient
 
     try:
+        if _server["url"]:
+            return HttpClient(_server["url"])
         return Client(address, start=start, say=say)
     except StalwartError as exc:
         fail(str(exc))
@@ -52,10 +65,13 @@ def connect(address: Optional[str], start: str = "background"):
 
 def reader(address: Optional[str]):
     """A Client, or, when no cluster runs (and none was named), the state dir's `Records`, for the
-    commands that only read: they work after `stalwart run` ended or with the cluster down."""
-    from stalwart.client import Client, Records
+    commands that only read: they work after `stalwart run` ended or with the cluster down. With
+    --server, the server's answers (no fallback: the server was named)."""
+    from stalwart.client import Client, HttpClient, Records
 
     try:
+        if _server["url"]:
+            return HttpClient(_server["url"])
         return Client(address, start="never", say=say)
     except NoCluster as exc:
         if address:

@@ -124,6 +124,8 @@ def _progress_view(job_id: str, s: dict, events: list[dict], cancelling: bool):
     grid.add_row("attempt", f"{s.get('attempt', 1)}" + (f"  restarts: {restarts}" if restarts else ""))
     ck = s.get("last_checkpoint_step")
     grid.add_row("checkpoint", f"step {ck}" if ck is not None else "-")
+    if s.get("checkpoint_warning"):
+        grid.add_row("", Text(s["checkpoint_warning"], style="bold yellow"))
     lines = [Text(f"{clock(e['ts'])} {e['message']}", style="dim") for e in events]
     return Panel(Group(grid, Text(""), *lines), title=f"stalwart · {job_id}", border_style="blue")
 

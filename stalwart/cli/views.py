@@ -214,6 +214,8 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
     grid.add_row(Text("attempt", style="bold"), f"{_attempt(s)} (restarts: {_restarts(s.get('restarts'))})",
                  Text("checkpoint", style="bold"),
                  f"step {ck}, {_ago(s.get('last_checkpoint_at'))} ago" if ck is not None else "-")
+    if s.get("checkpoint_warning"):
+        grid.add_row("", "", "", Text(s["checkpoint_warning"], style="bold yellow"))
     points, marks = _curve(metrics)
     plot = _braille_plot(points, width=max(20, width - 16), marks=marks)
     shown: list[tuple[dict, int]] = []  # a run of checkpoint commits shows as its newest, with a count

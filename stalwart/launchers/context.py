@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import statistics
 import threading
@@ -23,11 +25,18 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpointing import engine as ckpt
+from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
-from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError
+from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError, StorageError, WaitTimeout
 from stalwart.launchers import strategies
 from stalwart.launchers.data import DataPosition, IndexedBatches, iterate
+from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.reporter import Reporter
+
+# How long restore() waits for the read-ahead started at construction (finding the checkpoint, reading
+# its indexes and, on an unchanged world size, this rank's own shard) before it gives up.
+RESTORE_PREFETCH_TIMEOUT_S = 1800.0
+RESTORE_PREFETCH_TIMEOUT_ENV = "STALWART_RESTORE_PREFETCH_TIMEOUT_S"
 
 # Script mode: the rank worker sets a factory; `stalwart.context()` builds the context on first use.
 _CURRENT: "TrainContext | None" = None
@@ -51,7 +60,7 @@ class TrainContext:
 
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
-                 keep_last: int, reporter: Reporter, plan: dict, ckpt_group=None,
+                 keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
                  strategy_options: dict | None = None, lazy_group: bool = False):
         self.job_id = job_id
         self.attempt = attempt
@@ -71,22 +80,22 @@ class TrainContext:
         self.restored_from: str | None = None
         self._reporter = reporter
         self._plan = plan
-        self._data = DataPosition(skip=[tuple(r) for r in plan.get("skip", [])])
+        self._data = DataPosition(skip=[tuple(r) for r in plan.skip])
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
         self._recent_losses: deque[Any] = deque(maxlen=50)  # floats or 0-d tensors
-        cache_dir = plan.get("cache_dir")
+        cache_dir = plan.cache_dir
         # A node-local copy only pays off when the storage is remote.
         self._cache = ckpt.LocalCache(cache_dir) if cache_dir and not storage.uri.startswith("file://") else None
         self._engine = ckpt.CheckpointEngine(
             storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
             job_id=job_id, attempt=attempt, on_result=self._on_save, cache=self._cache)
-        self._engine.pinned.update(plan.get("pinned", []))
+        self._engine.pinned.update(plan.pinned)
         self._last_stall = 0.0
         self._faults = {}
         self._last_cpu: float | None = None
-        for f in plan.get("faults", []):
+        for f in plan.faults:
             if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike")):
                 span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow") else 1))
                 for s in span:
@@ -94,8 +103,9 @@ class TrainContext:
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
-        if attempt > 1 or plan.get("resume_from"):
-            self._prefetch = _Prefetch(self._find_checkpoint)
+        if attempt > 1 or plan.resume_from:
+            self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
+                                       f"{plan.resume_from or storage.uri}")
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -202,24 +212,19 @@ class TrainContext:
         if self._model is None:
             raise StalwartError("ctx.restore() needs the model: call ctx.prepare(model, optimizer) first")
         self._ensure_group()
-        loaded = self._choose_checkpoint()
+        if self.rank == 0:
+            self._sweep_uncommitted()
+        loaded, state = self._read_checkpoint()
         if loaded is None:
             return 0
-        state = loaded.state
-        written_by = loaded.manifest.get("strategy", "ddp")
-        if written_by != self._strategy.name:
-            raise StalwartError(f"checkpoint {loaded.uri} was written by strategy {written_by!r}; this job runs "
-                                f"{self._strategy.name!r}, whose state has another form")
-        self._strategy.load(state)
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
-        same_world = loaded.manifest["world_size"] == self.world_size
-        if loaded.local is not None and same_world:
+        if loaded.local is not None and loaded.same_world:
             _set_rng_state(loaded.local["rng"])
         else:
             # A different world size has no exact trajectory to follow; reseed deterministically.
             _seed_all(loaded.step * 1000 + self.rank)
-        scale = float(self._plan.get("lr_scale") or 1.0)
+        scale = float(self._plan.lr_scale or 1.0)
         if scale != 1.0 and self._optimizer is not None:
             # Escalation after a recurring spike: every LR the optimizer or scheduler would use shrinks.
             for group in self._optimizer.param_groups:
@@ -234,41 +239,103 @@ class TrainContext:
         self.restored_step = loaded.step
         self.restored_from = loaded.uri
         self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank,
-                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards)
+                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
+                             bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
         return loaded.step
 
-    def _choose_checkpoint(self) -> ckpt.Loaded | None:
+    def _read_checkpoint(self) -> tuple[shares.Share | shares.FullShare | None, Any]:
+        """Agree on a checkpoint, read this rank's share of it and apply it to the model and optimizer.
+
+        A share read that finds damage raises on every rank, so all of them skip to the next older
+        checkpoint together. Returns (the checkpoint, the state tree read), or (None, None).
+        """
         prefetch, self._prefetch = self._prefetch, None
-        storage, loaded = prefetch.result() if prefetch is not None else self._find_checkpoint()
-        if self.world_size > 1 and dist.is_initialized():
-            # Every rank must load the same step; a rank that could not verify one drags all back.
-            mine = -1 if loaded is None else loaded.step
+        storage, share, exact = prefetch.result() if prefetch is not None else self._find_checkpoint()
+        share = self._agree(storage, share, exact)
+        while share is not None:
+            written_by = share.manifest.get("strategy", "ddp")
+            if written_by != self._strategy.name:
+                raise StalwartError(f"checkpoint {share.uri} was written by strategy {written_by!r}; this job "
+                                    f"runs {self._strategy.name!r}, whose state has another form")
+            share.group = self._engine.group
+            try:
+                return share, self._strategy.restore(share)
+            except CheckpointCorrupt as exc:
+                if exact:  # exactly this one was asked for: a corrupt copy is an error, not a fallback
+                    raise
+                self._skipped(share.step, exc.reason)
+                share = self._agree(storage, self._newest(storage, below=share.step), exact)
+        return None, None
+
+    def _agree(self, storage: Storage, share, exact: bool):
+        """Every rank must read the same step: the oldest of the ranks' choices (a rank that could not
+        verify a step drags all back). Each round, the ranks that chose another step open the agreed one."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return share
+        while True:
             steps: list[int] = [0] * self.world_size
-            dist.all_gather_object(steps, mine)
+            dist.all_gather_object(steps, -1 if share is None else share.step, group=self._engine.group)
             agreed = min(steps)
-            if agreed != mine:
-                loaded = None if agreed < 0 else ckpt.load(storage, agreed, self.rank, cache=self._cache)
-        return loaded
+            if agreed < 0:
+                return None
+            if all(s == agreed for s in steps):
+                return share
+            if share is None or share.step != agreed:
+                try:
+                    share = self._open(storage, agreed)
+                except CheckpointCorrupt as exc:
+                    if exact:
+                        raise
+                    self._skipped(agreed, exc.reason)
+                    share = self._newest(storage, below=agreed)
 
-    def _find_checkpoint(self) -> tuple[Storage, ckpt.Loaded | None]:
-        """This rank's choice, before the ranks agree: the named checkpoint, else the newest that verifies."""
-        resume_from = self._plan.get("resume_from")
-        max_step = self._plan.get("max_step")
-        def skipped(step: int, reason: str) -> None:
-            self._reporter.event("checkpoint_skipped", step=step, reason=reason, rank=self.rank)
-
+    def _find_checkpoint(self) -> tuple[Storage, Any, bool]:
+        """This rank's choice, before the ranks agree: the named checkpoint, else the newest that opens
+        (its manifest, every shard's index and, on an unchanged world size, this rank's own shard verify).
+        Returns (storage, the opened checkpoint or None, whether it was named exactly)."""
+        resume_from = self._plan.resume_from
         storage = self._engine.storage
         if resume_from:
-            storage, step = ckpt.resolve(resume_from, self._plan.get("s3_options"))
+            storage, step = ckpt.resolve(resume_from, self._plan.s3_options)
             if step is not None:  # exactly this one was asked for: a corrupt copy is an error, not a fallback
-                loaded = ckpt.load(storage, step, self.rank)
-            else:
-                loaded = ckpt.newest_loadable(storage, self.rank, on_skip=skipped)
-                if loaded is None:
-                    raise CheckpointNotFound(f"no loadable committed checkpoint under {resume_from}")
-        else:
-            loaded = ckpt.newest_loadable(storage, self.rank, max_step=max_step, on_skip=skipped, cache=self._cache)
-        return storage, loaded
+                return storage, self._open(storage, step), True
+            share = self._newest(storage, below=None)
+            if share is None:
+                raise CheckpointNotFound(f"no loadable committed checkpoint under {resume_from}")
+            return storage, share, False
+        return storage, self._newest(storage, below=None), False
+
+    def _open(self, storage: Storage, step: int):
+        cache = self._cache if storage is self._engine.storage else None  # the cache holds this job's own shards
+        return shares.open_share(storage, step, self.rank, self.world_size, cache=cache,
+                                 ranged=shares.ranged_restores())
+
+    def _newest(self, storage: Storage, below: int | None):
+        """The newest committed checkpoint that opens, under the plan's max_step and below `below`."""
+        limit = self._plan.max_step if storage is self._engine.storage else None
+        if below is not None:
+            limit = below - 1 if limit is None else min(limit, below - 1)
+        for step in ckpt.committed_steps(storage):
+            if limit is not None and step > limit:
+                continue
+            try:
+                return self._open(storage, step)
+            except CheckpointCorrupt as exc:
+                self._skipped(step, exc.reason)
+        return None
+
+    def _skipped(self, step: int, reason: str) -> None:
+        self._reporter.event("checkpoint_skipped", step=step, reason=reason, rank=self.rank)
+
+    def _sweep_uncommitted(self) -> None:
+        """Rank 0, first thing in restore(): remove what failed saves of earlier attempts left."""
+        try:
+            removed = self._engine.sweep_uncommitted()
+        except StorageError as exc:  # only space is at stake; the next commit's retention tries again
+            self.log(f"stalwart: could not remove uncommitted checkpoint steps: {exc}")
+            return
+        if removed:
+            self.log(f"stalwart: removed uncommitted checkpoint step(s) {removed} left by earlier attempts")
 
     def _state(self) -> dict:
         return {**self._strategy.state(),
@@ -279,7 +346,7 @@ class TrainContext:
             return
         if not dist.is_initialized():
             raise StalwartError("call torch.distributed.init_process_group() before ctx.restore() or ctx.checkpoint()")
-        from stalwart.launchers.worker import collective_timeout
+        from stalwart.launchers.userland import collective_timeout
 
         self._engine.group = dist.new_group(backend="gloo", timeout=collective_timeout())
         self._lazy_group = False
@@ -291,7 +358,7 @@ class TrainContext:
                 losses.append(float(x))
             except (RuntimeError, TypeError, ValueError):  # a sample that cannot be read must not fail a save
                 continue
-        finite = [x for x in losses if np.isfinite(x)]
+        finite = [x for x in losses if math.isfinite(x)]
         return {
             "samples": len(losses),
             "median": statistics.median(finite) if finite else None,
@@ -318,10 +385,13 @@ class _Prefetch:
 
     A failed read-ahead (say, storage briefly unreachable) is not final: `result()` then runs
     `find()` again in the caller, so the restore behaves, and raises, as if nothing had been read ahead.
+    `result()` raises WaitTimeout, naming `what`, when the read-ahead has not finished after
+    STALWART_RESTORE_PREFETCH_TIMEOUT_S (default RESTORE_PREFETCH_TIMEOUT_S).
     """
 
-    def __init__(self, find: Callable[[], Any]):
+    def __init__(self, find: Callable[[], Any], what: str = "the restore read-ahead"):
         self._find = find
+        self._what = what
         self._value: Any = None
         self._failed = False
         self._thread = threading.Thread(target=self._run, name="stalwart-restore-prefetch", daemon=True)
@@ -333,8 +403,12 @@ class _Prefetch:
         except BaseException:  # noqa: BLE001 - retried in the caller, where an error is reported
             self._failed = True
 
-    def result(self) -> Any:
-        self._thread.join()
+    def result(self, timeout_s: float | None = None) -> Any:
+        limit = float(os.environ.get(RESTORE_PREFETCH_TIMEOUT_ENV, RESTORE_PREFETCH_TIMEOUT_S)) \
+            if timeout_s is None else timeout_s
+        self._thread.join(limit)
+        if self._thread.is_alive():
+            raise WaitTimeout(self._what, limit, RESTORE_PREFETCH_TIMEOUT_ENV)
         return self._find() if self._failed else self._value
 
 

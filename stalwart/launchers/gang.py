@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +12,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stalwart.errors import GangStartFailed
+from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.worker import RankWorker, UserCodeError
 from stalwart.spec import JobSpec
 
@@ -19,6 +22,12 @@ from stalwart.spec import JobSpec
 FAILURE_GRACE_S = 3.0
 # How long stop() waits for killed workers to be gone.
 STOP_FENCE_S = 10.0
+# How long start() waits for its new workers to come up and answer (a worker is a new process that
+# imports torch: seconds on a loaded node). Past it, the start fails as a node failure.
+START_TIMEOUT_ENV = "STALWART_GANG_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 120.0
+# How long collecting one finished rank's result may take (it is done when ray.wait says so).
+RESULT_TIMEOUT_S = 10.0
 # How long start() waits for warm spares to answer; one that does not is replaced by a new worker.
 ADOPT_WAIT_S = 2.0
 # What a spare imports ahead of a restart: what every rank imports before its first step (DDP's
@@ -108,17 +117,26 @@ class RayGang:
             opts["runtime_env"] = self.spec.runtime_env
         return RankWorker.options(**opts).remote(self.job_id, attempt, bundle, self.world_size)
 
-    def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None:
+    def start(self, plan: AttemptPlan, sink_for: Callable[[int], Callable]) -> None:
+        """Start every rank's `run`. Raises GangStartFailed when a worker dies or does not answer
+        within the start timeout (a rank lost before its first report is a node failure too)."""
         spares = self._adopt_spares()
         self.warm_ranks = len(spares)
         self.workers = [spares[rank] if rank in spares else self._new_worker(rank, self.attempt)
                         for rank in range(self.world_size)]
-        addr, port = ray.get(self.workers[0].address.remote(), timeout=120)
-        nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=120)
-        pids = ray.get([w.pid.remote() for w in self.workers], timeout=120)
+        timeout = start_timeout_s()
+        try:
+            addr, port = ray.get(self.workers[0].address.remote(), timeout=timeout)
+            nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=timeout)
+            pids = ray.get([w.pid.remote() for w in self.workers], timeout=timeout)
+            gpus = (ray.get([w.gpu_ids.remote() for w in self.workers], timeout=timeout)
+                    if self.spec.resources.gpus_per_worker > 0 else None)
+        except RayActorError as exc:
+            raise GangStartFailed(f"a rank's worker died while the gang started: {_first_line(exc)}") from None
+        except GetTimeoutError:
+            raise GangStartFailed(f"the rank workers did not answer within {timeout:g} s of starting "
+                                  f"(raise {START_TIMEOUT_ENV} on slow nodes)") from None
         self.ranks = [{"rank": r, "node_id": n, "pid": p} for r, (n, p) in enumerate(zip(nodes, pids))]
-        gpus = (ray.get([w.gpu_ids.remote() for w in self.workers], timeout=120)
-                if self.spec.resources.gpus_per_worker > 0 else None)
         spec_dict = self.spec.to_dict(reveal_secrets=True)  # the ranks open the S3 storage with the keys
         for rank, worker in enumerate(self.workers):
             same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]
@@ -162,7 +180,7 @@ class RayGang:
             if rank in self._results:
                 continue
             try:
-                ray.get(ref, timeout=10)
+                ray.get(ref, timeout=RESULT_TIMEOUT_S)
                 self._results[rank] = {"ok": True}
             except RayTaskError as exc:
                 cause = exc.cause if isinstance(exc.cause, UserCodeError) else None
@@ -262,6 +280,10 @@ class RayGang:
             except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
                 pass
             self._pg = None
+
+
+def start_timeout_s() -> float:
+    return float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
 
 
 def _kill(actor) -> None:

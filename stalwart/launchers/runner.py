@@ -21,15 +21,16 @@ from stalwart.errors import StalwartError
 from stalwart.launchers import context as context_module
 from stalwart.launchers.context import TrainContext
 from stalwart.launchers.niceness import set_niceness
+from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.reporter import Reporter
-from stalwart.launchers.worker import _Tee, collective_timeout, format_user_error, import_entrypoint
+from stalwart.launchers.userland import Tee, collective_timeout, format_user_error, import_entrypoint
 from stalwart.spec import JobSpec
 
 
 def run_rank(worker, payload: dict) -> dict:
     """Run the user's function for `worker.rank`; return a summary, or raise UserCodeError.
 
-    `payload` keys: spec (dict), master_addr, master_port, plan (dict), sink (callable(batch)).
+    `payload` keys: spec (dict), master_addr, master_port, plan (AttemptPlan), sink (callable(batch)).
     """
     spec = JobSpec.model_validate(payload["spec"])
     rank, world = worker.rank, worker.world_size
@@ -51,8 +52,8 @@ def run_rank(worker, payload: dict) -> dict:
     refused = set_niceness(spec.resources.niceness, all_threads=True)
     reporter = Reporter(payload["sink"], spec.monitoring.report_interval_s).start()
     out, err = sys.stdout, sys.stderr
-    sys.stdout = _Tee(out, reporter.log, f"[rank {rank}] ")
-    sys.stderr = _Tee(err, reporter.log, f"[rank {rank}] ")
+    sys.stdout = Tee(out, reporter.log, f"[rank {rank}] ")
+    sys.stderr = Tee(err, reporter.log, f"[rank {rank}] ")
     if refused and rank == 0:
         reporter.log(f"[rank 0] stalwart: ranks are {refused}; set resources.niceness to null to keep Ray's "
                      f"niceness without this note\n")
@@ -65,8 +66,8 @@ def run_rank(worker, payload: dict) -> dict:
         if hang is not None and timeout.total_seconds() < 3 * hang:
             # stalwart must see a hang (and take the stacks) before the collective gives up.
             timeout = type(timeout)(seconds=3 * hang)
-        plan = payload.get("plan") or {}
-        storage = open_storage(plan["checkpoint_uri"], spec.checkpoint.s3)
+        plan: AttemptPlan = payload["plan"]
+        storage = open_storage(plan.checkpoint_uri, spec.checkpoint.s3)
 
         def make_context(ckpt_group=None, lazy_group: bool = False) -> TrainContext:
             return TrainContext(
@@ -99,7 +100,7 @@ def run_rank(worker, payload: dict) -> dict:
     finally:
         context_module._CURRENT = context_module._FACTORY = None
         for stream in (sys.stdout, sys.stderr):
-            if isinstance(stream, _Tee):
+            if isinstance(stream, Tee):
                 stream.close_partial()
         sys.stdout, sys.stderr = out, err
         reporter.close()

@@ -4,24 +4,27 @@ One small class per `strategy.name`:
 
 * `wrap(model, optimizer, ctx) -> (model, optimizer)`: move to the rank's device and wrap;
 * `state() -> tree`: what to checkpoint (model and optimizer; the LR scheduler is the context's);
-* `load(tree)`: apply a tree as the engine loads it (sharded tensors already put back together
-  into full tensors, whatever world size wrote them);
+* `restore(share) -> tree`: read this rank's share of an opened checkpoint (`checkpointing.share`:
+  the blocks of sharded tensors this rank holds, everything else whole) and apply it;
+* `load(tree)`: apply a tree read whole (full tensors, whatever world size wrote them); `restore`
+  applies its tree the same way, sharded tensors being `shards.Piece` blocks there;
 * `replicated`: True when every rank holds the same tensors (DDP: the engine splits the writing
-  across ranks), False when each rank holds its own shards (FSDP, ZeRO: the tree holds
-  `shards.Piece` leaves, each rank writes its own, and a load needs every shard).
+  across ranks, and the ranks split the reading), False when each rank holds its own shards (FSDP,
+  ZeRO: the tree holds `shards.Piece` leaves, each rank writes its own and reads what it needs).
 
 DDP      torch DistributedDataParallel; `options` go to its constructor.
 FSDP     PyTorch FSDP2 (`fully_shard`) on each block and on the root, over a 1-D device mesh.
          Checkpoints are the sharded state dicts of torch.distributed.checkpoint.state_dict
-         (DTensors): each rank saves its local shards with their offsets, never gathering; a load
-         cuts this rank's shard out of the reassembled tensors and hands DTensors to set_state_dict,
+         (DTensors): each rank saves its local shards with their offsets, never gathering; a restore
+         reads the saved pieces that overlap this rank's blocks and hands DTensors to set_state_dict,
          so a checkpoint written by N ranks loads on M.
 DeepSpeed ZeRO stage 1, 2 or 3 through deepspeed.initialize, the DeepSpeed config being
          `strategy.options`. Checkpoints go through stalwart's engine, not DeepSpeed's writer: each
          rank saves, per parameter, its fragment of the fp32 master weights and of every optimizer
          state tensor, with the fragment's place in the flattened parameter. That layout does not
          depend on the world size or the stage, so a checkpoint resumes on another world size
-         (and another ZeRO stage).
+         (and another ZeRO stage). A restore reads each rank's fragments; the model's copy of the
+         parameters is then cast from them and all-gathered, as DeepSpeed's step does.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stalwart.checkpointing.shards import Piece, block_of
+from stalwart.checkpointing.shards import Piece, cut, flatten
 from stalwart.errors import StalwartError
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,17 @@ class Strategy:
 
     def load(self, state: dict) -> None:
         raise NotImplementedError
+
+    def restore(self, share) -> dict:
+        """Read this rank's share of `share` (an opened checkpoint) and apply it; return the tree read.
+
+        Collective: every rank calls it. This default reads every tensor whole, the ranks splitting the
+        reading between them (replicated state). Raises CheckpointCorrupt on every rank when what it
+        reads fails its checks; nothing is applied then.
+        """
+        state = share.read({})
+        self.load(state)
+        return state
 
 
 def make(name: str, options: dict | None = None) -> Strategy:
@@ -192,15 +206,32 @@ class FSDPStrategy(Strategy):
         return out
 
     def load(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        target = get_model_state_dict(self.model)
-        set_model_state_dict(self.model, _reshard_like(state["model"], target, "model"))
+        self._apply(state, get_model_state_dict(self.model), None)
+
+    def restore(self, share) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_target, optim_target = get_model_state_dict(self.model), None
+        blocks = _dtensor_blocks(model_target, "/model")
+        if self.optimizer is not None and any(p.startswith("/optimizer/") for p in share.tensors):
+            optim_target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
+            blocks.update(_dtensor_blocks(optim_target, "/optimizer"))
+        state = share.read(blocks)
+        self._apply(state, model_target, optim_target)
+        return state
+
+    def _apply(self, state: dict, model_target: dict, optim_target: dict | None) -> None:
+        from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(self.model, _reshard_like(state["model"], model_target, "model"))
         if self.optimizer is not None and state.get("optimizer") is not None:
-            target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
+            if optim_target is None:
+                optim_target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
             set_optimizer_state_dict(self.model, self.optimizer,
-                                     _reshard_like(state["optimizer"], target, "optimizer"))
+                                     _reshard_like(state["optimizer"], optim_target, "optimizer"))
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -234,16 +265,29 @@ def _dtensors_to_pieces(tree: Any) -> Any:
     return tree
 
 
+def _dtensor_blocks(target: Any, prefix: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """`{path: (offset, shape)}` of this rank's block of every DTensor in `target`, by the paths
+    under which `shards.flatten` finds the saved tensors (the saved tree has the target's shape)."""
+    tensors, _ = flatten(target, prefix)
+    out = {}
+    for path, t in tensors.items():
+        if _is_dtensor(t):
+            shape, offset = _dtensor_block(t)
+            out[path] = (offset, shape)
+    return out
+
+
 def _reshard_like(saved: Any, target: Any, path: str) -> Any:
-    """`saved` (full tensors) laid out like `target`: a DTensor there gets this rank's block of the saved tensor."""
+    """`saved` (full tensors, or `Piece` blocks a share read returned) laid out like `target`: a
+    DTensor there gets this rank's block of the saved tensor."""
     if _is_dtensor(target):
         from torch.distributed.tensor import DTensor
 
-        if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(target.shape):
-            got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        if not isinstance(saved, (torch.Tensor, Piece)) or tuple(saved.shape) != tuple(target.shape):
+            got = tuple(saved.shape) if isinstance(saved, (torch.Tensor, Piece)) else type(saved).__name__
             raise StalwartError(f"checkpoint {path} is {got}, the model expects {tuple(target.shape)}")
         shape, offset = _dtensor_block(target)
-        local = block_of(saved, offset, shape).to(device=target.to_local().device, dtype=target.dtype).clone()
+        local = cut(saved, offset, shape).to(device=target.to_local().device, dtype=target.dtype).clone()
         return DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
                                   shape=target.shape, stride=target.stride())
     if isinstance(saved, dict):
@@ -387,6 +431,30 @@ class DeepSpeedStrategy(Strategy):
         valid = max(0, min(part, p.ds_numel - start))
         return Piece(p.ds_tensor.detach().reshape(-1)[:valid], (p.ds_numel,), (start,))
 
+    def restore(self, share) -> dict:
+        # This rank's fragment of each trainable parameter's fp32 weight and optimizer states; in ZeRO-3
+        # its partition of the frozen ones too. Whole: what every rank holds in full (frozen parameters
+        # in stages 1 and 2, ZeRO-3's persistent parameters, buffers, scalars).
+        fragment: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for name, p in self._params():
+            if self.stage == 3:
+                _, start, valid = _partition(p)
+                if p.data.numel() != p.ds_numel:  # a persistent parameter's full value is on every rank
+                    fragment[name] = ((start,), (valid,))
+            elif p.requires_grad:
+                hp = getattr(p, "_hp_mapping", None)
+                address = hp.lp_fragment_address if hp is not None else None
+                fragment[name] = ((address.start,), (address.numel,)) if address is not None else ((0,), (0,))
+        blocks = {}
+        for path in share.tensors:
+            group, _, rest = path[1:].partition("/")
+            name = rest.rpartition("/")[2] if group == "optimizer" and rest.startswith("state/") else rest
+            if group in ("fp32", "frozen", "optimizer") and name in fragment:
+                blocks[path] = fragment[name]
+        state = share.read(blocks)
+        self.load(state)
+        return state
+
     def load(self, state: dict) -> None:
         if "fp32" not in state:
             raise StalwartError("this checkpoint was not written by strategy deepspeed")
@@ -396,13 +464,19 @@ class DeepSpeedStrategy(Strategy):
         keys = sorted((saved_opt or {}).get("state", {}))
         for name, p in self._params():
             if not p.requires_grad:
-                self._set_lp(p, state["frozen"][name].reshape(-1))
+                self._set_lp(p, _flat(state["frozen"][name]))
                 continue
-            full = state["fp32"][name].reshape(-1)
-            self._set_fragment(p, None, full)
+            fp32 = _flat(state["fp32"][name])
+            self._set_fragment(p, None, fp32)
             for key in keys:
-                self._set_fragment(p, key, saved_opt["state"][key][name].reshape(-1))
-            self._set_lp(p, full)
+                self._set_fragment(p, key, _flat(saved_opt["state"][key][name]))
+            if self.stage == 3:
+                self._set_lp(p, fp32)
+        if self.stage != 3:
+            # The model's copy of a trainable parameter is the cast of its fp32 master weight, which is
+            # partitioned: each rank casts its partition and the ranks all-gather (what DeepSpeed's
+            # step does), so no rank needs the full weights. Collective.
+            self.optimizer.update_lp_params()
         buffers = dict(self.model.named_buffers())
         for name, value in state.get("buffers", {}).items():
             buffers[name].data.copy_(value)
@@ -424,15 +498,15 @@ class DeepSpeedStrategy(Strategy):
                     old = flat_state.get(k)
                     flat_state[k] = v.to(old.device).clone() if torch.is_tensor(v) and torch.is_tensor(old) else v
 
-    def _set_fragment(self, p, key: str | None, full: torch.Tensor) -> None:
+    def _set_fragment(self, p, key: str | None, saved: torch.Tensor | Piece) -> None:
+        """Set this rank's fragment of `p`'s fp32 weight (or optimizer state `key`) from the saved
+        flattened parameter: a full 1-D tensor, or a Piece that holds at least the fragment."""
         if self.stage == 3:
             from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-            part = p.ds_tensor.ds_numel
-            start = part * dist.get_rank(group=getattr(p, "ds_process_group", None))
+            part, start, valid = _partition(p)
             value = torch.zeros(part, dtype=torch.float32)
-            chunk = full[start:start + part]
-            value[:chunk.numel()] = chunk
+            value[:valid] = cut(saved, (start,), (valid,))
             value = value.to(p.ds_tensor.device)
             if key is None:
                 safe_set_local_fp32_param(p, value)
@@ -443,20 +517,20 @@ class DeepSpeedStrategy(Strategy):
         if hp is None:
             return
         start, numel = hp.lp_fragment_address.start, hp.lp_fragment_address.numel
-        hp.get_hp_fragment(key).data.copy_(full[start:start + numel])
+        hp.get_hp_fragment(key).data.copy_(cut(saved, (start,), (numel,)))
 
-    def _set_lp(self, p, full: torch.Tensor) -> None:
-        """The model's (low-precision) copy of a parameter: the cast of its fp32 master weight."""
+    def _set_lp(self, p, saved: torch.Tensor | Piece) -> None:
+        """The model's (low-precision) copy of a parameter that the optimizer does not hold (a frozen
+        one; in ZeRO-3 every one): the cast of the saved flattened weight. In ZeRO-3 this rank's
+        partition, and the full value for a persistent parameter (which then was read whole)."""
         if self.stage == 3:
-            part = p.ds_tensor.ds_numel
-            start = part * dist.get_rank(group=getattr(p, "ds_process_group", None))
-            chunk = full[start:start + part]
+            _, start, valid = _partition(p)
             p.ds_tensor.data.zero_()
-            p.ds_tensor.data.reshape(-1)[:chunk.numel()].copy_(chunk)
+            p.ds_tensor.data.reshape(-1)[:valid].copy_(cut(saved, (start,), (valid,)))
             if p.data.numel() == p.ds_numel:  # a gathered (persistent) parameter holds the full value too
-                p.data.copy_(full.view(p.ds_shape))
+                p.data.copy_(saved.view(p.ds_shape))
             return
-        p.data.copy_(full.view(p.shape))
+        p.data.copy_(saved.view(p.shape))
 
     def _init_optimizer_state(self) -> None:
         """Create the base optimizer's state (it is made lazily at the first step) so a load can fill it.
@@ -500,6 +574,19 @@ class DeepSpeedStrategy(Strategy):
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if self.stage != 3 and link is not None:
             link()  # ZeRO 1/2: map each parameter's fragment onto the optimizer state
+
+
+def _partition(p) -> tuple[int, int, int]:
+    """ZeRO-3: (partition size, start in the flattened parameter, valid elements) of this rank's partition."""
+    part = p.ds_tensor.ds_numel
+    start = part * dist.get_rank(group=getattr(p, "ds_process_group", None))
+    return part, start, max(0, min(part, p.ds_numel - start))
+
+
+def _flat(saved: torch.Tensor | Piece) -> torch.Tensor | Piece:
+    """A saved DeepSpeed tensor as a flattened parameter: Pieces are 1-D already; frozen parameters
+    saved by stages 1 and 2 are whole tensors of the parameter's shape."""
+    return saved if isinstance(saved, Piece) else saved.reshape(-1)
 
 
 def _scalars_of(obj: Any) -> dict:

@@ -22,6 +22,7 @@ The snapshot dict of one job (missing keys and None values are simply not export
     checkpoint_write_s       float, seconds the last committed save took to write (rank 0)
     checkpoint_bytes         int, bytes rank 0 wrote for the last committed checkpoint
     checkpoint_failures      int, failed saves so far (any rank)
+    checkpoint_failures_since_commit  int, failed saves since the newest commit (0 once one commits)
     restarts                 {cause: count}
 
 Conventions: every name starts with `stalwart_`, carries its base unit (seconds, bytes), counters
@@ -161,6 +162,7 @@ class JobsCollector(Collector):
         for cause, n in sorted(restarts.items()):
             f["restarts"].add_metric(labels + [str(cause)], float(n))
         f["ckpt_failures"].add_metric(labels, float(job.get("checkpoint_failures") or 0))
+        _gauge(f["ckpt_failing"], labels, job.get("checkpoint_failures_since_commit"))
 
         _gauge(f["ckpt_step"], labels, job.get("last_checkpoint_step"))
         at = _num(job.get("last_checkpoint_at"))
@@ -189,6 +191,8 @@ def _families() -> dict[str, Metric]:
         "restarts": c("stalwart_job_restarts", "Restarts of the job, by the cause of the fault.",
                       labels=JOB + ["cause"]),
         "ckpt_failures": c("stalwart_checkpoint_failures", "Checkpoint saves that failed, any rank.", labels=JOB),
+        "ckpt_failing": g("stalwart_checkpoint_failures_since_commit",
+                          "Failed saves since the newest committed checkpoint (0 once one commits).", labels=JOB),
         "ckpt_step": g("stalwart_checkpoint_last_step", "Step of the newest committed checkpoint.", labels=JOB),
         "ckpt_age": g("stalwart_checkpoint_age_seconds", "Seconds since the newest checkpoint was committed.",
                       labels=JOB),

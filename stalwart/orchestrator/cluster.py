@@ -31,10 +31,12 @@ from stalwart._net import free_port, port_open
 from stalwart.errors import ClusterError, NoCluster
 
 HOME_ENV = "STALWART_HOME"
+NAMESPACE = "stalwart"  # the Ray namespace of the controller (and of every stalwart process's connection)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_AGENT_PORT = 52365  # Ray's dashboard agent (HTTP), which Ray Jobs submits through
 START_TIMEOUT_S = 180.0  # `ray start --head` on a loaded 2-core machine takes 5-20 s
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL what is left
 
@@ -210,9 +212,13 @@ def start_background(home: Path, *, num_cpus: int | None = None, num_gpus: int |
     if dashboard_port is None:
         dashboard_port = DEFAULT_DASHBOARD_PORT if not port_open("127.0.0.1", DEFAULT_DASHBOARD_PORT) else free_port()
     client_port = free_port()  # outside Ray's worker port range (10002-19999), unlike its default
+    # Ray's default for the dashboard's agent is a fixed port: a second cluster on the machine would get
+    # no agent, and Ray Jobs there would answer "No available agent" to every submission.
+    agent_port = DEFAULT_AGENT_PORT if not port_open("127.0.0.1", DEFAULT_AGENT_PORT) else free_port()
     cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--node-ip-address={host}",
            f"--dashboard-host={host}", f"--dashboard-port={dashboard_port}",
-           f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
+           f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+           "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -220,6 +226,8 @@ def start_background(home: Path, *, num_cpus: int | None = None, num_gpus: int |
     env = dict(os.environ)
     env.setdefault(AUTH_MODE_ENV, "token")
     env[HOME_ENV] = str(home)  # the controller on this head keeps its state here
+    # Every Ray process inherits this environment, the job's ranks included: not the REST API's token.
+    env.pop("STALWART_API_TOKEN", None)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
@@ -344,7 +352,7 @@ def connect(address: str | None, home: Path, *, start: str = "background", say=l
     return "started-background"
 
 
-_INIT_OPTIONS = dict(namespace="stalwart", log_to_driver=False, logging_level="WARNING")
+_INIT_OPTIONS = dict(namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
 
 
 def _init(address: str, shown: str) -> None:

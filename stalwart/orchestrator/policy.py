@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from stalwart.launchers.plan import Rewind
 from stalwart.spec import FaultTolerance
 
 # Causes that are not the job's fault and spend no budget.
@@ -23,7 +24,7 @@ class Decision:
     restart: bool
     reason: str
     delay_s: float = 0.0
-    plan: dict = field(default_factory=dict)
+    rewind: Rewind = field(default_factory=Rewind)
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,11 @@ class FailurePolicy:
     def decide(self, cause: str, error: str, rollback: Rollback | None = None) -> Decision:
         decision = self._budget(cause, error)
         if not decision.restart or rollback is None:
-            return Decision(decision.restart, decision.reason, decision.delay_s, self._plan())
+            return Decision(decision.restart, decision.reason, decision.delay_s, self._rewind())
         return self._rollback(decision, rollback)
 
-    def _plan(self, max_step: int | None = None) -> dict:
-        return {"skip": list(self.skips), "pinned": sorted(self.pinned), "max_step": max_step,
-                "lr_scale": self.lr_scale}
+    def _rewind(self, max_step: int | None = None) -> Rewind:
+        return Rewind(tuple(self.skips), tuple(sorted(self.pinned)), max_step, self.lr_scale)
 
     def _rollback(self, decision: Decision, rb: Rollback) -> Decision:
         margin = self.config.skip_batches
@@ -85,7 +85,7 @@ class FailurePolicy:
         self._last_rollback = (target, rb.fault_step + margin)
         where = f"checkpoint step {target}" if target else "the start (no checkpoint before the onset)"
         reason += f"; rolling back to {where} and skipping batches [{start}, {end})"
-        return Decision(True, reason, decision.delay_s, self._plan(max_step=target))
+        return Decision(True, reason, decision.delay_s, self._rewind(max_step=target))
 
     def _budget(self, cause: str, error: str) -> Decision:
         if cause in FREE_CAUSES:
@@ -105,3 +105,60 @@ class FailurePolicy:
         delay = 0.0 if n == 0 else min(self.config.backoff_s * (2 ** (n - 1)), self.config.max_backoff_s)
         self.spent[cause] += 1
         return Decision(True, f"{cause}: restart {self.spent[cause]} of {budget}", delay)
+
+
+# ---- where, and with how many ranks, the next attempt runs ---------------------------------------
+QUARANTINE_AFTER = 2  # failures of one node before the job stops using it
+
+
+@dataclass(frozen=True)
+class WaitDecision:
+    """What to do while a restart waits for its gang: `wait`, `shrink` (to `world_size` ranks),
+    `lift` (use quarantined or unreachable nodes again) or `give_up` (a fault that ends the job)."""
+
+    action: str
+    reason: str = ""
+    world_size: int | None = None
+
+
+class PlacementPolicy:
+    """Elastic shrink and grow, node quarantine and the resource wait, as values; the supervisor acts.
+
+    Pure: the supervisor passes in what it sees (seconds waited, bundles that fit now, nodes).
+    """
+
+    def __init__(self, resources, config: FaultTolerance, quarantine_after: int = QUARANTINE_AFTER):
+        self.resources = resources
+        self.config = config
+        self.quarantine_after = quarantine_after
+        self.node_failures: Counter[str] = Counter()
+
+    def while_waiting(self, *, attempt: int, waited: float, world_size: int, fit: int, avoiding: int) -> WaitDecision:
+        """A gang of `world_size` has waited `waited` s to be placed; `fit` bundles fit now; the
+        reservation avoids `avoiding` nodes. The first attempt always waits for its full gang."""
+        res, ft = self.resources, self.config
+        if attempt == 1:
+            return WaitDecision("wait")
+        if res.min_workers is not None and waited >= ft.elastic_wait_s:
+            smaller = min(world_size - 1, fit)
+            if smaller >= res.min_workers:
+                return WaitDecision("shrink", f"the full gang of {world_size} has not fit for {waited:.0f} s: going "
+                                    f"on with {smaller} rank(s) (min_workers {res.min_workers})", smaller)
+        if avoiding and waited > ft.resource_wait_s / 2:
+            # Better a suspect node than no progress at all.
+            return WaitDecision("lift", f"no room without the {avoiding} quarantined or unreachable node(s) after "
+                                f"{waited:.0f} s: using them again")
+        if waited > ft.resource_wait_s:
+            return WaitDecision("give_up", f"resources did not come back within {ft.resource_wait_s:g} s")
+        return WaitDecision("wait")
+
+    def grow_to(self, *, world_size: int, fit: int) -> int | None:
+        """Running short-handed: the full size to restart with once the missing ranks fit again."""
+        full = self.resources.workers
+        return full if world_size < full and fit >= full - world_size else None
+
+    def blame(self, node: str, *, others_alive: bool, quarantined: set[str]) -> bool:
+        """Count a failure against `node`; True when it is to be quarantined now. Only where other
+        nodes exist: on a one-node cluster a quarantine would strand the job."""
+        self.node_failures[node] += 1
+        return others_alive and node not in quarantined and self.node_failures[node] >= self.quarantine_after

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from stalwart.launchers.plan import Rewind
+
 
 class JobState:
     name: ClassVar[str]
@@ -25,7 +27,7 @@ class Pending(JobState):
     name: ClassVar[str] = "PENDING"
     reason: str = "queued"
     attempt: int = 1
-    plan: dict = field(default_factory=dict)
+    rewind: Rewind = field(default_factory=Rewind)
 
     def describe(self) -> str:
         return self.reason
@@ -35,7 +37,7 @@ class Pending(JobState):
 class Running(JobState):
     name: ClassVar[str] = "RUNNING"
     attempt: int = 1
-    plan: dict = field(default_factory=dict)
+    rewind: Rewind = field(default_factory=Rewind)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Restarting(JobState):
     cause: str
     error: str
     delay_s: float
-    plan: dict = field(default_factory=dict)
+    rewind: Rewind = field(default_factory=Rewind)
 
     def describe(self) -> str:
         return f"{self.cause}: {self.error}"
@@ -107,13 +109,13 @@ class Finished:
 
 @dataclass(frozen=True)
 class Faulted:
-    """An attempt ended or must end. `restart` and `plan` come from the failure policy."""
+    """An attempt ended or must end. `restart` and `rewind` come from the failure policy."""
 
     cause: str
     error: str
     restart: bool
     delay_s: float = 0.0
-    plan: dict = field(default_factory=dict)
+    rewind: Rewind = field(default_factory=Rewind)
     rank: int | None = None
     traceback: str = ""
 
@@ -145,9 +147,9 @@ def step(state: JobState, event: Event) -> JobState:
         return state
     if isinstance(state, Pending):
         if isinstance(event, Waiting):
-            return Pending(event.reason, state.attempt, state.plan)
+            return Pending(event.reason, state.attempt, state.rewind)
         if isinstance(event, Reserved):
-            return Running(state.attempt, state.plan)
+            return Running(state.attempt, state.rewind)
         if isinstance(event, Faulted) and not event.restart:
             return Failed(event.error, event.cause)
     elif isinstance(state, Running):
@@ -155,9 +157,9 @@ def step(state: JobState, event: Event) -> JobState:
             return Succeeded()
         if isinstance(event, Faulted):
             if event.restart:
-                return Restarting(state.attempt, event.cause, event.error, event.delay_s, event.plan)
+                return Restarting(state.attempt, event.cause, event.error, event.delay_s, event.rewind)
             return Failed(event.error, event.cause, event.rank, event.traceback)
     elif isinstance(state, Restarting):
         if isinstance(event, BackoffDone):
-            return Pending(f"restarting after {state.cause}: waiting for resources", state.attempt + 1, state.plan)
+            return Pending(f"restarting after {state.cause}: waiting for resources", state.attempt + 1, state.rewind)
     raise IllegalTransition(f"{type(event).__name__} in state {state.name}")

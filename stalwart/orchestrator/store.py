@@ -14,14 +14,18 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stalwart.errors import JobNotFound
+from stalwart.orchestrator.states import TERMINAL_STATES
+
+if TYPE_CHECKING:
+    from stalwart.monitoring.sinks import Trackers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, updated REAL NOT NULL
+    detail TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, updated REAL NOT NULL, submission_id TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
     job_id TEXT NOT NULL, attempt INTEGER NOT NULL, world_size INTEGER, started REAL, ended REAL,
@@ -65,14 +69,33 @@ class Store:
         (self.home / "jobs").mkdir(exist_ok=True)
         self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Durable when the controller's process dies (what Ray restarts it from); an OS crash or power loss
+        # may take the last transactions, with the whole head node. FULL would sync the disk on every
+        # commit: ~2 ms here, eight of them per submitted job, all under the store's one lock.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A store written before submissions carried ids gets the column (NULL for its jobs).
+        if "submission_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN submission_id TEXT")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_submission ON jobs (submission_id)")
 
     # ---- jobs -------------------------------------------------------------------------
-    def add_job(self, job_id: str, name: str, spec: dict, state: str, detail: dict) -> None:
+    def add_job(self, job_id: str, name: str, spec: dict, state: str, detail: dict,
+                submission_id: str | None = None) -> None:
+        """Record a new job. A `submission_id` is unique: a second job with the same one raises
+        sqlite3.IntegrityError and is not recorded."""
         now = time.time()
         with self._lock:
-            self._db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
-                             (job_id, name, _dumps(spec), state, _dumps(detail), now, now))
+            self._db.execute("INSERT INTO jobs (id,name,spec,state,detail,created,updated,submission_id) "
+                             "VALUES (?,?,?,?,?,?,?,?)",
+                             (job_id, name, _dumps(spec), state, _dumps(detail), now, now, submission_id))
+
+    def job_by_submission(self, submission_id: str) -> dict | None:
+        """The job recorded with this client-supplied submission id, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT id,name,spec,state,detail,created,updated FROM jobs WHERE submission_id=?",
+                                   (submission_id,)).fetchone()
+        return _job_row(row) if row else None
 
     def set_state(self, job_id: str, state: str, detail: dict) -> None:
         with self._lock:
@@ -203,3 +226,63 @@ def _job_row(row) -> dict:
     job_id, name, spec, state, detail, created, updated = row
     return {"id": job_id, "name": name, "spec": json.loads(spec), "state": state, "detail": json.loads(detail),
             "created": created, "updated": updated}
+
+
+class JobRecord:
+    """One job's history as its supervisor writes it: the single, narrow interface between the
+    supervisor's loop and what keeps the job's record (this store; the CLI, the clients and the
+    metrics read it from there or from the supervisor's status).
+
+    With `trackers` (the job's experiment trackers, started), events and metrics also go to them,
+    after the store has them; they never block these calls (see `Trackers`). The job's terminal
+    state closes them (see `state`), and so does `close()`.
+    """
+
+    def __init__(self, store: Store, job_id: str, trackers: Trackers | None = None):
+        self.store = store
+        self.job_id = job_id
+        self.trackers = trackers
+
+    def saved(self) -> dict:
+        """What an earlier controller saved of this job: its detail (with "stats") and attempts."""
+        job = self.store.job(self.job_id) or {}
+        return {"detail": job.get("detail", {}), "attempts": self.store.attempts(self.job_id)}
+
+    def event(self, kind: str, message: str, attempt: int | None, **data: Any) -> dict:
+        event = self.store.add_event(self.job_id, kind, message, attempt, **data)
+        if self.trackers is not None:
+            self.trackers.event(event)
+        return event
+
+    def state(self, state: str, detail: dict) -> None:
+        if self.trackers is not None:
+            if state in TERMINAL_STATES:
+                # Before the store says the job ended: `stalwart run` shuts its cluster down, and this
+                # controller with it, as soon as it reads that, and the trackers' last points and the
+                # run's outcome would go with them. Bounded by the trackers' close timeout.
+                self.trackers.close(outcome=state)
+            # The detail is written whole: keep in it what the trackers need to resume their runs.
+            detail = {**detail, "trackers": self.trackers.resume}
+        self.store.set_state(self.job_id, state, detail)
+
+    def stats(self, summary: dict) -> None:
+        self.store.update_detail(self.job_id, stats=summary)
+
+    def attempt_started(self, attempt: int, world_size: int, start_checkpoint: str | None) -> None:
+        self.store.start_attempt(self.job_id, attempt, world_size, start_checkpoint)
+
+    def attempt_ended(self, attempt: int, cause: str, error: str = "") -> None:
+        self.store.end_attempt(self.job_id, attempt, cause, error)
+
+    def logs(self, lines: list[str]) -> None:
+        self.store.append_log(self.job_id, lines)
+
+    def metrics(self, records: list[dict]) -> None:
+        self.store.append_metrics(self.job_id, records)
+        if self.trackers is not None and records:
+            self.trackers.metrics(records, records[0].get("attempt", 0))
+
+    def close(self) -> None:
+        """Close the trackers, if any (the job has ended, or its supervisor is gone)."""
+        if self.trackers is not None:
+            self.trackers.close()

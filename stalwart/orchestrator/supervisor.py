@@ -13,15 +13,17 @@ import math
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
+from stalwart.errors import GangStartFailed
+from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
-from stalwart.orchestrator.policy import FailurePolicy, Rollback, spends_budget
+from stalwart.orchestrator.policy import FailurePolicy, PlacementPolicy, Rollback, spends_budget
 from stalwart.orchestrator.queue import AdmissionQueue
-from stalwart.orchestrator.store import Store
+from stalwart.orchestrator.store import JobRecord, Store
 from stalwart.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class Gang(Protocol):
 
     def reserve(self, timeout: float) -> bool: ...
     def waiting_for(self) -> str: ...
-    def start(self, plan: dict, sink_for: Callable[[int], Callable]) -> None: ...
+    def start(self, plan: AttemptPlan, sink_for: Callable[[int], Callable]) -> None: ...  # raises GangStartFailed
     def poll(self, timeout: float): ...  # -> GangOutcome | None
     def warm_spares(self) -> int: ...  # once the attempt trains: get ready for a fast restart; -> spares ready
     def stop(self, keep: bool = False) -> None: ...  # keep: hold the reservation for the next attempt
@@ -108,33 +110,42 @@ class Detection:
     data: dict = field(default_factory=dict)
 
 
-QUARANTINE_AFTER = 2  # failures of one node before the job stops using it
-
-
 class JobSupervisor:
     """Lifecycle: construct, `start()` (a daemon thread runs the job to a terminal state), `cancel()`
-    at any time, `on_report()` from the controller's threads as ranks report."""
+    at any time, `on_report()` from the controller's threads as ranks report.
+
+    The loop is `step_once()` until the state is terminal. Tests drive it themselves instead of
+    starting the thread: `step_once(now)` with a fake clock (`clock=`) and a fake gang, one
+    iteration at a time; it then never sleeps on real time (a backoff waits for `now` to pass it).
+    """
 
     POLL_S = 0.5
 
     def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
                  sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
-                 reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None):
+                 reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None,
+                 clock: Callable[[], float] = time.monotonic, trackers=None):
         self.job_id = job_id
         self.spec = spec
         self.store = store
         self.gang_factory = gang_factory
+        self.clock = clock
+        self._now = clock()  # the time of the current iteration of the loop
+        self._sleeps = True  # False while a test steps the loop with its own clock
+        self._restart_at: float | None = None
         self.sink_factory = sink_factory
         self.checkpoint_uri = checkpoint_uri
         self.queue = queue  # None: nothing to wait for before reserving (tests)
         self.policy = FailurePolicy(spec.fault_tolerance)
-        for a in store.attempts(job_id):
+        self.placement = PlacementPolicy(spec.resources, spec.fault_tolerance)
+        self.record = JobRecord(store, job_id, trackers)
+        saved = self.record.saved()
+        for a in saved["attempts"]:
             if spends_budget(a["cause"]):
                 self.policy.spent[a["cause"]] += 1
         self._last_attempt = first_attempt
-        job = store.job(job_id)
-        self.live = LiveStats.resumed((job or {}).get("detail", {}).get("stats") or {})
-        self.state: st.JobState = st.Pending(reason, first_attempt, self._plan(first_attempt))
+        self.live = LiveStats.resumed(saved["detail"].get("stats") or {})
+        self.state: st.JobState = st.Pending(reason, first_attempt)
         self.failure: dict | None = None
         self.ranks: list[dict] = []
         ft = spec.fault_tolerance
@@ -145,7 +156,6 @@ class JobSupervisor:
         self.commits: list[int] = []
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
         self._detected: Detection | None = None
-        self.node_failures: Counter[str] = Counter()
         self.world_size = spec.resources.workers  # smaller while running elastic, short of capacity
         self._grow_after: int | None = None
         self._grow_checked = 0.0
@@ -155,13 +165,16 @@ class JobSupervisor:
         self.unreachable: set[str] = set()
         # The last committed save's figures and the failed saves, across attempts (for the metrics).
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
-                      "checkpoint_failures": 0}
+                      "checkpoint_failures": 0, "checkpoint_failures_since_commit": 0}
+        # After a NaN/spike rollback, (the attempt it ended, the rollback target): that attempt's
+        # checkpoints past the target are no restore points (a late commit of it may still arrive).
+        self._rollback_cap: tuple[int, int] | None = None
         self._gang: Gang | None = None
         self._held: Gang | None = None  # a stopped gang whose reservation the next attempt may take over
         self._trained = False  # the running attempt has reported a step
         self._spares_ready = False
         self._started = False
-        self._pending_since = time.monotonic()
+        self._pending_since = self._now
         self._cancel_reason: str | None = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -193,10 +206,18 @@ class JobSupervisor:
         return getattr(self.state, "attempt", self._last_attempt)
 
     # ---- the loop ---------------------------------------------------------------------
+    def step_once(self, now: float | None = None) -> st.JobState:
+        """One iteration: act for the current state, step to the next; returns it. `now`: the
+        time (on `clock`'s scale) for this iteration, given by tests that drive the loop."""
+        self._sleeps = now is None
+        self._now = self.clock() if now is None else now
+        self._advance(self._act(self.state))
+        return self.state
+
     def _run(self) -> None:
         try:
             while not self.state.terminal:
-                self._advance(self._act(self.state))
+                self.step_once()
         except Exception as exc:  # noqa: BLE001 - a supervisor bug must end the job visibly, not silently
             log.exception("supervisor of %s crashed", self.job_id)
             self._stop_gang()
@@ -211,6 +232,8 @@ class JobSupervisor:
         before = self.state
         self._last_attempt = getattr(before, "attempt", self._last_attempt)
         self.state = st.step(before, event)
+        if isinstance(self.state, st.Restarting) and not isinstance(before, st.Restarting):
+            self._restart_at = self._now + self.state.delay_s  # the backoff counts from the fault
         if type(self.state) is not type(before) or self.state.describe() != before.describe():
             self._record_state()
 
@@ -235,7 +258,7 @@ class JobSupervisor:
                 # would compete with that job's for the next free resources.
                 self._gang.stop()
                 self._gang = None
-            self._wake.wait(self.POLL_S)  # a cancel wakes it
+            self._pause(self.POLL_S)  # a cancel wakes it
             return st.Waiting(queued)
         if self._gang is None:
             avoid = self.quarantined | self.unreachable
@@ -245,53 +268,52 @@ class JobSupervisor:
             if self._held is not None:
                 kwargs["previous"], self._held = self._held, None  # takes it over, or releases it
             self._gang = self.gang_factory(self.job_id, state.attempt, self.spec, **kwargs)
-            self._pending_since = time.monotonic()
+            self._pending_since = self._now
         if self._gang.reserve(self.POLL_S):
             self.unreachable.clear()  # they only had to be kept out of this reservation
             if self.queue is not None:
                 self.queue.remove(self.job_id)  # admitted for good: its restarts do not queue again
             return st.Reserved()
-        waited = time.monotonic() - self._pending_since
-        shrink = self._shrink_to(state, waited)
-        if shrink is not None:
-            self._event("shrinking", f"the full gang of {self.world_size} has not fit for {waited:.0f} s: going on "
-                        f"with {shrink} rank(s) (min_workers {self.spec.resources.min_workers})",
-                        world_size=shrink, previous=self.world_size)
-            self.world_size = shrink
+        waited = self._now - self._pending_since
+        avoided = self.quarantined | self.unreachable
+        wait = self.placement.while_waiting(attempt=state.attempt, waited=waited, world_size=self.world_size,
+                                            fit=_bundles_that_fit(self.spec.resources), avoiding=len(avoided))
+        if wait.action == "shrink":
+            self._event("shrinking", wait.reason, world_size=wait.world_size, previous=self.world_size)
+            self.world_size = wait.world_size
             self._gang.stop()
             self._gang = None
-            return st.Waiting(f"elastic: restarting with {shrink} rank(s)")
-        if (self.quarantined or self.unreachable) and waited > self.spec.fault_tolerance.resource_wait_s / 2:
-            # Better a suspect node than no progress at all.
-            avoided = len(self.quarantined | self.unreachable)
-            self._event("quarantine_lifted", f"no room without the {avoided} quarantined or unreachable node(s) "
-                        f"after {waited:.0f} s: using them again")
+            return st.Waiting(f"elastic: restarting with {wait.world_size} rank(s)")
+        if wait.action == "lift":
+            self._event("quarantine_lifted", wait.reason)
             self.quarantined.clear()
             self.unreachable.clear()
             self._gang.stop()
             self._gang = None
             return st.Waiting("retrying with quarantined nodes allowed")
-        if state.attempt > 1 and waited > self.spec.fault_tolerance.resource_wait_s:
+        if wait.action == "give_up":
             self._stop_gang()
-            return st.Faulted("node_failure", f"resources did not come back within "
-                              f"{self.spec.fault_tolerance.resource_wait_s:g} s", restart=False)
+            return st.Faulted("node_failure", wait.reason, restart=False)
         return st.Waiting(self._gang.waiting_for())
 
     def _act_running(self, state: st.Running) -> st.Event:
         gang = self._gang
         if not self._started:
-            plan = {**self._plan(state.attempt), **state.plan}
+            plan = self._attempt_plan(state.rewind)
             self.live = LiveStats(step=self.live.step, max_steps=self.live.max_steps, last_checkpoint=self.live.last_checkpoint,
                                   last_checkpoint_step=self.live.last_checkpoint_step,
                                   last_checkpoint_at=self.live.last_checkpoint_at, started_at=time.time())
-            self.store.start_attempt(self.job_id, state.attempt, gang.world_size, self.live.last_checkpoint)
-            gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
+            self.record.attempt_started(state.attempt, gang.world_size, self.live.last_checkpoint)
             self._started = True
+            try:
+                gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
+            except GangStartFailed as exc:  # a rank lost before it could report: a fault like any other
+                return self._on_failure("node_failure", None, str(exc))
             self._trained = self._spares_ready = False
             self.ranks = list(getattr(gang, "ranks", []))
             self._detected = None
             self.hangs.reset()
-            self.hangs.start(range(gang.world_size), time.monotonic())
+            self.hangs.start(range(gang.world_size), self._now)
             self.stragglers.reset()
             warm = getattr(gang, "warm_ranks", 0)
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks"
@@ -317,40 +339,34 @@ class JobSupervisor:
             self._stop_gang()
             self._end_attempt("succeeded")
             return st.Finished()
+        return self._on_failure(outcome.cause, outcome.rank, outcome.error, outcome.traceback)
+
+    def _on_failure(self, cause: str, rank: int | None, error: str, traceback: str = "") -> st.Event:
+        """A rank failed or its worker died: stop the gang (keeping the reservation), ask the policy."""
         self._stop_gang(keep=True)
-        if outcome.cause == "node_failure":
-            self._blame_node(outcome.rank)
-        decision = self.policy.decide(outcome.cause, outcome.error)
-        self._end_attempt(outcome.cause, outcome.error)
-        self.recovering = {"at": time.time(), "cause": outcome.cause, "step": self.live.step}
-        where = f" on rank {outcome.rank}" if outcome.rank is not None else ""
-        self._event("fault", f"{outcome.cause}{where}: {outcome.error}", cause=outcome.cause, rank=outcome.rank,
+        if cause == "node_failure":
+            self._blame_node(rank)
+        decision = self.policy.decide(cause, error)
+        self._end_attempt(cause, error)
+        self.recovering = {"at": time.time(), "cause": cause, "step": self.live.step}
+        where = f" on rank {rank}" if rank is not None else ""
+        self._event("fault", f"{cause}{where}: {error}", cause=cause, rank=rank,
                     step=self.live.step, decision=decision.reason, restart=decision.restart)
         if not decision.restart:
-            self.failure = {"cause": outcome.cause, "rank": outcome.rank, "error": outcome.error,
-                            "traceback": outcome.traceback}
-        return st.Faulted(outcome.cause, decision.reason if not decision.restart else outcome.error,
-                          decision.restart, decision.delay_s, decision.plan, outcome.rank, outcome.traceback)
-
-    def _shrink_to(self, state: st.Pending, waited: float) -> int | None:
-        """With min_workers, the smaller world to restart with once the full gang has waited long enough."""
-        res, ft = self.spec.resources, self.spec.fault_tolerance
-        if res.min_workers is None or state.attempt == 1 or waited < ft.elastic_wait_s:
-            return None
-        fit = min(self.world_size - 1, _bundles_that_fit(res))
-        return fit if fit >= res.min_workers else None
+            self.failure = {"cause": cause, "rank": rank, "error": error, "traceback": traceback}
+        return st.Faulted(cause, decision.reason if not decision.restart else error,
+                          decision.restart, decision.delay_s, decision.rewind, rank, traceback)
 
     def _maybe_grow(self) -> st.Event:
         """Running short-handed: once the missing ranks fit again and a checkpoint has committed since, restart full."""
         full = self.spec.resources.workers
         if self.world_size >= full or self._gang is None:
             return st.Tick()
-        now = time.monotonic()
-        if now - self._grow_checked < 2.0:
+        if self._now - self._grow_checked < 2.0:
             return st.Tick()
-        self._grow_checked = now
+        self._grow_checked = self._now
         if self._grow_after is None:
-            if _bundles_that_fit(self.spec.resources) >= full - self.world_size:
+            if self.placement.grow_to(world_size=self.world_size, fit=_bundles_that_fit(self.spec.resources)):
                 self._grow_after = len(self.commits)  # restart right after the next commit: little is lost
             return st.Tick()
         if len(self.commits) <= self._grow_after:
@@ -363,28 +379,26 @@ class JobSupervisor:
                     "checkpoint just committed", world_size=full, previous=previous)
         self.recovering = {"at": time.time(), "cause": "grow", "step": self.live.step}
         decision = self.policy.decide("grow", "grow back")
-        return st.Faulted("grow", f"growing back to {full} ranks", True, 0.0, decision.plan)
+        return st.Faulted("grow", f"growing back to {full} ranks", True, 0.0, decision.rewind)
 
     def _blame_node(self, rank: int | None) -> None:
         """Count a failure against the failed rank's node; a node that fails twice is quarantined."""
         node = next((r["node_id"] for r in self.ranks if r["rank"] == rank), None)
         if node is None:
             return
-        self.node_failures[node] += 1
         nodes = _nodes()
         others = {n for n, info in nodes.items() if info.get("Alive")} - self.quarantined - {node}
         if others and not _raylet_answers(nodes.get(node)):
             self.unreachable.add(node)
             self._event("node_unreachable", f"node {node[:12]} lost rank {rank} and its raylet does not answer: "
                         "the restart will not use it", node_id=node)
-        # Quarantine only where other nodes exist: on a one-node cluster it would strand the job.
-        if self.node_failures[node] >= QUARANTINE_AFTER and node not in self.quarantined and others:
+        if self.placement.blame(node, others_alive=bool(others), quarantined=self.quarantined):
             self.quarantined.add(node)
-            self._event("node_quarantined", f"node {node[:12]} failed {self.node_failures[node]} times: this job "
-                        "will not use it again", node_id=node)
+            self._event("node_quarantined", f"node {node[:12]} failed {self.placement.node_failures[node]} times: "
+                        "this job will not use it again", node_id=node)
 
     def _check_hang(self) -> Detection | None:
-        now = time.monotonic()
+        now = self._now
         stalled = self.hangs.stalled(now)
         if not stalled:
             return None
@@ -411,14 +425,15 @@ class JobSupervisor:
         self._end_attempt(d.cause, d.message)
         self._event("fault", f"{d.cause}: {d.message}", cause=d.cause, step=d.step, onset_step=d.onset_step,
                     detection_latency_s=d.latency_s, decision=decision.reason, restart=decision.restart,
-                    skip=decision.plan.get("skip"), rollback_to=decision.plan.get("max_step"), **d.data)
+                    skip=[list(r) for r in decision.rewind.skip], rollback_to=decision.rewind.max_step, **d.data)
         self.recovering = {"at": time.time(), "cause": d.cause, "step": d.step}
         if decision.restart and rollback is not None:
-            self._discard_after(decision.plan.get("max_step") or 0)
+            self._rollback_cap = (self.attempt, decision.rewind.max_step or 0)
+            self._discard_after(decision.rewind.max_step or 0)
         if not decision.restart:
             self.failure = {"cause": d.cause, "error": decision.reason}
         return st.Faulted(d.cause, decision.reason if not decision.restart else d.message, decision.restart,
-                          decision.delay_s, decision.plan)
+                          decision.delay_s, decision.rewind)
 
     def _committed(self) -> list[int]:
         """Committed steps: the storage is the truth (a commit's event may still be on its way)."""
@@ -454,19 +469,32 @@ class JobSupervisor:
 
     def _act_restarting(self, state: st.Restarting) -> st.Event:
         self._stop_gang(keep=True)
-        self._wake.wait(state.delay_s)
-        self._wake.clear()
+        remaining = (self._restart_at if self._restart_at is not None else self._now) - self._now
+        if remaining > 0:
+            self._pause(remaining)
+            if self._sleeps and self._cancel_reason is None:  # the backoff has passed (or a cancel came)
+                self._restart_at = None
+                return st.BackoffDone()
+            return st.Tick()
+        self._restart_at = None
         return st.BackoffDone()
 
+    def _pause(self, seconds: float) -> None:
+        """Wait on real time (a cancel cuts it short), unless a test steps the loop with its own clock."""
+        if self._sleeps:
+            self._wake.wait(seconds)
+            self._wake.clear()
+
     # ---- helpers ----------------------------------------------------------------------
-    def _plan(self, attempt: int) -> dict:
+    def _attempt_plan(self, rewind: Rewind) -> AttemptPlan:
+        """The one place an attempt's plan is built: the spec's part and the policy's `rewind`."""
         ckpt = self.spec.checkpoint
         # An explicit resume_from seeds the job until it has a checkpoint of its own.
-        resume = ckpt.resume_from if (getattr(self, "live", None) is None or self.live.last_checkpoint is None) else None
-        return {"checkpoint_uri": self.checkpoint_uri, "resume_from": resume, "s3_options": ckpt.s3,
-                "skip": [list(r) for r in self.spec.data.skip], "pinned": [], "max_step": None, "lr_scale": 1.0,
-                "cache_dir": ckpt.local_cache_dir or os.path.join(tempfile.gettempdir(), "stalwart-cache", self.job_id),
-                "faults": [f.model_dump() for f in self.spec.faults]}
+        resume = ckpt.resume_from if self.live.last_checkpoint is None else None
+        return AttemptPlan.build(
+            checkpoint_uri=self.checkpoint_uri, spec_skip=self.spec.data.skip, rewind=rewind, resume_from=resume,
+            s3_options=ckpt.s3, faults=tuple(f.model_dump() for f in self.spec.faults),
+            cache_dir=ckpt.local_cache_dir or os.path.join(tempfile.gettempdir(), "stalwart-cache", self.job_id))
 
     def _stop_gang(self, keep: bool = False) -> None:
         """Stop the running gang. keep: hold its reservation (and spares) for the next attempt;
@@ -481,7 +509,7 @@ class JobSupervisor:
         self._started = False
 
     def _end_attempt(self, cause: str, error: str = "") -> None:
-        self.store.end_attempt(self.job_id, self.attempt, cause, error)
+        self.record.attempt_ended(self.attempt, cause, error)
 
     def _record_state(self) -> None:
         with self._saving:
@@ -490,19 +518,23 @@ class JobSupervisor:
             if isinstance(self.state, st.Failed):
                 detail.update(self.failure or {"error": self.state.reason, "cause": self.state.cause})
                 detail["reason"] = self.state.reason
-            self.store.set_state(self.job_id, self.state.name, detail)
+            self.record.state(self.state.name, detail)
         self._event("state", f"{self.state.name}" + (f": {self.state.describe()}" if self.state.describe() else ""),
                     state=self.state.name)
 
     def _event(self, kind: str, message: str, **data) -> None:
-        self.store.add_event(self.job_id, kind, message, self.attempt, **data)
+        self.record.event(kind, message, self.attempt, **data)
 
     # ---- the report stream --------------------------------------------------------------
     def on_report(self, attempt: int, rank: int, batch: dict) -> None:
-        """Called on the controller's threads. Reports from an older attempt only add their logs."""
+        """Called on the controller's threads. Reports from an older attempt add their logs and the
+        outcome of their saves (a gang being torn down still flushes what it committed)."""
         if batch.get("logs"):
-            self.store.append_log(self.job_id, batch["logs"])
+            self.record.logs(batch["logs"])
         if attempt != self.attempt:
+            for ev in batch.get("events") or []:
+                if ev.get("kind") in ("checkpoint_committed", "checkpoint_failed"):
+                    self._on_worker_event(attempt, rank, ev)
             return
         with self._lock:
             live = self.live
@@ -526,13 +558,13 @@ class JobSupervisor:
                 live.step = last["step"]
                 live.loss = last.get("loss")
                 live.grad_norm = last.get("grad_norm")
-                self.store.append_metrics(self.job_id, [{**r, "attempt": attempt} for r in records])
+                self.record.metrics([{**r, "attempt": attempt} for r in records])
         for ev in batch.get("events") or []:
             self._on_worker_event(attempt, rank, ev)
 
     def _watch(self, rank: int, records: list[dict]) -> None:
         """Feed the detectors; the first fault found waits in `_detected` for the loop."""
-        now = time.monotonic()
+        now = self.clock()
         for r in records:
             self.hangs.progress(rank, r["step"], now)
             if r.get("busy_s") is not None:
@@ -582,18 +614,31 @@ class JobSupervisor:
         kind = ev.get("kind", "?")
         data = {k: v for k, v in ev.items() if k not in ("kind",)}
         if kind == "checkpoint_committed":
-            with self._saving:
-                self.commits.append(ev.get("step"))
-                self.live.last_checkpoint = ev.get("uri")
-                self.live.last_checkpoint_step = ev.get("step")
-                self.live.last_checkpoint_at = ev.get("ts")
-                self.saves.update(checkpoint_stall_s=ev.get("stall_s"), checkpoint_write_s=ev.get("write_s"),
-                                  checkpoint_bytes=ev.get("bytes"))
-                self.store.update_detail(self.job_id, stats=self.summary())
-            msg = f"checkpoint step {ev.get('step')} committed (stall {_ms(ev.get('stall_s'))}, write {_s(ev.get('write_s'))})"
+            step = ev.get("step")
+            newest = self.live.last_checkpoint_step
+            # A late commit of an attempt a rollback ended is past the rollback target: the rollback
+            # discarded it (or is about to), so it is no restore point.
+            cap = self._rollback_cap
+            usable = cap is None or attempt > cap[0] or step is None or step <= cap[1]
+            if usable and (newest is None or step is None or step >= newest or attempt == self.attempt):
+                with self._saving:
+                    self.commits.append(step)
+                    self.live.last_checkpoint = ev.get("uri")
+                    self.live.last_checkpoint_step = step
+                    self.live.last_checkpoint_at = ev.get("ts")
+                    self.saves.update(checkpoint_stall_s=ev.get("stall_s"), checkpoint_write_s=ev.get("write_s"),
+                                      checkpoint_bytes=ev.get("bytes"), checkpoint_failures_since_commit=0)
+                    self.record.stats(self.summary())
+            msg = f"checkpoint step {step} committed (stall {_ms(ev.get('stall_s'))}, write {_s(ev.get('write_s'))})"
+            if attempt != self.attempt:
+                msg += f" by attempt {attempt} as it ended" + ("" if usable else " (discarded by the rollback)")
         elif kind == "checkpoint_failed":
             self.saves["checkpoint_failures"] += 1
-            msg = f"checkpoint step {ev.get('step')} failed on rank {rank}: {ev.get('error')}"
+            if rank == 0 or self.saves["checkpoint_failures_since_commit"] == 0:
+                self.saves["checkpoint_failures_since_commit"] += 1
+            since = self.live.last_checkpoint_step
+            msg = (f"checkpoint step {ev.get('step')} failed on rank {rank}: {ev.get('error')}; "
+                   + (f"no committed checkpoint since step {since}" if since is not None else "no committed checkpoint yet"))
         elif kind == "checkpoint_skipped":
             msg = f"checkpoint step {ev.get('step')} skipped on restore: {ev.get('reason')}"
         elif kind == "restored":
@@ -605,7 +650,7 @@ class JobSupervisor:
             return
         else:
             msg = kind
-        self.store.add_event(self.job_id, kind, msg, attempt, **data)
+        self.record.event(kind, msg, attempt, **data)
 
     # ---- status -----------------------------------------------------------------------
     def summary(self) -> dict:
@@ -623,7 +668,17 @@ class JobSupervisor:
             "last_checkpoint_step": live.last_checkpoint_step,
             "last_checkpoint_at": live.last_checkpoint_at,
             "restarts": dict(self.policy.spent),
+            "checkpoint_warning": self._checkpoint_warning(),
         }
+
+    def _checkpoint_warning(self) -> str | None:
+        """Said while saves keep failing (a full disk, storage down), until one commits again."""
+        failed = self.saves["checkpoint_failures_since_commit"]
+        if not failed:
+            return None
+        since = self.live.last_checkpoint_step
+        return (f"{failed} save(s) failed since the last commit: no committed checkpoint "
+                + (f"since step {since}" if since is not None else "yet"))
 
     def status(self) -> dict:
         live, summary = self.live, self.summary()

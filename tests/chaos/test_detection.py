@@ -79,6 +79,7 @@ def test_sigstop_of_a_rank_is_a_hang_with_stacks(client):
         tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10})).wait(timeout=300), 40))
 
 
+@pytest.mark.slow  # the SIGSTOP test above covers hang detection; this one the injected fault
 def test_injected_hang_reports_where_it_hangs(client):
     spec = tiny_gpt_spec(steps=30, checkpoint={"every_steps": 10}, fault_tolerance={"hang_timeout_s": 3},
                          faults=[{"kind": "hang", "rank": 0, "step": 15}])

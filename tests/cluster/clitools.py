@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
+
+from stalwart._net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -23,6 +26,10 @@ class Cli:
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         self.env["STALWART_HOME"] = str(home)
         self.env["COLUMNS"] = "200"
+        # `stalwart up` serves the REST API too: on a port of its own, not the 8642 another cluster may hold.
+        self.env["STALWART_API_PORT"] = str(free_port())
+        self.env.pop("STALWART_API_TOKEN", None)
+        self.env.pop("STALWART_SERVER", None)
         self.started: list[subprocess.Popen] = []
 
     def __call__(self, *args: str, timeout: float = 240, check: bool = True, env: dict | None = None):
@@ -62,3 +69,14 @@ def small_job(tmp_path: Path, steps: int = 30, **sections) -> Path:
     path = tmp_path / f"job-{len(list(tmp_path.glob('job-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    """Poll `predicate` until it returns something true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what} not within {timeout} s")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import psutil
 
-from clitools import small_job
+from clitools import small_job, wait_for
 
 
 def raylets(session_dir: str) -> list[psutil.Process]:
@@ -24,16 +23,6 @@ def _node_of(raylet: psutil.Process, ranks: list[dict]) -> str:
     """The node id of the ranks whose process descends from this raylet."""
     children = {c.pid for c in raylet.children(recursive=True)}
     return next(r["node_id"] for r in ranks if r["pid"] in children)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout} s")
 
 
 def test_gang_spans_two_nodes_and_survives_losing_one(cli, tmp_path):

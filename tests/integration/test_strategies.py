@@ -185,6 +185,7 @@ def test_fsdp_mixed_precision_and_activation_checkpointing_resume_bitwise(client
     assert_bitwise_equal(tensors_at(killed["checkpoint_uri"], STEPS), tensors_at(ref_status["checkpoint_uri"], STEPS))
 
 
+@pytest.mark.slow  # 40 s: the device script, run by hand and on a GPU machine; the jobs it runs are covered above
 def test_gpu_smoke_script_runs_its_jobs_on_cpu():
     """bench/gpu_smoke.py only meets a GPU now and then: its job path is kept working here (--cpu)."""
     import json

@@ -85,6 +85,11 @@ def test_fit_check_wants_cpus_and_gpus_on_one_node():
     assert unfit(Resources(workers=1), [])[0] == "resources.cpus_per_worker"
 
 
+def test_fit_check_takes_a_vanishing_request():
+    # Found by the REST API's fuzz: 2 / 5e-324 CPUs is infinite ranks per node, which floor() refuses.
+    assert unfit(Resources(workers=4, cpus_per_worker=5e-324), [{"CPU": 2.0}]) is None
+
+
 def test_only_causes_that_are_faults_spend_budget():
     assert not any(spends_budget(c) for c in FREE_CAUSES)
     assert [c for c in ("succeeded", "cancelled", "controller_restart", "grow", "node_failure", None)
@@ -215,4 +220,4 @@ def test_a_resumed_supervisor_starts_from_the_saved_figures(tmp_path):
     sup = JobSupervisor("t-1", spec, store, Gang, lambda *a: None, "/ck", first_attempt=2)
     status = sup.status()
     assert (status["step"], status["loss"], status["max_steps"], status["last_checkpoint_step"]) == (17, None, 40, 10)
-    assert sup.state.plan["resume_from"] is None  # it has checkpoints of its own now
+    assert sup._attempt_plan(sup.state.rewind).resume_from is None  # it has checkpoints of its own now

@@ -1,0 +1,45 @@
+"""AttemptPlan: what one attempt's ranks must know beyond the spec, built once by the supervisor.
+
+It travels from the supervisor, through the gang and the rank worker, to the rank's TrainContext,
+unchanged (frozen). The failure policy's part of it (data to skip, the rollback target, pinned
+checkpoints, an LR scale) arrives as a `Rewind`; the spec's own part (its data.skip, resume_from,
+faults to inject) is merged in here, in one place, so neither overwrites the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Range = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """The failure policy's say in the next attempt (empty for a plain restart)."""
+
+    skip: tuple[Range, ...] = ()  # batch index ranges [start, end) to skip, from rollbacks
+    pinned: tuple[int, ...] = ()  # checkpoint steps retention must keep (rollback targets)
+    max_step: int | None = None  # restore from no checkpoint newer than this (a rollback)
+    lr_scale: float = 1.0  # multiply every learning rate (a spike that came back)
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    checkpoint_uri: str
+    resume_from: str | None = None  # a checkpoint to start from until the job has one of its own
+    s3_options: Any = None  # spec.S3Options (secrets included: it only travels to the ranks)
+    skip: tuple[Range, ...] = ()
+    pinned: tuple[int, ...] = ()
+    max_step: int | None = None
+    lr_scale: float = 1.0
+    cache_dir: str | None = None  # node-local copies of remote checkpoints
+    faults: tuple[dict, ...] = field(default_factory=tuple)  # injected faults (rehearsals)
+
+    @classmethod
+    def build(cls, *, checkpoint_uri: str, spec_skip=(), rewind: Rewind | None = None, **kwargs) -> "AttemptPlan":
+        """The spec's skips and the policy's, together (sorted, duplicates dropped)."""
+        rewind = rewind or Rewind()
+        skip = tuple(sorted({(int(a), int(b)) for a, b in (*spec_skip, *rewind.skip)}))
+        return cls(checkpoint_uri=checkpoint_uri, skip=skip, pinned=tuple(sorted(set(rewind.pinned))),
+                   max_step=rewind.max_step, lr_scale=rewind.lr_scale, **kwargs)

@@ -1,0 +1,173 @@
+"""The supervisor stepped one iteration at a time with a fake gang and a fake clock (no thread, no
+sleeping), and the placement policy's decisions as values."""
+
+from __future__ import annotations
+
+import pytest
+
+from stalwart.errors import GangStartFailed
+from stalwart.launchers.gang import GangOutcome
+from stalwart.launchers.plan import AttemptPlan, Rewind
+from stalwart.orchestrator.policy import FailurePolicy, PlacementPolicy, Rollback
+from stalwart.orchestrator.store import Store
+from stalwart.orchestrator.supervisor import JobSupervisor
+from stalwart.spec import FaultTolerance, JobSpec, Resources
+
+
+class ScriptedGang:
+    """A gang whose attempts end as scripted: each entry is an outcome, or an exception start() raises."""
+
+    script: list = []
+    created: list = []
+
+    def __init__(self, job_id, attempt, spec, **kwargs):
+        self.world_size = kwargs.get("world_size") or spec.resources.workers
+        self.attempt = attempt
+        self.plan: AttemptPlan | None = None
+        self.stopped = False
+        self.kwargs = kwargs
+        ScriptedGang.created.append(self)
+
+    def reserve(self, timeout):
+        return True
+
+    def waiting_for(self):
+        return "waiting for 2 x {CPU: 1}"
+
+    def start(self, plan, sink_for):
+        self.plan = plan
+        if ScriptedGang.script and isinstance(ScriptedGang.script[0], Exception):
+            raise ScriptedGang.script.pop(0)
+
+    def poll(self, timeout):
+        return ScriptedGang.script.pop(0) if ScriptedGang.script else None
+
+    def warm_spares(self):
+        return 0
+
+    def stop(self, keep=False):
+        self.stopped = True
+
+
+def supervisor(tmp_path, script, spec: dict | None = None) -> JobSupervisor:
+    ScriptedGang.script = list(script)
+    ScriptedGang.created = []
+    spec = JobSpec.from_dict({"name": "t", "entrypoint": "a:b", **(spec or {})})
+    store = Store(tmp_path)
+    store.add_job("t-1", "t", spec.to_dict(), "PENDING", {})
+    sup = JobSupervisor("t-1", spec, store, ScriptedGang, lambda *a: (lambda batch: None), str(tmp_path / "ck"),
+                        clock=lambda: 0.0)
+    sup._record_state()
+    return sup
+
+
+def run(sup: JobSupervisor, until: str, start: float = 0.0, step_s: float = 1.0, limit: int = 100) -> float:
+    """Step with a clock that advances `step_s` per iteration until the state is `until`; returns the time."""
+    now = start
+    for _ in range(limit):
+        if sup.step_once(now).name == until:
+            return now
+        now += step_s
+    raise AssertionError(f"never reached {until}; in {sup.state.name}: {sup.state.describe()}")
+
+
+def kinds(sup: JobSupervisor) -> list[str]:
+    return [e["kind"] for e in sup.store.events("t-1")]
+
+
+def test_a_rank_lost_while_the_gang_starts_is_a_restart_not_an_internal_error(tmp_path):
+    sup = supervisor(tmp_path, [GangStartFailed("a rank's worker died while the gang started: killed"),
+                                GangOutcome(True)], {"fault_tolerance": {"budgets": {"node_failure": 1}}})
+    run(sup, "SUCCEEDED")
+    assert [g.attempt for g in ScriptedGang.created] == [1, 2]
+    assert [a["cause"] for a in sup.store.attempts("t-1")] == ["node_failure", "succeeded"]
+    assert sup.policy.spent["node_failure"] == 1
+
+
+def test_the_specs_skips_survive_a_restart_before_the_first_checkpoint(tmp_path):
+    died = GangOutcome(False, "node_failure", 1, "rank 1's worker died")
+    sup = supervisor(tmp_path, [died, GangOutcome(True)],
+                     {"data": {"skip": [[5, 10]]}, "fault_tolerance": {"budgets": {"node_failure": 1}}})
+    run(sup, "SUCCEEDED")
+    assert [g.plan.skip for g in ScriptedGang.created] == [((5, 10),), ((5, 10),)]
+
+
+def test_a_backoff_waits_for_the_clock_not_for_real_time(tmp_path):
+    died = GangOutcome(False, "node_failure", 1, "died")
+    sup = supervisor(tmp_path, [died, died, GangOutcome(True)],
+                     {"fault_tolerance": {"budgets": {"node_failure": 2}, "backoff_s": 30}})
+    t = run(sup, "RESTARTING")  # the first restart is immediate ...
+    t = run(sup, "RESTARTING", start=t + 1)  # ... the second waits backoff_s
+    assert sup.step_once(t + 10).name == "RESTARTING"
+    assert sup.step_once(t + 29).name == "RESTARTING"
+    assert sup.step_once(t + 31).name == "PENDING"
+    run(sup, "SUCCEEDED", start=t + 32)
+
+
+def test_a_commit_flushed_by_an_ending_attempt_is_kept(tmp_path):
+    died = GangOutcome(False, "node_failure", 0, "died")
+    sup = supervisor(tmp_path, [None, died], {"fault_tolerance": {"budgets": {"node_failure": 1}}})
+    run(sup, "RESTARTING")
+    # Attempt 1's rank 0 committed step 20 just before it died; its report arrives now.
+    sup.on_report(1, 0, {"events": [{"kind": "checkpoint_committed", "step": 20, "uri": "file:///ck/20", "ts": 1.0}]})
+    assert "checkpoint_committed" in kinds(sup)
+    assert sup.status()["last_checkpoint_step"] == 20
+    assert sup.commits == [20]
+
+
+def test_failing_saves_say_since_when(tmp_path):
+    sup = supervisor(tmp_path, [None] * 10)
+    run(sup, "RUNNING")
+    sup.on_report(1, 0, {"events": [{"kind": "checkpoint_committed", "step": 20, "uri": "u", "ts": 1.0}]})
+    assert sup.status()["checkpoint_warning"] is None
+    for step in (30, 40):
+        for rank in (0, 1):
+            sup.on_report(1, rank, {"events": [{"kind": "checkpoint_failed", "step": step, "error": "No space left"}]})
+    status = sup.status()
+    assert status["checkpoint_failures_since_commit"] == 2
+    assert "no committed checkpoint since step 20" in status["checkpoint_warning"]
+    sup.on_report(1, 0, {"events": [{"kind": "checkpoint_committed", "step": 50, "uri": "u", "ts": 2.0}]})
+    assert sup.status()["checkpoint_warning"] is None
+
+
+def test_rollback_plan_carries_the_skips_pins_and_target():
+    policy = FailurePolicy(FaultTolerance(skip_batches=5, budgets={"nan": 2}))
+    decision = policy.decide("nan", "loss is nan", Rollback(onset_step=45, fault_step=46, committed=(20, 40, 60),
+                                                             positions={40: 40, 46: 46}))
+    assert decision.restart
+    assert decision.rewind == Rewind(skip=((40, 51),), pinned=(40,), max_step=40, lr_scale=1.0)
+    plan = AttemptPlan.build(checkpoint_uri="file:///ck", spec_skip=[(5, 10), (40, 51)], rewind=decision.rewind)
+    assert plan.skip == ((5, 10), (40, 51)) and plan.max_step == 40 and plan.pinned == (40,)
+
+
+@pytest.fixture
+def elastic():
+    return PlacementPolicy(Resources(workers=4, min_workers=2), FaultTolerance(elastic_wait_s=10, resource_wait_s=100))
+
+
+def test_a_restart_shrinks_after_the_elastic_wait_to_what_fits(elastic):
+    assert elastic.while_waiting(attempt=1, waited=500, world_size=4, fit=1, avoiding=0).action == "wait"
+    assert elastic.while_waiting(attempt=2, waited=5, world_size=4, fit=3, avoiding=0).action == "wait"
+    shrink = elastic.while_waiting(attempt=2, waited=11, world_size=4, fit=3, avoiding=0)
+    assert (shrink.action, shrink.world_size) == ("shrink", 3)
+    # Fewer than min_workers fit: no shrink; past the resource wait, give up.
+    assert elastic.while_waiting(attempt=2, waited=11, world_size=4, fit=1, avoiding=0).action == "wait"
+    assert elastic.while_waiting(attempt=2, waited=101, world_size=4, fit=1, avoiding=0).action == "give_up"
+
+
+def test_quarantine_is_lifted_rather_than_waiting_forever(elastic):
+    assert elastic.while_waiting(attempt=2, waited=40, world_size=4, fit=1, avoiding=1).action == "wait"
+    assert elastic.while_waiting(attempt=2, waited=51, world_size=4, fit=1, avoiding=1).action == "lift"
+
+
+def test_a_node_is_quarantined_on_its_second_failure_where_others_exist(elastic):
+    assert not elastic.blame("n1", others_alive=True, quarantined=set())
+    assert elastic.blame("n1", others_alive=True, quarantined=set())
+    assert not elastic.blame("n2", others_alive=False, quarantined=set())
+    assert not elastic.blame("n2", others_alive=False, quarantined=set())  # alone: never strand the job
+
+
+def test_growing_back_needs_the_missing_ranks_to_fit(elastic):
+    assert elastic.grow_to(world_size=2, fit=1) is None
+    assert elastic.grow_to(world_size=2, fit=2) == 4
+    assert elastic.grow_to(world_size=4, fit=8) is None
