@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 
 def wandb_records(path: str) -> list:
@@ -35,10 +36,22 @@ def wandb_records(path: str) -> list:
     return out
 
 
-def wandb_run(root, run_id: str) -> dict:
+def wandb_run(root, run_id: str, runs: int = 1, timeout: float = 30.0) -> dict:
     """What the offline runs with this id under `root`/wandb hold, all folders together (one per
-    controller that opened it): history rows, tags, the summary, and the run files read."""
-    history, tags, summary = [], set(), {}
+    controller that opened it): history rows, tags, the summary, and the run files read.
+
+    Waits (up to `timeout` s) until `runs` files each end in W&B's exit record: `finish()` can return
+    before W&B's service process has written a run's last records, which a loaded machine shows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _wandb_run(root, run_id)
+        if found["finished"] >= runs or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _wandb_run(root, run_id: str) -> dict:
+    history, tags, summary, finished = [], set(), {}, 0
     files = sorted(glob.glob(f"{root}/wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     for path in files:
         for record in wandb_records(path):
@@ -49,7 +62,9 @@ def wandb_run(root, run_id: str) -> dict:
                 tags |= set(record.run.tags)
             elif kind == "summary":
                 summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
-    return {"files": files, "history": history, "tags": tags, "summary": summary}
+            elif kind == "exit":
+                finished += 1
+    return {"files": files, "history": history, "tags": tags, "summary": summary, "finished": finished}
 
 
 def _key(item) -> str:

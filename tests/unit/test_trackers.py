@@ -271,7 +271,7 @@ def test_wandb_offline_runs_share_the_job_id_and_keep_every_step(tmp_path):
 
     resume, resumed = run_job(lambda: WandbSink("proj", "offline", tmp_path))
     assert resume == resumed == {"id": "job-1", "project": "proj"}
-    run = wandb_run(tmp_path, "job-1")
+    run = wandb_run(tmp_path, "job-1", runs=2)
     assert len(run["files"]) == 2  # one folder per controller, one id: `wandb sync` puts them in one run
     history, tags, summary = run["history"], run["tags"], run["summary"]
     loss = [(h[STEP], h["loss"]) for h in history if "loss" in h]
