@@ -48,6 +48,7 @@ def test_cancel_mid_run_releases_everything(client):
     wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, timeout=30)
 
 
+@pytest.mark.slow  # the priority test below covers a job waiting for another
 def test_second_job_waits_for_resources_then_runs(client):
     first = client.submit(job_spec("testjobs:linear", {"steps": 40, "sleep": 0.1}))
     wait_for(lambda: first.status()["state"] == "RUNNING", timeout=60)
