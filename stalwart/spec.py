@@ -19,8 +19,8 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
 
 from stalwart.errors import SpecError
 
-CAUSES = ("node_failure", "hang", "nan", "loss_spike", "user_error")
-Cause = Literal["node_failure", "hang", "nan", "loss_spike", "user_error"]
+CAUSES = ("node_failure", "hang", "nan", "loss_spike", "divergence", "user_error")
+Cause = Literal["node_failure", "hang", "nan", "loss_spike", "divergence", "user_error"]
 
 
 class _Section(BaseModel):
@@ -174,7 +174,7 @@ class CheckpointSpec(_Section):
 
 
 # Restarts allowed per cause unless the spec says otherwise (a spec's budgets are laid over these).
-DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0}
+DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "divergence": 3, "user_error": 0}
 
 
 class FaultTolerance(_Section):
@@ -192,7 +192,11 @@ class FaultTolerance(_Section):
                                   "for the full gang before going on with fewer ranks")
     spike_detection: bool = Field(True, description="watch loss and grad norm for spikes")
     spike_warmup_steps: int = Field(50, ge=8, description="reports that only feed the statistics")
-    skip_batches: int = Field(200, ge=0, description="after a NaN or spike, batches skipped past it")
+    trend_detection: bool = Field(True, description="watch for slow divergence: a loss creeping up over hundreds "
+                                  "of steps while the grad norm grows (rolled back like a spike)")
+    trend_warmup_steps: int = Field(200, ge=60, description="reports that only feed the trend detector's statistics "
+                                    "(again after each restart)")
+    skip_batches: int = Field(200, ge=0, description="after a NaN, spike or divergence, batches skipped past it")
     spike_escalation: Literal["lower_lr", "fail"] = Field(
         "lower_lr", description="when the same spike comes back after the skip")
     spike_lr_scale: float = Field(0.5, gt=0, le=1, description="the LR factor for lower_lr")
@@ -305,12 +309,13 @@ class Monitoring(_Section):
 class Fault(_Section):
     """A fault to inject, so users rehearse recovery on their own jobs (e.g. kill rank 1 at step 40)."""
 
-    kind: Literal["kill", "nan", "hang", "spike", "error", "slow"]
+    kind: Literal["kill", "nan", "hang", "spike", "drift", "error", "slow"]
     step: int = Field(ge=1, description="the step at whose report the fault fires")
     rank: int = Field(0, ge=0)
     attempt: int = Field(1, ge=1, description="fires only in this attempt, so a restart does not repeat it")
-    factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied")
-    length: int = Field(10, ge=1, description="spike, slow: for how many steps")
+    factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied; drift: the "
+                          "multiplier the loss creeps up to, linearly, over `length` steps (the grad norm: its 4th power)")
+    length: int = Field(10, ge=1, description="spike, slow, drift: for how many steps")
 
     @classmethod
     def parse(cls, text: str) -> "Fault":

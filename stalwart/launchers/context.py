@@ -96,8 +96,8 @@ class TrainContext:
         self._faults = {}
         self._last_cpu: float | None = None
         for f in plan.faults:
-            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike")):
-                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow") else 1))
+            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike", "drift")):
+                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow", "drift") else 1))
                 for s in span:
                     self._faults[s] = f
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
@@ -168,10 +168,16 @@ class TrainContext:
         Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
         """
         if self._faults and step in self._faults:
-            loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter)
+            loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter, step)
         # This thread's CPU time since the last report: time blocked in a collective waiting for a
         # slower peer does not count, so it tells a straggler from the ranks that wait for it.
         cpu = time.thread_time()
+        if "lr" not in metrics and self._optimizer is not None:
+            # The LR as the optimizer has it (a float read): the trend detector holds while it rises
+            # (a warmup or re-warmup raises the loss on purpose).
+            groups = getattr(self._optimizer, "param_groups", None)
+            if groups:
+                metrics["lr"] = groups[0].get("lr")
         busy, self._last_cpu = (cpu - self._last_cpu if self._last_cpu is not None else None), cpu
         self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position, busy)
         if loss is not None and (step % 10 == 0):
@@ -412,7 +418,7 @@ class _Prefetch:
         return self._find() if self._failed else self._value
 
 
-def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter) -> tuple[Any, Any]:
+def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter, step: int) -> tuple[Any, Any]:
     """Carry out an injected fault at this report (a rehearsal the user asked for in `faults:`)."""
     import os
     import signal
@@ -441,6 +447,11 @@ def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporte
         # Grad norm jumps harder than the loss, as in real spikes.
         scale = float(fault["factor"])
         return float(loss) * scale, (float(grad_norm) * scale * 10 if grad_norm is not None else None)
+    if kind == "drift":
+        # Slow divergence: the loss creeps up linearly to `factor` x over `length` steps, the grad norm
+        # grows faster (the 4th power of the loss's factor), so no single step stands out.
+        scale = 1.0 + (float(fault["factor"]) - 1.0) * (step - fault["step"] + 1) / fault["length"]
+        return float(loss) * scale, (float(grad_norm) * scale ** 4 if grad_norm is not None else None)
     return loss, grad_norm
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
+from stalwart.monitoring.trend import TrendConfig, TrendDetector
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
@@ -150,6 +151,8 @@ class JobSupervisor:
         self.ranks: list[dict] = []
         ft = spec.fault_tolerance
         self.spikes = SpikeDetector(SpikeConfig(warmup_steps=ft.spike_warmup_steps)) if ft.spike_detection else None
+        self.trend = (TrendDetector(TrendConfig(warmup_blocks=-(-ft.trend_warmup_steps // TrendConfig.block)))
+                      if ft.trend_detection else None)
         self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
         self.stragglers = StragglerDetector(factor=ft.straggler_factor)
         self.positions: dict[int, int] = {}
@@ -418,7 +421,7 @@ class JobSupervisor:
         """Act on a fault found in the stream: stop the gang, ask the policy, prepare a rollback."""
         self._stop_gang(keep=True)
         rollback = None
-        if d.cause in ("nan", "loss_spike"):
+        if d.cause in ("nan", "loss_spike", "divergence"):
             rollback = Rollback(d.onset_step if d.onset_step is not None else d.step, d.step,
                                 tuple(self._committed()), dict(self.positions))
         decision = self.policy.decide(d.cause, d.message, rollback)
@@ -600,6 +603,15 @@ class JobSupervisor:
                     self._detected = Detection("loss_spike", f"loss spike at step {spike.step} (onset step "
                                                f"{spike.onset_step}): {spike.reason}", spike.step, spike.onset_step,
                                                latency_s=time.time() - r["ts"], data={"score": spike.score})
+                    return
+            if rank == 0 and self.trend is not None and r.get("loss") is not None:
+                lr = (r.get("metrics") or {}).get("lr")
+                found = self.trend.update(r["step"], r["loss"], r.get("grad_norm"), lr if isinstance(lr, (int, float)) else None)
+                if found is not None:
+                    self._detected = Detection("divergence", f"slow divergence at step {found.step} (onset step "
+                                               f"{found.onset_step}): {found.reason}", found.step, found.onset_step,
+                                               latency_s=time.time() - r["ts"],
+                                               data={"rise": found.rise, "grad_ratio": found.grad_ratio})
                     return
 
     def _on_stragglers(self, before: frozenset, after: frozenset) -> None:
