@@ -285,6 +285,10 @@ class WandbOptions(_Section):
 
 class Monitoring(_Section):
     report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
+    forecast_band: bool = Field(True, description="fit the curve law on the run's own first steps (with the LR "
+                                "schedule rank 0 sends) and watch the loss against that forecast's band")
+    forecast_fit_fraction: float = Field(0.2, gt=0, lt=1, description="the share of the run's steps the live "
+                                         "forecast is fitted on")
     # Experiment trackers (stalwart.monitoring.sinks): the controller hands them every report and event.
     tensorboard: str | None = Field(None, description="a directory (absolute, or file:///dir): the job's event "
                                     "files go under DIR/<job id>")

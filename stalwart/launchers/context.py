@@ -155,6 +155,14 @@ class TrainContext:
                                       collate=collate)
         if steps is not None and self.rank == 0:
             self._reporter.event("progress", max_steps=steps)
+            lambdas = getattr(self._scheduler, "lr_lambdas", None)
+            groups = getattr(self._optimizer, "param_groups", None)
+            if lambdas and groups and "initial_lr" in groups[0]:
+                # A LambdaLR: its LR at every step is known now, for the live forecast (once, before training).
+                try:
+                    self.report_lr_schedule([groups[0]["initial_lr"] * lambdas[0](i) for i in range(steps)])
+                except Exception as exc:  # noqa: BLE001 - the user's lambda; the forecast is optional
+                    self.log(f"stalwart: no LR schedule for the live forecast ({type(exc).__name__}: {exc})")
         return iterate(batch_at, self._data, self.restored_step, steps)
 
     @property
@@ -185,6 +193,18 @@ class TrainContext:
             # loss's memory may be reused: a buffer, a CUDA graph's output) and read only when a
             # checkpoint is taken, so reporting never waits for the device.
             self._recent_losses.append(loss.detach().clone() if isinstance(loss, torch.Tensor) else loss)
+
+    def report_lr_schedule(self, lrs: Sequence[float], first_step: int = 1) -> None:
+        """Tell the controller the LR of every step of the run (`lrs[i]`: the LR of step first_step + i,
+        to the last step), for the live forecast band. Done for you when `prepare` got a LambdaLR and
+        `batches` got `steps`; call it once, on rank 0, with any other schedule. At most 4,096 samples
+        of it are sent (linear in between)."""
+        n = len(lrs)
+        if n == 0:
+            return
+        # Evenly spaced samples, the first and last included: not a million numbers for a long run.
+        idx = sorted(set(np.linspace(0, n - 1, min(n, _LR_SCHEDULE_POINTS)).round().astype(int).tolist()))
+        self._reporter.event("lr_schedule", steps=[first_step + i for i in idx], lr=[float(lrs[i]) for i in idx])
 
     def log(self, message: str) -> None:
         self._reporter.log(f"[rank {self.rank}] {message}\n")
@@ -416,6 +436,9 @@ class _Prefetch:
         if self._thread.is_alive():
             raise WaitTimeout(self._what, limit, RESTORE_PREFETCH_TIMEOUT_ENV)
         return self._find() if self._failed else self._value
+
+
+_LR_SCHEDULE_POINTS = 4096
 
 
 def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter, step: int) -> tuple[Any, Any]:

@@ -22,6 +22,7 @@ from stalwart.monitoring.trend import TrendConfig, TrendDetector
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
+from stalwart.orchestrator.live_forecast import LiveForecast
 from stalwart.orchestrator.policy import FailurePolicy, PlacementPolicy, Rollback, spends_budget
 from stalwart.orchestrator.queue import AdmissionQueue
 from stalwart.orchestrator.store import JobRecord, Store
@@ -154,6 +155,10 @@ class JobSupervisor:
         self.trend = (TrendDetector(TrendConfig(warmup_blocks=-(-ft.trend_warmup_steps // TrendConfig.block)))
                       if ft.trend_detection else None)
         self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
+        mon = spec.monitoring
+        self.forecast = (LiveForecast(mon.forecast_fit_fraction, self._event, self._save_stats,
+                                      (saved["detail"].get("stats") or {}).get("forecast_band"))
+                         if mon.forecast_band else None)
         self.stragglers = StragglerDetector(factor=ft.straggler_factor)
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []
@@ -561,6 +566,9 @@ class JobSupervisor:
                 live.step = last["step"]
                 live.loss = last.get("loss")
                 live.grad_norm = last.get("grad_norm")
+                if self.forecast is not None:
+                    for r in records:
+                        self.forecast.observe(r["step"], r.get("loss"))
                 self.record.metrics([{**r, "attempt": attempt} for r in records])
         for ev in batch.get("events") or []:
             self._on_worker_event(attempt, rank, ev)
@@ -660,6 +668,10 @@ class JobSupervisor:
         elif kind == "progress":
             self.live.max_steps = ev.get("max_steps")
             return
+        elif kind == "lr_schedule":
+            if rank == 0 and self.forecast is not None:
+                self.forecast.schedule(ev.get("steps") or [], ev.get("lr") or [])
+            return  # thousands of numbers: kept by the forecast, not as an event
         else:
             msg = kind
         self.record.event(kind, msg, attempt, **data)
@@ -681,7 +693,13 @@ class JobSupervisor:
             "last_checkpoint_at": live.last_checkpoint_at,
             "restarts": dict(self.policy.spent),
             "checkpoint_warning": self._checkpoint_warning(),
+            "forecast": self.forecast.status() if self.forecast is not None else None,
+            "forecast_band": self.forecast.band_json() if self.forecast is not None else None,
         }
+
+    def _save_stats(self) -> None:
+        with self._saving:
+            self.record.stats(self.summary())
 
     def _checkpoint_warning(self) -> str | None:
         """Said while saves keep failing (a full disk, storage down), until one commits again."""
