@@ -243,9 +243,13 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
             shown[-1] = (e, shown[-1][1] + 1)
         else:
             shown.append((e, 1))
+    recent = shown[-10:]
+    faults = [item for item in shown[:-10] if item[0]["kind"] == "fault"]
+    if faults:  # the newest fault stays in view when later events (commits, forecasts) have pushed it out
+        recent = [faults[-1]] + recent[1:]
     lines = [Text.assemble((f"{clock(e['ts'])} ", "dim"), (f"{e['kind']:<22}", "bold"), e["message"],
                            (f"  (+{n - 1} earlier)" if n > 1 else "", "dim"))
-             for e, n in shown[-10:]]
+             for e, n in recent]
     return Group(Panel(grid, title=f"stalwart watch · {job_id}", border_style="blue"),
                  Panel(plot, title="loss (▲ = a new attempt" + (", yellow = forecast and its band)" if band else ")"),
                        border_style="cyan"),

@@ -93,8 +93,11 @@ def fit_band(steps, losses, lr, *, level: float = LEVEL, smooth: int = SMOOTH, b
     last = fc.step
     steps = np.asarray(steps, dtype=int)
     fit_end = int(steps.max())
+    # The law is fitted from the step after the LR's peak (the end of the warmup) on; before it S1 may
+    # be 0 and the law infinite, so the band starts there too.
+    first = min(max(int(steps.min()), int(np.argmax(np.asarray(lr, dtype=float))) + 1), fit_end)
     z = float(norm.ppf(0.5 + level / 2))
-    grid = np.unique(np.linspace(int(steps.min()), last, GRID).round().astype(int))
+    grid = np.unique(np.linspace(first, last, GRID).round().astype(int))
     mid = fc.fit.predict(grid)
     s1 = fc.fit.s1
     reach = np.log(s1[grid] / s1[fit_end]) / max(float(np.log(s1[last] / s1[fit_end])), 1e-12)
@@ -105,7 +108,7 @@ def fit_band(steps, losses, lr, *, level: float = LEVEL, smooth: int = SMOOTH, b
     high = mid * (1 + w0 + (w_hi - w0) * reach)
     low = mid * (1 - w0 - (w_lo - w0) * reach)
     return Band(grid.tolist(), mid.tolist(), low.tolist(), high.tolist(), int(last), float(fc.prediction),
-                float(fc.low), float(fc.high), level, [int(steps.min()), fit_end], upper,
+                float(fc.low), float(fc.high), level, [first, fit_end], upper,
                 [p.message for p in fc.warnings])
 
 

@@ -32,7 +32,8 @@ def test_band_covers_the_rest_of_a_healthy_run_and_widens_with_the_reach():
     curve = law_curve(lr)
     steps = np.arange(1, 201)
     band = fit_band(steps, curve[steps], lr)
-    assert band.final_step == N and band.fitted_on == [1, 200]
+    assert band.final_step == N and band.fitted_on == [30, 200]  # from the end of the warmup (step 29)
+    assert np.isfinite(band.low + band.mid + band.high).all()
     assert band.final_low <= band.final <= band.final_high
     _, lo0, hi0 = band.at(200)
     _, lo1, hi1 = band.at(N)
@@ -87,7 +88,7 @@ def test_keeper_fits_off_the_report_path_then_watches_and_survives_a_new_control
         keeper.observe(s, float(curve[s]))  # the fit starts on a thread of its own at step 200
     assert saved.wait(60), events
     (kind, msg, data), = events
-    assert kind == "forecast_ready" and data["fitted_on"] == [1, 200] and "at step 1000" in msg
+    assert kind == "forecast_ready" and data["fitted_on"] == [30, 200] and "at step 1000" in msg
     creep = curve * (1 + np.clip((np.arange(N + 1) - 500) / 200, 0, None))
     for s in range(201, N + 1):
         keeper.observe(s, float(creep[s]))
