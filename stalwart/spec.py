@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -283,12 +284,58 @@ class WandbOptions(_Section):
         return _local_dir(value)
 
 
+class LRSchedule(_Section):
+    """A run's LR schedule, stated in the spec, for the live forecast band when rank 0 sends none (it
+    sends one by itself for a LambdaLR, or with `ctx.report_lr_schedule`). Relative to the peak."""
+
+    kind: Literal["cosine", "wsd", "linear", "constant"] = Field(description="after the warmup: cosine or linear "
+                                                                 "decay to min_ratio, wsd (constant, then a linear "
+                                                                 "decay to min_ratio over decay_fraction), constant")
+    steps: int = Field(ge=2, description="the run's last step")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over these first steps")
+    min_ratio: float = Field(0.0, ge=0, le=1, description="the LR at the last step, as a fraction of the peak")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps the final decay takes")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "LRSchedule":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """The LR of `step` (1-based, as ctx.batches counts), relative to the peak."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "wsd":
+            decay_from = self.steps - self.decay_fraction * (self.steps - self.warmup_steps)
+            if step <= decay_from:
+                return 1.0
+            progress = (step - decay_from) / max(self.steps - decay_from, 1e-12)
+        else:
+            progress = (step - self.warmup_steps) / (self.steps - self.warmup_steps)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1 - progress
+        return self.min_ratio + (1 - self.min_ratio) * shape
+
+    def sampled(self, points: int = 4096) -> tuple[list[int], list[float]]:
+        """(steps, lr) at up to `points` steps from 1 to `steps`, the kinks included (as a rank sends it)."""
+        n = min(points, self.steps)
+        picks = {1 + round(i * (self.steps - 1) / (n - 1)) for i in range(n)} | {self.warmup_steps + 1, self.steps}
+        if self.kind == "wsd":
+            picks.add(int(self.steps - self.decay_fraction * (self.steps - self.warmup_steps)))
+        steps = sorted(s for s in picks if 1 <= s <= self.steps)
+        return steps, [self.lr_at(s) for s in steps]
+
+
 class Monitoring(_Section):
     report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
     forecast_band: bool = Field(True, description="fit the curve law on the run's own first steps (with the LR "
                                 "schedule rank 0 sends) and watch the loss against that forecast's band")
     forecast_fit_fraction: float = Field(0.2, gt=0, lt=1, description="the share of the run's steps the live "
                                          "forecast is fitted on")
+    lr_schedule: LRSchedule | None = Field(None, description="the run's LR schedule for the live forecast, when "
+                                           "rank 0 sends none (it does for a LambdaLR)")
     # Experiment trackers (stalwart.monitoring.sinks): the controller hands them every report and event.
     tensorboard: str | None = Field(None, description="a directory (absolute, or file:///dir): the job's event "
                                     "files go under DIR/<job id>")

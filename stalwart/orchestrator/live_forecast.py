@@ -55,7 +55,7 @@ class LiveForecast:
         try:
             self._lr = schedule_from_points(steps, values, int(max(steps)))
         except ValueError as exc:
-            self._unavailable(f"the LR schedule the rank sent is unusable: {exc}")
+            self._unavailable(f"the LR schedule is unusable: {exc}")
 
     def observe(self, step: int, loss) -> None:
         if not isinstance(loss, (int, float)):

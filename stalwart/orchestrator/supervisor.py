@@ -159,6 +159,8 @@ class JobSupervisor:
         self.forecast = (LiveForecast(mon.forecast_fit_fraction, self._event, self._save_stats,
                                       (saved["detail"].get("stats") or {}).get("forecast_band"))
                          if mon.forecast_band else None)
+        if self.forecast is not None and mon.lr_schedule is not None:
+            self.forecast.schedule(*mon.lr_schedule.sampled())  # rank 0's own, if it sends one, replaces it
         self.stragglers = StragglerDetector(factor=ft.straggler_factor)
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []

@@ -107,3 +107,20 @@ def test_keeper_says_why_when_no_forecast_can_be_made():
     assert events == ["forecast_unavailable"]
     keeper.observe(500, 2.0)  # nothing more happens
     assert events == ["forecast_unavailable"] and keeper.status() is None
+
+
+def test_a_schedule_stated_in_the_spec_is_validated_and_sampled_with_its_kinks():
+    from stalwart.errors import SpecError
+    from stalwart.spec import JobSpec, LRSchedule
+
+    with pytest.raises(SpecError, match="monitoring.lr_schedule.*warmup_steps"):
+        JobSpec.from_dict({"name": "t", "entrypoint": "a:b",
+                           "monitoring": {"lr_schedule": {"kind": "cosine", "steps": 100, "warmup_steps": 100}}})
+    wsd = LRSchedule(kind="wsd", steps=1000, warmup_steps=100, decay_fraction=0.2)
+    assert [wsd.lr_at(s) for s in (50, 100, 500, 820, 910, 1000)] == pytest.approx([0.5, 1, 1, 1, 0.5, 0])
+    steps, values = wsd.sampled(points=50)
+    assert steps[0] == 1 and steps[-1] == 1000 and {101, 820} <= set(steps)
+    lr = schedule_from_points(steps, values, 1000)
+    assert lr[820] == pytest.approx(1.0) and lr[910] == pytest.approx(0.5)
+    cos = LRSchedule(kind="cosine", steps=1000, min_ratio=0.1)
+    assert cos.lr_at(1000) == pytest.approx(0.1) and cos.lr_at(500) == pytest.approx(0.55, abs=0.01)

@@ -198,3 +198,23 @@ def test_a_creeping_loss_is_a_divergence_rolled_back_before_its_onset(tmp_path):
     (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
     assert fault["data"]["cause"] == "divergence" and fault["data"]["rollback_to"] == 400
     assert fault["data"]["skip"] == [[400, sup._detected.step + 5]]
+
+
+def test_the_specs_lr_schedule_feeds_the_live_forecast(tmp_path):
+    import time
+
+    import numpy as np
+
+    schedule = {"kind": "cosine", "steps": 500, "warmup_steps": 10, "min_ratio": 0.1}
+    sup = supervisor(tmp_path, [None] * 50, {"monitoring": {"lr_schedule": schedule}})
+    run(sup, "RUNNING")
+    sup.step_once(100.0)
+    s1 = np.cumsum([sup.spec.monitoring.lr_schedule.lr_at(s) for s in range(1, 501)])
+    loss = 2.0 + 3.0 * s1 ** -0.5
+    sup.on_report(1, 0, {"records": [{"step": s, "ts": float(s), "loss": float(loss[s - 1])} for s in range(1, 101)]})
+    deadline = time.monotonic() + 60  # the fit runs on a thread of its own
+    while "forecast_ready" not in kinds(sup) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (ready,) = [e for e in sup.store.events("t-1") if e["kind"] == "forecast_ready"]
+    assert ready["data"]["final_step"] == 500 and ready["data"]["fitted_on"][1] == 100
+    assert sup.status()["forecast"]["final_loss"] == pytest.approx(loss[-1], rel=0.05)
