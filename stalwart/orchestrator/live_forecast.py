@@ -47,7 +47,8 @@ class LiveForecast:
         return None if self._lr is None else max(1, int(self.fraction * (len(self._lr) - 1)))
 
     def schedule(self, steps: list, values: list) -> None:
-        """The LR of the run's steps, as (step, lr) samples up to its last step (see `TrainContext.report_lr_schedule`)."""
+        """The LR of the run's steps, as (step, lr) samples up to its last step (see
+        `TrainContext.report_lr_schedule`, or the spec's `monitoring.lr_schedule`)."""
         if self._state != "waiting":
             return
         from stalwart.forecast.live import schedule_from_points

@@ -616,7 +616,8 @@ class JobSupervisor:
                     return
             if rank == 0 and self.trend is not None and r.get("loss") is not None:
                 lr = (r.get("metrics") or {}).get("lr")
-                found = self.trend.update(r["step"], r["loss"], r.get("grad_norm"), lr if isinstance(lr, (int, float)) else None)
+                lr = lr if isinstance(lr, (int, float)) else None
+                found = self.trend.update(r["step"], r["loss"], r.get("grad_norm"), lr)
                 if found is not None:
                     self._detected = Detection("divergence", f"slow divergence at step {found.step} (onset step "
                                                f"{found.onset_step}): {found.reason}", found.step, found.onset_step,

@@ -36,7 +36,8 @@ def test_creeping_divergence_is_caught_within_100_steps_and_dated_before_it(case
         assert step is None or step >= c["onset"], f"seed {seed}: alarm at {step}, before the onset {c['onset']}"
         if step is not None and step - c["onset"] <= DEADLINE:
             hits += 1
-            # The rollback goes to a checkpoint before onset_step: it may be a little late (the rise starts slowly), never far.
+            # The rollback goes to a checkpoint before onset_step: it may be a little late (the rise starts
+            # slowly), never far.
             assert onset_step <= c["onset"] + 25, (seed, onset_step, c["onset"])
     assert hits / len(SEEDS) >= least
 
