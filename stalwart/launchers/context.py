@@ -159,8 +159,10 @@ class TrainContext:
             groups = getattr(self._optimizer, "param_groups", None)
             if lambdas and groups and "initial_lr" in groups[0]:
                 # A LambdaLR: its LR at every step is known now, for the live forecast (once, before training).
-                try:
-                    self.report_lr_schedule([groups[0]["initial_lr"] * lambdas[0](i) for i in range(steps)])
+                try:  # evaluated at the steps sent only: a million-step run costs 4,096 calls
+                    peak, shape = groups[0]["initial_lr"], lambdas[0]
+                    idx = _lr_samples(steps)
+                    self._reporter.event("lr_schedule", steps=[i + 1 for i in idx], lr=[peak * shape(i) for i in idx])
                 except Exception as exc:  # noqa: BLE001 - the user's lambda; the forecast is optional
                     self.log(f"stalwart: no LR schedule for the live forecast ({type(exc).__name__}: {exc})")
         return iterate(batch_at, self._data, self.restored_step, steps)
@@ -199,12 +201,9 @@ class TrainContext:
         to the last step), for the live forecast band. Done for you when `prepare` got a LambdaLR and
         `batches` got `steps`; call it once, on rank 0, with any other schedule. At most 4,096 samples
         of it are sent (linear in between)."""
-        n = len(lrs)
-        if n == 0:
-            return
-        # Evenly spaced samples, the first and last included: not a million numbers for a long run.
-        idx = sorted(set(np.linspace(0, n - 1, min(n, _LR_SCHEDULE_POINTS)).round().astype(int).tolist()))
-        self._reporter.event("lr_schedule", steps=[first_step + i for i in idx], lr=[float(lrs[i]) for i in idx])
+        if len(lrs):
+            idx = _lr_samples(len(lrs))
+            self._reporter.event("lr_schedule", steps=[first_step + i for i in idx], lr=[float(lrs[i]) for i in idx])
 
     def log(self, message: str) -> None:
         self._reporter.log(f"[rank {self.rank}] {message}\n")
@@ -439,6 +438,12 @@ class _Prefetch:
 
 
 _LR_SCHEDULE_POINTS = 4096
+
+
+def _lr_samples(n: int) -> list[int]:
+    """Evenly spaced indices into a schedule of n steps, the first and last included: not a million
+    numbers for a long run (the controller interpolates linearly between them)."""
+    return sorted(set(np.linspace(0, n - 1, min(n, _LR_SCHEDULE_POINTS)).round().astype(int).tolist()))
 
 
 def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter, step: int) -> tuple[Any, Any]:
