@@ -124,3 +124,11 @@ def test_a_schedule_stated_in_the_spec_is_validated_and_sampled_with_its_kinks()
     assert lr[820] == pytest.approx(1.0) and lr[910] == pytest.approx(0.5)
     cos = LRSchedule(kind="cosine", steps=1000, min_ratio=0.1)
     assert cos.lr_at(1000) == pytest.approx(0.1) and cos.lr_at(500) == pytest.approx(0.55, abs=0.01)
+
+
+def test_a_rank_sends_at_most_4096_samples_of_its_schedule_ends_included():
+    from stalwart.launchers.context import _lr_samples
+
+    assert _lr_samples(10) == list(range(10))
+    big = _lr_samples(1_000_000)
+    assert len(big) == 4096 and big[0] == 0 and big[-1] == 999_999 and big == sorted(big)
