@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -19,8 +20,8 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
 
 from stalwart.errors import SpecError
 
-CAUSES = ("node_failure", "hang", "nan", "loss_spike", "user_error")
-Cause = Literal["node_failure", "hang", "nan", "loss_spike", "user_error"]
+CAUSES = ("node_failure", "hang", "nan", "loss_spike", "divergence", "user_error")
+Cause = Literal["node_failure", "hang", "nan", "loss_spike", "divergence", "user_error"]
 
 
 class _Section(BaseModel):
@@ -174,7 +175,7 @@ class CheckpointSpec(_Section):
 
 
 # Restarts allowed per cause unless the spec says otherwise (a spec's budgets are laid over these).
-DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "user_error": 0}
+DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "divergence": 3, "user_error": 0}
 
 
 class FaultTolerance(_Section):
@@ -192,7 +193,11 @@ class FaultTolerance(_Section):
                                   "for the full gang before going on with fewer ranks")
     spike_detection: bool = Field(True, description="watch loss and grad norm for spikes")
     spike_warmup_steps: int = Field(50, ge=8, description="reports that only feed the statistics")
-    skip_batches: int = Field(200, ge=0, description="after a NaN or spike, batches skipped past it")
+    trend_detection: bool = Field(True, description="watch for slow divergence: a loss creeping up over hundreds "
+                                  "of steps while the grad norm grows (rolled back like a spike)")
+    trend_warmup_steps: int = Field(200, ge=60, description="reports that only feed the trend detector's statistics "
+                                    "(again after each restart)")
+    skip_batches: int = Field(200, ge=0, description="after a NaN, spike or divergence, batches skipped past it")
     spike_escalation: Literal["lower_lr", "fail"] = Field(
         "lower_lr", description="when the same spike comes back after the skip")
     spike_lr_scale: float = Field(0.5, gt=0, le=1, description="the LR factor for lower_lr")
@@ -279,8 +284,58 @@ class WandbOptions(_Section):
         return _local_dir(value)
 
 
+class LRSchedule(_Section):
+    """A run's LR schedule, stated in the spec, for the live forecast band when rank 0 sends none (it
+    sends one by itself for a LambdaLR, or with `ctx.report_lr_schedule`). Relative to the peak."""
+
+    kind: Literal["cosine", "wsd", "linear", "constant"] = Field(description="after the warmup: cosine or linear "
+                                                                 "decay to min_ratio, wsd (constant, then a linear "
+                                                                 "decay to min_ratio over decay_fraction), constant")
+    steps: int = Field(ge=2, description="the run's last step")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over these first steps")
+    min_ratio: float = Field(0.0, ge=0, le=1, description="the LR at the last step, as a fraction of the peak")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps the final decay takes")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "LRSchedule":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """The LR of `step` (1-based, as ctx.batches counts), relative to the peak."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "wsd":
+            decay_from = self.steps - self.decay_fraction * (self.steps - self.warmup_steps)
+            if step <= decay_from:
+                return 1.0
+            progress = (step - decay_from) / max(self.steps - decay_from, 1e-12)
+        else:
+            progress = (step - self.warmup_steps) / (self.steps - self.warmup_steps)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1 - progress
+        return self.min_ratio + (1 - self.min_ratio) * shape
+
+    def sampled(self, points: int = 4096) -> tuple[list[int], list[float]]:
+        """(steps, lr) at up to `points` steps from 1 to `steps`, the kinks included (as a rank sends it)."""
+        n = min(points, self.steps)
+        picks = {1 + round(i * (self.steps - 1) / (n - 1)) for i in range(n)} | {self.warmup_steps + 1, self.steps}
+        if self.kind == "wsd":
+            picks.add(int(self.steps - self.decay_fraction * (self.steps - self.warmup_steps)))
+        steps = sorted(s for s in picks if 1 <= s <= self.steps)
+        return steps, [self.lr_at(s) for s in steps]
+
+
 class Monitoring(_Section):
     report_interval_s: float = Field(0.5, gt=0, le=60, description="how often ranks ship reports")
+    forecast_band: bool = Field(True, description="fit the curve law on the run's own first steps (with the LR "
+                                "schedule rank 0 sends) and watch the loss against that forecast's band")
+    forecast_fit_fraction: float = Field(0.2, gt=0, lt=1, description="the share of the run's steps the live "
+                                         "forecast is fitted on")
+    lr_schedule: LRSchedule | None = Field(None, description="the run's LR schedule for the live forecast, when "
+                                           "rank 0 sends none (it does for a LambdaLR)")
     # Experiment trackers (stalwart.monitoring.sinks): the controller hands them every report and event.
     tensorboard: str | None = Field(None, description="a directory (absolute, or file:///dir): the job's event "
                                     "files go under DIR/<job id>")
@@ -305,12 +360,13 @@ class Monitoring(_Section):
 class Fault(_Section):
     """A fault to inject, so users rehearse recovery on their own jobs (e.g. kill rank 1 at step 40)."""
 
-    kind: Literal["kill", "nan", "hang", "spike", "error", "slow"]
+    kind: Literal["kill", "nan", "hang", "spike", "drift", "error", "slow"]
     step: int = Field(ge=1, description="the step at whose report the fault fires")
     rank: int = Field(0, ge=0)
     attempt: int = Field(1, ge=1, description="fires only in this attempt, so a restart does not repeat it")
-    factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied")
-    length: int = Field(10, ge=1, description="spike, slow: for how many steps")
+    factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied; drift: the "
+                          "multiplier the loss creeps up to, linearly, over `length` steps (the grad norm: its 4th power)")
+    length: int = Field(10, ge=1, description="spike, slow, drift: for how many steps")
 
     @classmethod
     def parse(cls, text: str) -> "Fault":

@@ -38,8 +38,12 @@ def main(ctx, config):
                 heads=config.get("heads", 4))
     steps, warmup, lr = config.get("steps", 300), config.get("warmup", 20), config.get("lr", 2e-3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    if config.get("schedule", "cosine") == "wsd":  # constant, then a linear decay to 0 over the last 20 %
+        decay_from = int(0.8 * steps)
+        shape = lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from))  # noqa: E731
+    else:  # cosine to 10 % of the peak
+        shape = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * shape(s))
     model, optimizer = ctx.prepare(model, optimizer, schedule)
     if ctx.rank == 0:
         print(f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -136,14 +136,17 @@ _BRAILLE_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [row
 
 
 def _braille_plot(points: list[tuple[float, float]], width: int = 64, height: int = 12,
-                  marks: list[float] | None = None) -> Text:
+                  marks: list[float] | None = None, band: list[list[tuple[float, float]]] | None = None) -> Text:
     """A line chart of (x, y) points in braille dots (2x4 per character), with y labels and x range.
 
-    `marks` are x positions flagged under the chart with ▲ (restarts)."""
+    `marks` are x positions flagged under the chart with ▲ (restarts). `band`: more lines (the
+    forecast and its band), drawn in yellow where they do not cross the curve."""
     pts = [(x, y) for x, y in points if y is not None and y == y and abs(y) != float("inf")]
     if len(pts) < 2:
         return Text("(not enough data for a curve yet)", style="dim")
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    extra = [[(x, y) for x, y in line if y == y and abs(y) != float("inf")] for line in band or []]
+    xs = [p[0] for p in pts] + [p[0] for line in extra for p in line]
+    ys = [p[1] for p in pts] + [p[1] for line in extra for p in line]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5
@@ -151,10 +154,11 @@ def _braille_plot(points: list[tuple[float, float]], width: int = 64, height: in
         x1 = x0 + 1
     cols, rows = width * 2, height * 4
     grid = [[0] * width for _ in range(height)]
+    band_grid = [[0] * width for _ in range(height)]
 
-    def dot(c: int, r: int) -> None:
+    def dot(c: int, r: int, into: list = grid) -> None:
         if 0 <= c < cols and 0 <= r < rows:
-            grid[r // 4][c // 2] |= _BRAILLE_BITS[r % 4][c % 2]
+            into[r // 4][c // 2] |= _BRAILLE_BITS[r % 4][c % 2]
 
     def to(x: float, y: float) -> tuple[int, int]:
         return round((x - x0) / (x1 - x0) * (cols - 1)), round((y1 - y) / (y1 - y0) * (rows - 1))
@@ -170,13 +174,17 @@ def _braille_plot(points: list[tuple[float, float]], width: int = 64, height: in
         else:
             dot(c, r)
         prev = (c, r)
+    for line in extra:
+        for x, y in line:
+            dot(*to(x, y), into=band_grid)
     label_w = max(len(f"{y1:.3g}"), len(f"{y0:.3g}"))
     out = Text()
     for i, row in enumerate(grid):
         label = f"{y1:.3g}" if i == 0 else f"{y0:.3g}" if i == height - 1 else (
             f"{(y0 + y1) / 2:.3g}" if i == height // 2 else "")
         out.append(f"{label:>{label_w}} ┤", style="dim")
-        out.append("".join(chr(0x2800 + b) for b in row), style="cyan")
+        for b, fb in zip(row, band_grid[i]):
+            out.append(chr(0x2800 + (b or fb)), style="cyan" if b else "yellow")
         out.append("\n")
     if marks:
         line = [" "] * width
@@ -216,19 +224,35 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
                  f"step {ck}, {_ago(s.get('last_checkpoint_at'))} ago" if ck is not None else "-")
     if s.get("checkpoint_warning"):
         grid.add_row("", "", "", Text(s["checkpoint_warning"], style="bold yellow"))
+    fc = s.get("forecast") or {}
+    if fc.get("final_loss") is not None:
+        where = {"above": Text("ABOVE the band", style="bold red"), "below": Text("below the band", style="green"),
+                 None: Text("inside the band")}.get(fc.get("outside"), Text(""))
+        now = f"now {fmt(fc['low'])}-{fmt(fc['high'])}, " if fc.get("low") is not None else ""
+        grid.add_row(Text("forecast", style="bold"),
+                     f"{fmt(fc['final_loss'])} [{fmt(fc['final_low'])}, {fmt(fc['final_high'])}] at step "
+                     f"{fc['final_step']}" + (" (upper bound)" if fc.get("upper_bound") else ""),
+                     Text("band", style="bold"), Text.assemble(now, where) if fc.get("low") is not None else "-")
     points, marks = _curve(metrics)
-    plot = _braille_plot(points, width=max(20, width - 16), marks=marks)
+    band = s.get("forecast_band")
+    band_lines = [list(zip(band["steps"], band[k])) for k in ("mid", "low", "high")] if band else None
+    plot = _braille_plot(points, width=max(20, width - 16), marks=marks, band=band_lines)
     shown: list[tuple[dict, int]] = []  # a run of checkpoint commits shows as its newest, with a count
     for e in evs:
         if e["kind"] == "checkpoint_committed" and shown and shown[-1][0]["kind"] == "checkpoint_committed":
             shown[-1] = (e, shown[-1][1] + 1)
         else:
             shown.append((e, 1))
+    recent = shown[-10:]
+    faults = [item for item in shown[:-10] if item[0]["kind"] == "fault"]
+    if faults:  # the newest fault stays in view when later events (commits, forecasts) have pushed it out
+        recent = [faults[-1]] + recent[1:]
     lines = [Text.assemble((f"{clock(e['ts'])} ", "dim"), (f"{e['kind']:<22}", "bold"), e["message"],
                            (f"  (+{n - 1} earlier)" if n > 1 else "", "dim"))
-             for e, n in shown[-10:]]
+             for e, n in recent]
     return Group(Panel(grid, title=f"stalwart watch · {job_id}", border_style="blue"),
-                 Panel(plot, title="loss (▲ = a new attempt)", border_style="cyan"),
+                 Panel(plot, title="loss (▲ = a new attempt" + (", yellow = forecast and its band)" if band else ")"),
+                       border_style="cyan"),
                  Panel(Group(*lines) if lines else Text("no events yet", style="dim"), title="events",
                        border_style="dim"))
 
@@ -340,6 +364,21 @@ def _draw_report(job_id: str, s: dict, metrics: list[dict], evs: list[dict], out
         if e["kind"] == "checkpoint_skipped" and e["data"].get("step") is not None:
             ax.plot([e["data"]["step"]], [0.03], marker="x", color="orange", ms=8,
                     transform=ax.get_xaxis_transform(), clip_on=False)
+
+    # The live forecast: the curve law fitted on the run's first steps, its band, and where the run left it.
+    band = s.get("forecast_band")
+    if band:
+        ax.fill_between(band["steps"], band["low"], band["high"], color="orange", alpha=0.18, lw=0, zorder=1,
+                        label=f"forecast band ({band['level']:.0%}, fitted on steps {band['fitted_on'][0]}-"
+                              f"{band['fitted_on'][1]})")
+        ax.plot(band["steps"], band["mid"], color="orange", ls="--", lw=1.2, zorder=1, label="forecast")
+        ax.axvspan(band["fitted_on"][0], band["fitted_on"][1], color="orange", alpha=0.05, zorder=0)
+    for e in evs:
+        if e["kind"] == "forecast_band_left" and e["data"].get("step") is not None:
+            ax.plot([e["data"]["step"]], [e["data"]["loss"]], marker="o", mfc="none", color="orange", ms=11,
+                    mew=2, zorder=6)
+            ax.annotate(f"left the band ({e['data'].get('direction')})", xy=(e["data"]["step"], e["data"]["loss"]),
+                        xytext=(6, -14), textcoords="offset points", fontsize=8, color="darkorange")
 
     # Committed checkpoints: green ticks along the bottom of the loss axes.
     ckpts = sorted({e["data"].get("step") for e in evs if e["kind"] == "checkpoint_committed"} - {None})

@@ -96,8 +96,8 @@ class TrainContext:
         self._faults = {}
         self._last_cpu: float | None = None
         for f in plan.faults:
-            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike")):
-                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow") else 1))
+            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike", "drift")):
+                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow", "drift") else 1))
                 for s in span:
                     self._faults[s] = f
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
@@ -155,6 +155,16 @@ class TrainContext:
                                       collate=collate)
         if steps is not None and self.rank == 0:
             self._reporter.event("progress", max_steps=steps)
+            lambdas = getattr(self._scheduler, "lr_lambdas", None)
+            groups = getattr(self._optimizer, "param_groups", None)
+            if lambdas and groups and "initial_lr" in groups[0]:
+                # A LambdaLR: its LR at every step is known now, for the live forecast (once, before training).
+                try:  # evaluated at the steps sent only: a million-step run costs 4,096 calls
+                    peak, shape = groups[0]["initial_lr"], lambdas[0]
+                    idx = _lr_samples(steps)
+                    self._reporter.event("lr_schedule", steps=[i + 1 for i in idx], lr=[peak * shape(i) for i in idx])
+                except Exception as exc:  # noqa: BLE001 - the user's lambda; the forecast is optional
+                    self.log(f"stalwart: no LR schedule for the live forecast ({type(exc).__name__}: {exc})")
         return iterate(batch_at, self._data, self.restored_step, steps)
 
     @property
@@ -168,10 +178,16 @@ class TrainContext:
         Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
         """
         if self._faults and step in self._faults:
-            loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter)
+            loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter, step)
         # This thread's CPU time since the last report: time blocked in a collective waiting for a
         # slower peer does not count, so it tells a straggler from the ranks that wait for it.
         cpu = time.thread_time()
+        if "lr" not in metrics and self._optimizer is not None:
+            # The LR as the optimizer has it (a float read): the trend detector holds while it rises
+            # (a warmup or re-warmup raises the loss on purpose).
+            groups = getattr(self._optimizer, "param_groups", None)
+            if groups:
+                metrics["lr"] = groups[0].get("lr")
         busy, self._last_cpu = (cpu - self._last_cpu if self._last_cpu is not None else None), cpu
         self._reporter.record(step, loss, grad_norm, tokens, metrics or None, self._data.position, busy)
         if loss is not None and (step % 10 == 0):
@@ -179,6 +195,15 @@ class TrainContext:
             # loss's memory may be reused: a buffer, a CUDA graph's output) and read only when a
             # checkpoint is taken, so reporting never waits for the device.
             self._recent_losses.append(loss.detach().clone() if isinstance(loss, torch.Tensor) else loss)
+
+    def report_lr_schedule(self, lrs: Sequence[float], first_step: int = 1) -> None:
+        """Tell the controller the LR of every step of the run (`lrs[i]`: the LR of step first_step + i,
+        to the last step), for the live forecast band. Done for you when `prepare` got a LambdaLR and
+        `batches` got `steps`; call it once, on rank 0, with any other schedule. At most 4,096 samples
+        of it are sent (linear in between)."""
+        if len(lrs):
+            idx = _lr_samples(len(lrs))
+            self._reporter.event("lr_schedule", steps=[first_step + i for i in idx], lr=[float(lrs[i]) for i in idx])
 
     def log(self, message: str) -> None:
         self._reporter.log(f"[rank {self.rank}] {message}\n")
@@ -412,7 +437,16 @@ class _Prefetch:
         return self._find() if self._failed else self._value
 
 
-def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter) -> tuple[Any, Any]:
+_LR_SCHEDULE_POINTS = 4096
+
+
+def _lr_samples(n: int) -> list[int]:
+    """Evenly spaced indices into a schedule of n steps, the first and last included: not a million
+    numbers for a long run (the controller interpolates linearly between them)."""
+    return sorted(set(np.linspace(0, n - 1, min(n, _LR_SCHEDULE_POINTS)).round().astype(int).tolist()))
+
+
+def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporter, step: int) -> tuple[Any, Any]:
     """Carry out an injected fault at this report (a rehearsal the user asked for in `faults:`)."""
     import os
     import signal
@@ -441,6 +475,11 @@ def _inject(fault: dict, rank: int, loss: Any, grad_norm: Any, reporter: Reporte
         # Grad norm jumps harder than the loss, as in real spikes.
         scale = float(fault["factor"])
         return float(loss) * scale, (float(grad_norm) * scale * 10 if grad_norm is not None else None)
+    if kind == "drift":
+        # Slow divergence: the loss creeps up linearly to `factor` x over `length` steps, the grad norm
+        # grows faster (the 4th power of the loss's factor), so no single step stands out.
+        scale = 1.0 + (float(fault["factor"]) - 1.0) * (step - fault["step"] + 1) / fault["length"]
+        return float(loss) * scale, (float(grad_norm) * scale ** 4 if grad_norm is not None else None)
     return loss, grad_norm
 
 

@@ -24,10 +24,14 @@ The snapshot dict of one job (missing keys and None values are simply not export
     checkpoint_failures      int, failed saves so far (any rank)
     checkpoint_failures_since_commit  int, failed saves since the newest commit (0 once one commits)
     restarts                 {cause: count}
+    forecast                 {loss, low, high: the live forecast band at the newest judged step;
+                             final_loss, final_low, final_high: the forecast at the run's last step;
+                             outside: "above"/"below"/None} (stalwart.orchestrator.live_forecast)
 
 Conventions: every name starts with `stalwart_`, carries its base unit (seconds, bytes), counters
 end in `_total`. Labels are bounded: job_id and job_name on everything, plus `state` (six values),
-`cause` (the fault causes) and `rank` (per-rank figures only). Never the step.
+`cause` (the fault causes), `rank` (per-rank figures only) and `bound` (mid, low, high: the forecast).
+Never the step.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ __all__ = ["DEFAULT_PORT", "PORT_ENV", "STATES", "STEP_BUCKETS", "JobsCollector"
 PORT_ENV = "STALWART_METRICS_PORT"
 DEFAULT_PORT = 9464
 STATES = ("PENDING", "RUNNING", "RESTARTING", "SUCCEEDED", "FAILED", "CANCELLED")
-CAUSES: tuple[str, ...] = Cause.__args__  # node_failure, hang, nan, loss_spike, user_error
+CAUSES: tuple[str, ...] = Cause.__args__  # node_failure, hang, nan, loss_spike, divergence, user_error
 # Seconds per step: from a few milliseconds (small models) to minutes (large ones, or a stall).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -172,6 +176,14 @@ class JobsCollector(Collector):
         _gauge(f["ckpt_write"], labels, job.get("checkpoint_write_s"))
         _gauge(f["ckpt_bytes"], labels, job.get("checkpoint_bytes"))
 
+        fc = job.get("forecast") or {}
+        for bound, key in (("mid", "loss"), ("low", "low"), ("high", "high")):
+            _gauge(f["forecast"], labels + [bound], fc.get(key))
+            _gauge(f["forecast_final"], labels + [bound], fc.get("final_" + ("loss" if key == "loss" else key)))
+        if "outside" in fc:
+            f["forecast_outside"].add_metric(labels, 1.0 if fc["outside"] == "above" else
+                                             -1.0 if fc["outside"] == "below" else 0.0)
+
 
 def _families() -> dict[str, Metric]:
     g, c = GaugeMetricFamily, CounterMetricFamily
@@ -202,6 +214,12 @@ def _families() -> dict[str, Metric]:
                         "Seconds the last committed save took to write in the background.", labels=JOB),
         "ckpt_bytes": g("stalwart_checkpoint_size_bytes",
                         "Bytes rank 0 wrote for the last committed checkpoint (its shard).", labels=JOB),
+        "forecast": g("stalwart_job_forecast_loss", "The live forecast of the loss at the current step (fitted "
+                      "on the run's first steps), and its band: bound is mid, low or high.", labels=JOB + ["bound"]),
+        "forecast_final": g("stalwart_job_forecast_final_loss", "The live forecast of the loss at the run's last "
+                            "step, with its interval: bound is mid, low or high.", labels=JOB + ["bound"]),
+        "forecast_outside": g("stalwart_job_forecast_outside_band", "1 while the smoothed loss is above the "
+                              "forecast band, -1 below it, 0 inside.", labels=JOB),
         "scrape_error": g("stalwart_exporter_scrape_error", "1 if collecting the job snapshot failed.", labels=[]),
     }
 

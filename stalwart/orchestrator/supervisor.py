@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
+from stalwart.monitoring.trend import TrendConfig, TrendDetector
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
+from stalwart.orchestrator.live_forecast import LiveForecast
 from stalwart.orchestrator.policy import FailurePolicy, PlacementPolicy, Rollback, spends_budget
 from stalwart.orchestrator.queue import AdmissionQueue
 from stalwart.orchestrator.store import JobRecord, Store
@@ -150,7 +152,15 @@ class JobSupervisor:
         self.ranks: list[dict] = []
         ft = spec.fault_tolerance
         self.spikes = SpikeDetector(SpikeConfig(warmup_steps=ft.spike_warmup_steps)) if ft.spike_detection else None
+        self.trend = (TrendDetector(TrendConfig(warmup_blocks=-(-ft.trend_warmup_steps // TrendConfig.block)))
+                      if ft.trend_detection else None)
         self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
+        mon = spec.monitoring
+        self.forecast = (LiveForecast(mon.forecast_fit_fraction, self._event, self._save_stats,
+                                      (saved["detail"].get("stats") or {}).get("forecast_band"))
+                         if mon.forecast_band else None)
+        if self.forecast is not None and mon.lr_schedule is not None:
+            self.forecast.schedule(*mon.lr_schedule.sampled())  # rank 0's own, if it sends one, replaces it
         self.stragglers = StragglerDetector(factor=ft.straggler_factor)
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []
@@ -418,7 +428,7 @@ class JobSupervisor:
         """Act on a fault found in the stream: stop the gang, ask the policy, prepare a rollback."""
         self._stop_gang(keep=True)
         rollback = None
-        if d.cause in ("nan", "loss_spike"):
+        if d.cause in ("nan", "loss_spike", "divergence"):
             rollback = Rollback(d.onset_step if d.onset_step is not None else d.step, d.step,
                                 tuple(self._committed()), dict(self.positions))
         decision = self.policy.decide(d.cause, d.message, rollback)
@@ -558,6 +568,9 @@ class JobSupervisor:
                 live.step = last["step"]
                 live.loss = last.get("loss")
                 live.grad_norm = last.get("grad_norm")
+                if self.forecast is not None:
+                    for r in records:
+                        self.forecast.observe(r["step"], r.get("loss"))
                 self.record.metrics([{**r, "attempt": attempt} for r in records])
         for ev in batch.get("events") or []:
             self._on_worker_event(attempt, rank, ev)
@@ -600,6 +613,16 @@ class JobSupervisor:
                     self._detected = Detection("loss_spike", f"loss spike at step {spike.step} (onset step "
                                                f"{spike.onset_step}): {spike.reason}", spike.step, spike.onset_step,
                                                latency_s=time.time() - r["ts"], data={"score": spike.score})
+                    return
+            if rank == 0 and self.trend is not None and r.get("loss") is not None:
+                lr = (r.get("metrics") or {}).get("lr")
+                lr = lr if isinstance(lr, (int, float)) else None
+                found = self.trend.update(r["step"], r["loss"], r.get("grad_norm"), lr)
+                if found is not None:
+                    self._detected = Detection("divergence", f"slow divergence at step {found.step} (onset step "
+                                               f"{found.onset_step}): {found.reason}", found.step, found.onset_step,
+                                               latency_s=time.time() - r["ts"],
+                                               data={"rise": found.rise, "grad_ratio": found.grad_ratio})
                     return
 
     def _on_stragglers(self, before: frozenset, after: frozenset) -> None:
@@ -648,6 +671,10 @@ class JobSupervisor:
         elif kind == "progress":
             self.live.max_steps = ev.get("max_steps")
             return
+        elif kind == "lr_schedule":
+            if rank == 0 and self.forecast is not None:
+                self.forecast.schedule(ev.get("steps") or [], ev.get("lr") or [])
+            return  # thousands of numbers: kept by the forecast, not as an event
         else:
             msg = kind
         self.record.event(kind, msg, attempt, **data)
@@ -669,7 +696,13 @@ class JobSupervisor:
             "last_checkpoint_at": live.last_checkpoint_at,
             "restarts": dict(self.policy.spent),
             "checkpoint_warning": self._checkpoint_warning(),
+            "forecast": self.forecast.status() if self.forecast is not None else None,
+            "forecast_band": self.forecast.band_json() if self.forecast is not None else None,
         }
+
+    def _save_stats(self) -> None:
+        with self._saving:
+            self.record.stats(self.summary())
 
     def _checkpoint_warning(self) -> str | None:
         """Said while saves keep failing (a full disk, storage down), until one commits again."""

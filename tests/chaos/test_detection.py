@@ -125,3 +125,24 @@ def test_straggler_is_reported_without_a_restart(client):
     events = [e for e in job.events() if e["kind"] in ("straggler", "straggler_recovered")]
     assert [(e["kind"], e["data"]["rank"]) for e in events][:2] == [("straggler", 1), ("straggler_recovered", 1)]
     assert events[0]["data"]["ratio"] > 1.5
+
+
+def test_creeping_loss_is_rolled_back_as_a_divergence(client):
+    # From step 120 the reported loss creeps up linearly to 2x over 150 steps and the grad norm grows
+    # (its 4th power): no single step stands out, so only the trend detector can see it.
+    drift = {"kind": "drift", "step": 120, "factor": 2.0, "length": 150}
+    ft = {"skip_batches": 5, "budgets": {"divergence": 1}, "trend_warmup_steps": 60}
+    job, status = run(client, tiny_gpt_spec(steps=300, checkpoint={"every_steps": 10, "keep_last": 30},
+                                            faults=[drift], fault_tolerance=ft), timeout=600)
+    assert status["state"] == "SUCCEEDED", status
+    assert status["restarts"] == {"divergence": 1}
+    (event,) = faults(job)
+    data = event["data"]
+    assert data["cause"] == "divergence" and data["grad_ratio"] > 1.2
+    assert drift["step"] <= data["step"] <= drift["step"] + 100  # caught within 100 steps of the onset
+    assert drift["step"] - 40 <= data["onset_step"] <= drift["step"] + 25
+    assert data["rollback_to"] < data["onset_step"] and data["rollback_to"] % 10 == 0
+    assert data["skip"] == [[data["rollback_to"], data["step"] + 5]]
+    restored = [e for e in job.events() if e["kind"] == "restored"]
+    assert restored[0]["data"]["step"] == data["rollback_to"]
+    assert status["step"] == 300

@@ -121,7 +121,9 @@ def faulty_job(client, request):
         request.getfixturevalue("prometheus")
     spec = tiny_gpt_spec(steps=5000, checkpoint={"every_steps": 10},
                          faults=[{"kind": "kill", "rank": 1, "step": KILL_STEP}],
-                         fault_tolerance={"backoff_s": 0.5})
+                         fault_tolerance={"backoff_s": 0.5},
+                         # The forecast band (fitted at 1 % of the 5,000 steps) feeds the loss panel's band.
+                         monitoring={"forecast_fit_fraction": 0.01})
     job = client.submit(spec)
     job.submitted_at = time.time()
     try:

@@ -31,6 +31,8 @@ def full_job(**over) -> dict:
         "last_checkpoint_step": 100, "last_checkpoint_at": NOW - 42.0,
         "checkpoint_stall_s": 0.012, "checkpoint_write_s": 0.8, "checkpoint_bytes": 1_234_567,
         "checkpoint_failures": 1, "restarts": {"node_failure": 1},
+        "forecast": {"step": 120, "loss": 2.4, "low": 2.3, "high": 2.6, "smoothed_loss": 2.5, "outside": None,
+                     "final_step": 300, "final_loss": 2.1, "final_low": 1.9, "final_high": 2.4},
         # Keys the collector ignores (status() carries many more): they must not break anything.
         "attempts": [{"attempt": 1}], "ranks": [{"rank": 0, "node": "x"}], "log_path": "/tmp/x",
     }
@@ -103,7 +105,7 @@ def test_names_and_labels_follow_the_conventions():
                                     clock=lambda: NOW))
     families = list(text_string_to_metric_families(text))
     assert families
-    allowed = {"job_id", "job_name", "state", "cause", "rank", "le"}
+    allowed = {"job_id", "job_name", "state", "cause", "rank", "bound", "le"}
     for family in families:
         assert family.name.startswith("stalwart_"), family.name
         assert family.documentation, family.name
@@ -338,3 +340,16 @@ def test_a_finished_job_keeps_its_last_attempt_and_counts_no_step_twice():
     text = exposition(collector)
     assert value(text, "stalwart_job_attempt", **JOB) == 3
     assert value(text, "stalwart_job_step_duration_seconds_count", **JOB) == 5
+
+
+def test_forecast_band_is_exported_next_to_the_loss():
+    text = exposition(JobsCollector(lambda: [full_job()], clock=lambda: NOW))
+    lab = {"job_id": "gpt-abc123", "job_name": "gpt"}
+    assert value(text, "stalwart_job_forecast_loss", bound="mid", **lab) == 2.4
+    assert value(text, "stalwart_job_forecast_loss", bound="high", **lab) == 2.6
+    assert value(text, "stalwart_job_forecast_final_loss", bound="low", **lab) == 1.9
+    assert value(text, "stalwart_job_forecast_outside_band", **lab) == 0
+    above = exposition(JobsCollector(lambda: [full_job(forecast={"outside": "above"})], clock=lambda: NOW))
+    assert value(above, "stalwart_job_forecast_outside_band", **lab) == 1
+    bare = exposition(JobsCollector(lambda: [full_job(forecast=None)], clock=lambda: NOW))
+    assert "stalwart_job_forecast_loss{" not in bare  # no forecast yet: no series

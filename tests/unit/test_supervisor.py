@@ -171,3 +171,50 @@ def test_growing_back_needs_the_missing_ranks_to_fit(elastic):
     assert elastic.grow_to(world_size=2, fit=1) is None
     assert elastic.grow_to(world_size=2, fit=2) == 4
     assert elastic.grow_to(world_size=4, fit=8) is None
+
+
+def test_a_creeping_loss_is_a_divergence_rolled_back_before_its_onset(tmp_path):
+    import numpy as np
+
+    sup = supervisor(tmp_path, [None] * 50, {"fault_tolerance": {"skip_batches": 5, "budgets": {"divergence": 1}}})
+    run(sup, "RUNNING")
+    sup.step_once(100.0)  # the gang starts
+    for step in (100, 200, 300, 400):
+        sup.on_report(1, 0, {"events": [{"kind": "checkpoint_committed", "step": step, "uri": f"u/{step}", "ts": 1.0}]})
+    rng = np.random.default_rng(3)
+    steps = np.arange(1, 601)
+    creep = 1 + 0.4 * np.clip((steps - 420) / 250, 0, None)  # +40 % over 250 steps from step 420
+    loss = 2.0 * creep * (1 + 0.01 * rng.standard_normal(len(steps)))
+    grad = 0.5 * creep ** 4 * np.exp(0.1 * rng.standard_normal(len(steps)))
+    for i in range(0, len(steps), 10):  # batches of 10 records, as a rank ships them
+        sup.on_report(1, 0, {"records": [{"step": int(s), "ts": float(s), "loss": float(lo), "grad_norm": float(g),
+                                          "metrics": {"lr": 1e-3}, "position": int(s)}
+                                         for s, lo, g in zip(steps[i:i + 10], loss[i:i + 10], grad[i:i + 10])]})
+        if sup._detected is not None:
+            break
+    assert sup._detected is not None and sup._detected.cause == "divergence"
+    assert 420 <= sup._detected.step <= 520 and sup._detected.onset_step <= 440
+    assert sup.step_once(200.0).name == "RESTARTING"
+    (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
+    assert fault["data"]["cause"] == "divergence" and fault["data"]["rollback_to"] == 400
+    assert fault["data"]["skip"] == [[400, sup._detected.step + 5]]
+
+
+def test_the_specs_lr_schedule_feeds_the_live_forecast(tmp_path):
+    import time
+
+    import numpy as np
+
+    schedule = {"kind": "cosine", "steps": 500, "warmup_steps": 10, "min_ratio": 0.1}
+    sup = supervisor(tmp_path, [None] * 50, {"monitoring": {"lr_schedule": schedule}})
+    run(sup, "RUNNING")
+    sup.step_once(100.0)
+    s1 = np.cumsum([sup.spec.monitoring.lr_schedule.lr_at(s) for s in range(1, 501)])
+    loss = 2.0 + 3.0 * s1 ** -0.5
+    sup.on_report(1, 0, {"records": [{"step": s, "ts": float(s), "loss": float(loss[s - 1])} for s in range(1, 101)]})
+    deadline = time.monotonic() + 60  # the fit runs on a thread of its own
+    while "forecast_ready" not in kinds(sup) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (ready,) = [e for e in sup.store.events("t-1") if e["kind"] == "forecast_ready"]
+    assert ready["data"]["final_step"] == 500 and ready["data"]["fitted_on"][1] == 100
+    assert sup.status()["forecast"]["final_loss"] == pytest.approx(loss[-1], rel=0.05)
