@@ -206,7 +206,8 @@ class TrainContext:
     def restore(self) -> int:
         """Load the newest good checkpoint (or the one this attempt was told to use); return its step.
 
-        Returns 0 when there is nothing to restore. Corrupt checkpoints are skipped for older ones,
+        Returns 0 when there is nothing to restore; then, with `checkpoint.init_from`, the model's
+        weights are set from there (the optimizer stays fresh). Corrupt checkpoints are skipped for older ones,
         with an event. Every rank must call it, after `prepare`.
         """
         if self._model is None:
@@ -216,6 +217,8 @@ class TrainContext:
             self._sweep_uncommitted()
         loaded, state = self._read_checkpoint()
         if loaded is None:
+            if self._plan.init_from:
+                self._init_weights(self._plan.init_from)
             return 0
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
@@ -242,6 +245,22 @@ class TrainContext:
                              world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
                              bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
         return loaded.step
+
+    def _init_weights(self, path: str) -> None:
+        """A start with no checkpoint of its own: the model's weights from `path` (DCP or safetensors,
+        trained elsewhere); the optimizer, scheduler and data position stay fresh (step 0)."""
+        from stalwart.checkpointing import formats
+
+        t0 = time.perf_counter()
+        fmt = formats.check_weights(path)
+        weights = formats.read_weights(path)
+        try:
+            self._strategy.load_weights(weights)
+        except StalwartError as exc:
+            raise StalwartError(f"checkpoint.init_from {path}: {exc}") from None
+        if self.rank == 0:
+            self._reporter.event("initialized", uri=path, format=fmt, tensors=len(weights),
+                                 seconds=time.perf_counter() - t0)
 
     def _read_checkpoint(self) -> tuple[shares.Share | shares.FullShare | None, Any]:
         """Agree on a checkpoint, read this rank's share of it and apply it to the model and optimizer.
