@@ -179,7 +179,7 @@ class CheckpointSpec(_Section):
     @classmethod
     def _local_weights(cls, path: str | None) -> str | None:
         if path is not None and "://" in path and not path.startswith("file://"):
-            raise ValueError(f"{path!r}: init_from reads a local path (or file://) that every rank's node can see; "
+            raise ValueError("init_from reads a local path (or file://) that every rank's node can see; "
                              "copy the weights there first")
         return path
 

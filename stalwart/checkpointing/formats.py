@@ -156,11 +156,14 @@ def export(storage: Storage, step: int | None, fmt: str, out: str | os.PathLike,
         raise StalwartError(f"{out} is a file; give a folder to export into")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise StalwartError(f"{out} is not empty; give an empty or new folder, or pass --force to replace its contents")
+    steps = engine.committed_steps(storage)
+    if not steps:
+        raise CheckpointNotFound(f"no committed checkpoint under {storage.uri}")
     if step is None:
-        steps = engine.committed_steps(storage)
-        if not steps:
-            raise CheckpointNotFound(f"no committed checkpoint under {storage.uri}")
         step = steps[0]
+    elif step not in steps:
+        raise CheckpointNotFound(f"no committed checkpoint at {storage.uri}/{engine.step_dir(step)}; committed "
+                                 f"steps: {', '.join(map(str, sorted(steps)[-10:]))}")
     loaded = engine.load(storage, step, 0)
     model, optim = standard_state(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -152,10 +152,11 @@ class DDPStrategy(Strategy):
             self.optimizer.load_state_dict(state["optimizer"])
 
     def load_weights(self, weights):
+        _check_keys(weights, self.model.state_dict())
         try:
             self.model.load_state_dict(weights)
-        except RuntimeError as exc:  # torch lists the missing and unexpected keys, and shape mismatches
-            raise StalwartError(f"the weights do not fit the model: {exc}") from None
+        except RuntimeError as exc:  # a shape that differs; torch's message spans lines
+            raise StalwartError(f"the weights do not fit the model: {' '.join(str(exc).split())}") from None
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------
@@ -493,9 +494,9 @@ class DeepSpeedStrategy(Strategy):
         # The saved form with full tensors and no optimizer state: `load` sets each rank's fragment of
         # the fp32 master weights and the model's copy, as a restore does.
         params = dict(self._params())
-        persistent = set(self._model_layout()["keys"])
-        buffers = {n for n, _ in self.model.named_buffers() if n in persistent}
-        _check_keys(weights, {**params, **{n: None for n in buffers}})
+        keys = self._model_layout()["keys"]  # the model's state-dict keys: a tied parameter under each name
+        buffers = {n for n, _ in self.model.named_buffers() if n in keys}
+        _check_keys(weights, keys)
         trainable = {n for n, p in params.items() if p.requires_grad}
         for n, p in params.items():
             shape = tuple(getattr(p, "ds_shape", None) or p.shape)

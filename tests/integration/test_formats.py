@@ -1,5 +1,5 @@
 """Standard checkpoint formats, on checkpoints that real 2-rank jobs wrote (Ray, gloo): DDP, FSDP2 and
-DeepSpeed ZeRO-3 exported as a torch.distributed.checkpoint folder (loaded back with dcp.load into a
+DeepSpeed ZeRO-3 (and ZeRO-2, marked slow) exported as a torch.distributed.checkpoint folder (loaded back with dcp.load into a
 fresh model's and optimizer's state dicts) and as safetensors (loaded back with safetensors' own
 reader), compared bitwise with the saved tensors; and jobs started from those exports with
 checkpoint.init_from, whose first parameters must equal the exported ones."""
@@ -33,9 +33,13 @@ STRATEGIES = {
     "ddp": "ddp",
     "fsdp": {"name": "fsdp"},
     "zero3": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}},
+    "zero2": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}},
 }
-PARAMS = [pytest.param("ddp"), pytest.param("fsdp"), pytest.param("zero3", marks=needs_deepspeed)]
+PARAMS = [pytest.param("ddp"), pytest.param("fsdp"), pytest.param("zero3", marks=needs_deepspeed),
+          pytest.param("zero2", marks=[needs_deepspeed, pytest.mark.slow])]
 runner = CliRunner()
+# dcp.load(..., no_dist=True) says it assumes one process: the tests read as one process on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def fresh_model_and_optimizer(config: dict):
@@ -67,7 +71,7 @@ def saved(uri: str) -> tuple[dict, dict]:
 
 def expected_weights(strategy: str, tensors: dict, names: list[str], shapes: dict) -> dict:
     """Each parameter's value straight from the saved tensors, by how each strategy lays them out."""
-    if strategy == "zero3":  # flattened fp32 master weights
+    if strategy.startswith("zero"):  # flattened fp32 master weights
         return {n: tensors[f"/fp32/{n}"].reshape(shapes[n]) for n in names}
     return {n: tensors[f"/model/{n}"] for n in names}
 
@@ -200,6 +204,19 @@ def test_export_refuses_bad_input_and_writes_nothing(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "keep.txt" not in {p.name for p in out.iterdir()} and (out / ".metadata").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+
+def test_export_by_job_id_and_step(trained, tmp_path):
+    status = trained("ddp")
+    out = tmp_path / "by-id"
+    result = runner.invoke(app, ["checkpoints", "export", status["id"], str(out), "--format", "safetensors",
+                                 "--step", "10"])
+    assert result.exit_code == 0, result.output
+    assert "exported step 10" in result.output and (out / "model.safetensors").is_file()
+    result = runner.invoke(app, ["checkpoints", "export", status["id"], str(tmp_path / "x"), "--format", "dcp",
+                                 "--step", "15"])
+    assert result.exit_code == 1 and "step-000000015" in result.output and not (tmp_path / "x").exists()
 
 
 def test_init_from_without_weights_is_refused_at_submit(client, trained, tmp_path):
