@@ -125,7 +125,6 @@ def checkpoints_delete(where: str = WhereArg, step: int = typer.Argument(...),
     console.print(f"deleted {n} object(s) of step {step}" if n else f"nothing saved at step {step}")
 
 
-
 @ckpt_app.command("export")
 def checkpoints_export(where: str = WhereArg,
                        out: Path = typer.Argument(..., help="the folder to write (new or empty; --force replaces it)"),
