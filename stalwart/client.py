@@ -35,6 +35,10 @@ class _JobsSource:
     def close(self) -> None:
         raise NotImplementedError
 
+    def job(self, job_id: str) -> "Job":
+        self.status(job_id)  # raises JobNotFound
+        return Job(self, job_id)
+
     def __enter__(self):
         return self
 
