@@ -227,3 +227,17 @@ def test_init_from_without_weights_is_refused_at_submit(client, trained, tmp_pat
     formats.export(open_storage(trained("ddp")["checkpoint_uri"]), None, "dcp", out)
     with pytest.raises(SpecError, match="holds dcp weights.*init_from"):
         client.submit(tiny_gpt_spec(steps=5, checkpoint={"resume_from": str(out)}))
+
+
+def test_export_reads_a_checkpoint_on_s3(trained, s3_server, s3_uri, tmp_path):
+    """The same checkpoint copied to the S3 server exports to the same files' contents (ranged reads of
+    the object store, not a local path)."""
+    local = open_storage(trained("fsdp")["checkpoint_uri"])
+    remote = open_storage(s3_uri, s3_server.options)
+    for key in local.list():
+        remote.write(key, local.read(key))
+    formats.export(remote, None, "safetensors", tmp_path / "from-s3")
+    formats.export(local, None, "safetensors", tmp_path / "from-file")
+    a = load_file(str(tmp_path / "from-s3" / "model.safetensors"))
+    b = load_file(str(tmp_path / "from-file" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
