@@ -15,6 +15,8 @@ directory, as a DDP rank saves it. Then, per repetition, in turns:
   safetensors_direct   safetensors save_file of the model's weights from memory (the write alone)
 
 Each export's ratio is against load + its direct write: what converting and the temporary folder add.
+Also: what recording the optimizer's parameter names (for export) adds to each DDP save, as the time of
+`DDPStrategy.state()` against the same call without them (200 calls each, medians), next to the stall.
 The files are in the page cache (just written), so these are costs of copying, checksumming and
 serializing, not of a disk.
 """
@@ -94,13 +96,27 @@ def main() -> None:
                 timed(name, fn)
             shutil.rmtree(out)
             note(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+        # What the export's names cost each DDP save: state() now walks the parameters for them.
+        def old_state():
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+        state_us = {"state": [], "state_without_names": []}
+        for _ in range(200):
+            for name, fn in (("state", strategy.state), ("state_without_names", old_state)):
+                t0 = time.perf_counter()
+                fn()
+                state_us[name].append((time.perf_counter() - t0) * 1e6)
         med = {k: median(v) for k, v in times.items()}
         emit({"benchmark": "export", "reps": reps, "checkpoint_mb": result.bytes / 1e6,
               "weights_mb": weights_bytes / 1e6, "median_s": med,
               "export_dcp_vs_load_plus_write": ratio(med["export_dcp"], med["load"] + med["dcp_save_direct"]),
               "export_safetensors_vs_load_plus_write": ratio(med["export_safetensors"],
                                                              med["load"] + med["safetensors_direct"]),
-              "export_dcp_mb_per_s": result.bytes / 1e6 / med["export_dcp"]})
+              "export_dcp_mb_per_s": result.bytes / 1e6 / med["export_dcp"],
+              "ddp_state_us": median(state_us["state"]),
+              "ddp_state_without_names_us": median(state_us["state_without_names"]),
+              "ddp_state_ratio": ratio(median(state_us["state"]), median(state_us["state_without_names"])),
+              "save_stall_ms": result.stall_s * 1e3})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
