@@ -101,6 +101,9 @@ def _ddp_optimizer(state: dict, uri: str) -> dict | None:
         by_id = dict(zip(ids, keys))
         names = [[by_id[i] for i in g["params"]] for g in groups]
     by_id = {i: n for g, group_names in zip(groups, names) for i, n in zip(g["params"], group_names)}
+    if None in by_id.values():
+        raise StalwartError(f"checkpoint {uri}: the optimizer holds a tensor that is not a parameter of the model, "
+                            "which the standard optimizer state dict cannot name; export it with --format safetensors")
     return {"state": {by_id[i]: dict(s) for i, s in optimizer["state"].items()},
             "param_groups": [{**{k: v for k, v in g.items() if k not in ("params", "param_names")},
                               "params": [by_id[i] for i in g["params"]]} for g in groups]}
