@@ -94,12 +94,14 @@ def _ddp_optimizer(state: dict, uri: str) -> dict | None:
         # and the optimizer holds every parameter, in order.
         keys = list(state["model"])
         ids = [i for g in groups for i in g["params"]]
-        if len(ids) != len(keys):
+        guess = dict(zip(ids, keys)) if len(ids) == len(keys) else {}
+        if not guess or any(  # every state tensor must have the shape of the parameter guessed for it
+                i not in guess or (isinstance(v, torch.Tensor) and v.dim() and v.shape != state["model"][guess[i]].shape)
+                for i, s in optimizer["state"].items() for v in s.values()):
             raise StalwartError(f"checkpoint {uri} does not record which parameter each optimizer entry belongs to "
                                 "(saved by an older stalwart); export it with --format safetensors (the weights), "
                                 "or save it again with this version")
-        by_id = dict(zip(ids, keys))
-        names = [[by_id[i] for i in g["params"]] for g in groups]
+        names = [[guess[i] for i in g["params"]] for g in groups]
     by_id = {i: n for g, group_names in zip(groups, names) for i, n in zip(g["params"], group_names)}
     if None in by_id.values():
         raise StalwartError(f"checkpoint {uri}: the optimizer holds a tensor that is not a parameter of the model, "

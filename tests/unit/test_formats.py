@@ -138,3 +138,20 @@ def test_spec_init_from_rules():
     with pytest.raises(SpecError) as exc:
         JobSpec.from_dict({**base, "checkpoint": {"init_from": "s3://bucket/w"}})
     assert dict(exc.value.problems)["checkpoint.init_from"].startswith("init_from reads a local path")
+
+
+def test_ddp_checkpoint_saved_before_the_names_is_refused_when_ambiguous(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))  # buffers among the keys
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    strategy = DDPStrategy()
+    strategy.model, strategy.optimizer = model, optimizer
+    state = strategy.state()
+    del state["param_names"]
+    storage = FileStorage(tmp_path / "ckpt")
+    save(storage, state)
+    with pytest.raises(StalwartError, match="does not record which parameter.*--format safetensors"):
+        formats.export(storage, None, "dcp", tmp_path / "dcp")
+    formats.export(storage, None, "safetensors", tmp_path / "st")  # the weights need no names
+    assert formats.read_weights(str(tmp_path / "st")).keys() == model.state_dict().keys()
