@@ -66,20 +66,20 @@ def parse_size(text: str | int) -> int:
 
 
 # ---- stalwart's forms -> the standard one -------------------------------------------------------
-def standard_state(loaded: engine.Loaded) -> tuple[dict[str, torch.Tensor], dict | None]:
+def standard_state(loaded: engine.Loaded, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(model state dict `{fqn: tensor}`, optimizer state dict keyed by fqn or None) of a loaded
-    checkpoint, whichever strategy wrote it. Raises StalwartError when the checkpoint lacks what the
-    conversion needs (saved by an older stalwart that did not record it)."""
+    checkpoint, whichever strategy wrote it; `optimizer=False`: the model's only. Raises StalwartError
+    when the checkpoint lacks what the conversion needs (saved by an older stalwart that did not record it)."""
     strategy = loaded.manifest.get("strategy", "ddp")
     state = loaded.state
     if strategy == "ddp":
-        return dict(state["model"]), _ddp_optimizer(state, loaded.uri)
+        return dict(state["model"]), _ddp_optimizer(state, loaded.uri) if optimizer else None
     if strategy == "fsdp":
         # get_model_state_dict / get_optimizer_state_dict already key everything by fqn; the saved
         # DTensor blocks came back whole from engine.load.
-        return dict(state["model"]), state.get("optimizer")
+        return dict(state["model"]), state.get("optimizer") if optimizer else None
     if strategy == "deepspeed":
-        return _zero_state(state, loaded.uri)
+        return _zero_state(state, loaded.uri, optimizer)
     raise StalwartError(f"checkpoint {loaded.uri} was written by strategy {strategy!r}, which export does not know")
 
 
@@ -111,7 +111,7 @@ def _ddp_optimizer(state: dict, uri: str) -> dict | None:
                               "params": [by_id[i] for i in g["params"]]} for g in groups]}
 
 
-def _zero_state(state: dict, uri: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _zero_state(state: dict, uri: str, optimizer: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
     layout = state.get("layout")
     if not layout:
         raise StalwartError(f"checkpoint {uri} does not record its parameters' shapes (saved by an older "
@@ -125,7 +125,7 @@ def _zero_state(state: dict, uri: str) -> tuple[dict[str, torch.Tensor], dict | 
         return state["buffers"][name]
 
     model = {key: full(source) for key, source in layout["keys"].items()}
-    saved = state.get("optimizer")
+    saved = state.get("optimizer") if optimizer else None
     if saved is None:
         return model, None
     trainable = list(state["fp32"])
@@ -170,7 +170,7 @@ def export(storage: Storage, step: int | None, fmt: str, out: str | os.PathLike,
         raise CheckpointNotFound(f"no committed checkpoint at {storage.uri}/{engine.step_dir(step)}; committed "
                                  f"steps: {', '.join(map(str, sorted(steps)[-10:]))}")
     loaded = engine.load(storage, step, 0)
-    model, optim = standard_state(loaded)
+    model, optim = standard_state(loaded, optimizer=fmt == "dcp")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
@@ -184,7 +184,7 @@ def export(storage: Storage, step: int | None, fmt: str, out: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"step": step, "format": fmt, "source": loaded.uri, "out": str(out), "files": files,
-            "tensors": len(model), "optimizer": optim is not None and fmt == "dcp",
+            "tensors": len(model), "optimizer": optim is not None,
             "bytes": sum(t.numel() * t.element_size() for t in model.values())}
 
 
