@@ -96,7 +96,8 @@ def _ddp_optimizer(state: dict, uri: str) -> dict | None:
         ids = [i for g in groups for i in g["params"]]
         guess = dict(zip(ids, keys)) if len(ids) == len(keys) else {}
         if not guess or any(  # every state tensor must have the shape of the parameter guessed for it
-                i not in guess or (isinstance(v, torch.Tensor) and v.dim() and v.shape != state["model"][guess[i]].shape)
+                i not in guess or (isinstance(v, torch.Tensor) and v.dim()
+                                   and v.shape != state["model"][guess[i]].shape)
                 for i, s in optimizer["state"].items() for v in s.values()):
             raise StalwartError(f"checkpoint {uri} does not record which parameter each optimizer entry belongs to "
                                 "(saved by an older stalwart); export it with --format safetensors (the weights), "

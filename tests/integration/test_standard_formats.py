@@ -1,8 +1,8 @@
 """Standard checkpoint formats, on checkpoints that real 2-rank jobs wrote (Ray, gloo): DDP, FSDP2 and
-DeepSpeed ZeRO-3 (and ZeRO-2, marked slow) exported as a torch.distributed.checkpoint folder (loaded back with dcp.load into a
-fresh model's and optimizer's state dicts) and as safetensors (loaded back with safetensors' own
-reader), compared bitwise with the saved tensors; and jobs started from those exports with
-checkpoint.init_from, whose first parameters must equal the exported ones."""
+DeepSpeed ZeRO-3 (and ZeRO-2, marked slow) exported as a torch.distributed.checkpoint folder (loaded
+back with dcp.load into a fresh model's and optimizer's state dicts) and as safetensors (loaded back
+with safetensors' own reader), compared bitwise with the saved tensors; and jobs started from those
+exports with checkpoint.init_from, whose first parameters must equal the exported ones."""
 
 import json
 import sys
