@@ -158,6 +158,9 @@ class CheckpointSpec(_Section):
     keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
+    init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "
+                                  "or safetensors weights, a local path): the model starts from them at step 0, with a "
+                                  "fresh optimizer, until the job has a checkpoint of its own")
     local_cache_dir: str | None = Field(None, description="node-local copies of the newest shards (for remote "
                                         "storage), so a restart on the same node reads no network; default: "
                                         "a folder under the system temp dir")
@@ -172,6 +175,21 @@ class CheckpointSpec(_Section):
         if uri.startswith("s3://") and not uri[5:].split("/", 1)[0]:
             raise ValueError(f"{uri!r} names no bucket; use s3://bucket/prefix")
         return uri
+
+    @field_validator("init_from")
+    @classmethod
+    def _local_weights(cls, path: str | None) -> str | None:
+        if path is not None and "://" in path and not path.startswith("file://"):
+            raise ValueError("init_from reads a local path (or file://) that every rank's node can see; "
+                             "copy the weights there first")
+        return path
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "CheckpointSpec":
+        if self.init_from and self.resume_from:
+            raise ValueError("set resume_from (a stalwart checkpoint: weights, optimizer, step, data position) or "
+                             "init_from (weights only, from step 0), not both")
+        return self
 
 
 # Restarts allowed per cause unless the spec says otherwise (a spec's budgets are laid over these).

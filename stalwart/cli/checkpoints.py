@@ -1,8 +1,9 @@
-"""`stalwart checkpoints`: list, show, verify and delete committed checkpoints, by job id or URI."""
+"""`stalwart checkpoints`: list, show, verify, delete and export committed checkpoints, by job id or URI."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,7 +14,7 @@ from rich.text import Text
 from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, fail, fmt, job_handle, reader
 from stalwart.errors import StalwartError
 
-ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and delete committed checkpoints.")
+ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify, delete and export committed checkpoints.")
 app.add_typer(ckpt_app, name="checkpoints")
 WhereArg = typer.Argument(..., help="a job id, or a checkpoint URI (file:///dir, a path, s3://bucket/prefix)")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint")
@@ -123,3 +124,35 @@ def checkpoints_delete(where: str = WhereArg, step: int = typer.Argument(...),
         fail(str(exc))
     console.print(f"deleted {n} object(s) of step {step}" if n else f"nothing saved at step {step}")
 
+
+@ckpt_app.command("export")
+def checkpoints_export(where: str = WhereArg,
+                       out: Path = typer.Argument(..., help="the folder to write (new or empty; --force replaces it)"),
+                       fmt: str = typer.Option(..., "--format", help="dcp (torch.distributed.checkpoint: model and "
+                                               "optimizer) or safetensors (the model's weights)"),
+                       step: Optional[int] = typer.Option(None, "--step", help="default: the newest committed"),
+                       force: bool = typer.Option(False, "--force", help="replace what the folder holds"),
+                       max_shard_size: str = typer.Option("5GB", "--max-shard-size",
+                                                          help="safetensors: split the weights into files of at most this"),
+                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt,
+                       as_json: bool = JsonOpt):
+    """Write a committed checkpoint in a standard format: a torch.distributed.checkpoint folder
+    ({"model", "optim"}, for dcp.load) or the model's weights as safetensors (with an index above
+    --max-shard-size). Read offline; any strategy and world size."""
+    from stalwart.checkpointing.formats import FORMATS, export, parse_size
+
+    try:
+        if fmt not in FORMATS:  # before anything is read
+            fail(f"unknown format {fmt!r}; use --format dcp or --format safetensors")
+        shard_bytes = parse_size(max_shard_size)
+        storage, named = _storage(where, address, endpoint_url)
+        summary = export(storage, step if step is not None else named, fmt, out, force=force,
+                         max_shard_bytes=shard_bytes)
+    except StalwartError as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    what = "model and optimizer" if summary["optimizer"] else "model weights"
+    console.print(f"exported step {summary['step']} ({what}: {summary['tensors']} tensors, "
+                  f"{summary['bytes'] / 1e6:.1f} MB) as {fmt} to {escape(str(out))}: {', '.join(summary['files'])}")

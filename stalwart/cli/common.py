@@ -88,15 +88,18 @@ def job_handle(client, job_id: str):
         fail(str(exc))
 
 
-def load_spec(path: Path, resume_from: Optional[str] = None, inject: Optional[list[str]] = None) -> JobSpec:
+def load_spec(path: Path, resume_from: Optional[str] = None, inject: Optional[list[str]] = None,
+              init_from: Optional[str] = None) -> JobSpec:
     try:
         spec = JobSpec.from_yaml(path)
-        if resume_from or inject:
+        if resume_from or inject or init_from:
             from stalwart.spec import Fault
 
             data = spec.to_dict(reveal_secrets=True)
             if resume_from:
                 data["checkpoint"]["resume_from"] = resume_from
+            if init_from:
+                data["checkpoint"]["init_from"] = init_from
             data["faults"] += [Fault.parse(text).model_dump() for text in inject or []]
             spec = JobSpec.from_dict(data, source=str(path))
         return spec

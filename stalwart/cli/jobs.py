@@ -21,15 +21,19 @@ from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, J
                                  fmt, fmt_time, job_handle, load_spec, reader, stale_note, styled_state)
 from stalwart.errors import StalwartError
 
+InitFromOpt = typer.Option(None, "--init-from", help="start from these weights (a torch.distributed.checkpoint folder "
+                           "or safetensors), at step 0 with a fresh optimizer (checkpoint.init_from)")
+
 
 @app.command()
 def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
         address: Optional[str] = AddressOpt,
         resume_from: Optional[str] = typer.Option(None, "--resume-from", help="start from this committed checkpoint"),
+        init_from: Optional[str] = InitFromOpt,
         inject: Optional[list[str]] = InjectOpt,
         as_json: bool = JsonOpt):
     """Submit a job, show its progress live, and wait for it. Ctrl-C cancels it."""
-    spec = load_spec(spec_path, resume_from, inject)
+    spec = load_spec(spec_path, resume_from, inject, init_from)
     client = connect(address, start="inprocess")
     try:
         try:
@@ -157,9 +161,10 @@ def _summary(job, s: dict) -> None:
 @app.command()
 def submit(spec_path: Path = typer.Argument(..., help="job spec (YAML)"), address: Optional[str] = AddressOpt,
            resume_from: Optional[str] = typer.Option(None, "--resume-from"),
+           init_from: Optional[str] = InitFromOpt,
            inject: Optional[list[str]] = InjectOpt, as_json: bool = JsonOpt):
     """Submit a job and print its id at once."""
-    spec = load_spec(spec_path, resume_from, inject)
+    spec = load_spec(spec_path, resume_from, inject, init_from)
     client = connect(address, start="never")
     try:
         job = client.submit(spec)

@@ -106,6 +106,12 @@ class TrainContext:
         if attempt > 1 or plan.resume_from:
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{plan.resume_from or storage.uri}")
+        # A first attempt with init_from starts from those weights (unless the job's checkpoint root
+        # already holds a checkpoint): read them while the model is built, too.
+        self._weights: _Prefetch | None = None
+        if plan.init_from and attempt == 1:
+            self._weights = _Prefetch(lambda: _read_weights(plan.init_from),
+                                      f"the read-ahead of the init_from weights at {plan.init_from}")
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -231,7 +237,8 @@ class TrainContext:
     def restore(self) -> int:
         """Load the newest good checkpoint (or the one this attempt was told to use); return its step.
 
-        Returns 0 when there is nothing to restore. Corrupt checkpoints are skipped for older ones,
+        Returns 0 when there is nothing to restore; then, with `checkpoint.init_from`, the model's
+        weights are set from there (the optimizer stays fresh). Corrupt checkpoints are skipped for older ones,
         with an event. Every rank must call it, after `prepare`.
         """
         if self._model is None:
@@ -241,7 +248,10 @@ class TrainContext:
             self._sweep_uncommitted()
         loaded, state = self._read_checkpoint()
         if loaded is None:
+            if self._plan.init_from:
+                self._init_weights(self._plan.init_from)
             return 0
+        self._weights = None  # a checkpoint of the job's own wins over init_from
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
         if loaded.local is not None and loaded.same_world:
@@ -267,6 +277,20 @@ class TrainContext:
                              world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
                              bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
         return loaded.step
+
+    def _init_weights(self, path: str) -> None:
+        """A start with no checkpoint of its own: the model's weights from `path` (DCP or safetensors,
+        trained elsewhere); the optimizer, scheduler and data position stay fresh (step 0)."""
+        t0 = time.perf_counter()
+        prefetch, self._weights = self._weights, None
+        fmt, weights = prefetch.result() if prefetch is not None else _read_weights(path)
+        try:
+            self._strategy.load_weights(weights)
+        except StalwartError as exc:
+            raise StalwartError(f"checkpoint.init_from {path}: {exc}") from None
+        if self.rank == 0:
+            self._reporter.event("initialized", uri=path, format=fmt, tensors=len(weights),
+                                 seconds=time.perf_counter() - t0)
 
     def _read_checkpoint(self) -> tuple[shares.Share | shares.FullShare | None, Any]:
         """Agree on a checkpoint, read this rank's share of it and apply it to the model and optimizer.
@@ -401,7 +425,7 @@ class TrainContext:
 
     def close(self) -> None:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
-        self._prefetch = None  # never restored: let the read-ahead go
+        self._prefetch = self._weights = None  # never restored: let the read-aheads go
         self._engine.wait()
 
 
@@ -435,6 +459,12 @@ class _Prefetch:
         if self._thread.is_alive():
             raise WaitTimeout(self._what, limit, RESTORE_PREFETCH_TIMEOUT_ENV)
         return self._find() if self._failed else self._value
+
+
+def _read_weights(path: str) -> tuple[str, dict]:
+    from stalwart.checkpointing import formats
+
+    return formats.check_weights(path), formats.read_weights(path)
 
 
 _LR_SCHEDULE_POINTS = 4096

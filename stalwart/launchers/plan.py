@@ -3,7 +3,7 @@
 It travels from the supervisor, through the gang and the rank worker, to the rank's TrainContext,
 unchanged (frozen). The failure policy's part of it (data to skip, the rollback target, pinned
 checkpoints, an LR scale) arrives as a `Rewind`; the spec's own part (its data.skip, resume_from,
-faults to inject) is merged in here, in one place, so neither overwrites the other.
+init_from, faults to inject) is merged in here, in one place, so neither overwrites the other.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Rewind:
 class AttemptPlan:
     checkpoint_uri: str
     resume_from: str | None = None  # a checkpoint to start from until the job has one of its own
+    init_from: str | None = None  # weights (DCP or safetensors) for a start with no checkpoint to restore
     s3_options: Any = None  # spec.S3Options (secrets included: it only travels to the ranks)
     skip: tuple[Range, ...] = ()
     pinned: tuple[int, ...] = ()

@@ -8,6 +8,8 @@ One small class per `strategy.name`:
   the blocks of sharded tensors this rank holds, everything else whole) and apply it;
 * `load(tree)`: apply a tree read whole (full tensors, whatever world size wrote them); `restore`
   applies its tree the same way, sharded tensors being `shards.Piece` blocks there;
+* `load_weights(state_dict)`: set the model's weights from a plain model state dict of full tensors
+  (`checkpoint.init_from`: weights trained elsewhere); the optimizer is left fresh;
 * `replicated`: True when every rank holds the same tensors (DDP: the engine splits the writing
   across ranks, and the ranks split the reading), False when each rank holds its own shards (FSDP,
   ZeRO: the tree holds `shards.Piece` leaves, each rank writes its own and reads what it needs).
@@ -80,6 +82,11 @@ class Strategy:
     def load(self, state: dict) -> None:
         raise NotImplementedError
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the model's parameters and persistent buffers from `weights` (`{fqn: full tensor}`, any
+        dtype, on the CPU). Every key must match; raises StalwartError naming what does not."""
+        raise NotImplementedError
+
     def restore(self, share) -> dict:
         """Read this rank's share of `share` (an opened checkpoint) and apply it; return the tree read.
 
@@ -130,13 +137,26 @@ class DDPStrategy(Strategy):
         self.optimizer = optimizer
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+        out = {"model": self.model.state_dict(),
+               "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+        if self.optimizer is not None:
+            # The optimizer's state dict numbers its parameters; their names make it exportable
+            # (checkpointing.formats). A walk over the parameters: nothing next to the save's copy.
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            out["param_names"] = [[names.get(id(p)) for p in g["params"]] for g in self.optimizer.param_groups]
+        return out
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_weights(self, weights):
+        _check_keys(weights, self.model.state_dict())
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as exc:  # a shape that differs; torch's message spans lines
+            raise StalwartError(f"the weights do not fit the model: {' '.join(str(exc).split())}") from None
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------
@@ -210,6 +230,13 @@ class FSDPStrategy(Strategy):
 
         self._apply(state, get_model_state_dict(self.model), None)
 
+    def load_weights(self, weights):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        target = get_model_state_dict(self.model)
+        _check_keys(weights, target)
+        self._apply({"model": weights, "optimizer": None}, target, None)
+
     def restore(self, share) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -232,6 +259,14 @@ class FSDPStrategy(Strategy):
                 optim_target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
             set_optimizer_state_dict(self.model, self.optimizer,
                                      _reshard_like(state["optimizer"], optim_target, "optimizer"))
+
+
+def _check_keys(weights: dict, target: dict) -> None:
+    missing, unexpected = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
+    if missing or unexpected:
+        raise StalwartError("the weights do not fit the model: " + "; ".join(
+            f"{what} {len(keys)} key(s): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -340,6 +375,7 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(options)
         self.engine: Any = None
         self.stage = 0
+        self._layout: dict | None = None
 
     def wrap(self, model, optimizer, ctx):
         import deepspeed
@@ -408,6 +444,7 @@ class DeepSpeedStrategy(Strategy):
             "engine": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS if hasattr(self.engine, k)},
             "loss_scaler": _scalars_of(getattr(self.optimizer, "loss_scaler", None)),
             "optimizer": None,
+            "layout": self._model_layout(),
         }
         keys, scalar_keys = self._state_keys()
         if keys or scalar_keys:  # nothing to save before the first step
@@ -418,6 +455,57 @@ class DeepSpeedStrategy(Strategy):
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self._base.param_groups],
             }
         return out
+
+    def _model_layout(self) -> dict:
+        """What turns the saved fragments back into the model's state dict (checkpointing.formats):
+        each parameter's shape, each state-dict key's source (a tied parameter's key names the first
+        one), and the parameters of each optimizer group. Plain values, computed once."""
+        if self._layout is None:
+            canonical: dict[int, str] = {}
+            keys: dict[str, str] = {}
+            for prefix, module in self.model.named_modules(remove_duplicate=False):
+                prefix = f"{prefix}." if prefix else ""
+                for n, t in module._parameters.items():
+                    if t is not None:
+                        keys[prefix + n] = canonical.setdefault(id(t), prefix + n)
+                for n, t in module._buffers.items():
+                    if t is not None and n not in module._non_persistent_buffers_set:
+                        keys[prefix + n] = canonical.setdefault(id(t), prefix + n)
+            shapes = {n: list(getattr(p, "ds_shape", None) or p.shape) for n, p in self._params()}
+            self._layout = {"shapes": shapes, "keys": keys, "groups": self._group_names()}
+        return self._layout
+
+    def _group_names(self) -> list[list[str]] | None:
+        """The trainable parameters of each base optimizer group, by name (None if DeepSpeed hides them)."""
+        names = {id(p): n for n, p in self._params()}
+        if self.stage == 3:
+            sub_groups = getattr(self.optimizer, "fp16_groups", None)
+            to_group = getattr(self.optimizer, "sub_group_to_group_id", None)
+            if sub_groups is None or to_group is None:
+                return None
+            groups: list[list[str]] = [[] for _ in self._base.param_groups]
+            for i, sub in enumerate(sub_groups):
+                groups[to_group[i]] += [names[id(p)] for p in sub]
+            return groups
+        bit16 = getattr(self.optimizer, "bit16_groups", None)
+        return None if bit16 is None else [[names[id(p)] for p in g] for g in bit16]
+
+    def load_weights(self, weights):
+        # The saved form with full tensors and no optimizer state: `load` sets each rank's fragment of
+        # the fp32 master weights and the model's copy, as a restore does.
+        params = dict(self._params())
+        keys = self._model_layout()["keys"]  # the model's state-dict keys: a tied parameter under each name
+        buffers = {n for n, _ in self.model.named_buffers() if n in keys}
+        _check_keys(weights, keys)
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        for n, p in params.items():
+            shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+            if tuple(weights[n].shape) != shape:
+                raise StalwartError(f"the weights do not fit the model: {n} is {tuple(weights[n].shape)}, "
+                                    f"the model expects {shape}")
+        frozen = {n: weights[n].reshape(-1) if self.stage == 3 else weights[n] for n in params if n not in trainable}
+        self.load({"fp32": {n: weights[n].reshape(-1) for n in trainable}, "frozen": frozen,
+                   "buffers": {n: weights[n] for n in buffers}, "optimizer": None})
 
     def _piece(self, p, key: str | None) -> Piece:
         local, start, numel = self._fragment(p, key)

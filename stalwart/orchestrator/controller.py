@@ -16,7 +16,7 @@ import time
 import ray
 
 from stalwart.checkpointing.storage import open_storage
-from stalwart.errors import JobNotFound, SpecError, StorageError, SubmissionConflict
+from stalwart.errors import JobNotFound, SpecError, StalwartError, StorageError, SubmissionConflict
 from stalwart.launchers.gang import RayGang
 from stalwart.launchers.niceness import set_niceness
 from stalwart.monitoring.metrics import JobsCollector, start_exporter
@@ -188,10 +188,16 @@ class Controller:
 
                 storage, step = resolve(spec.checkpoint.resume_from, spec.checkpoint.s3)
                 if step is None and not committed_steps(storage):
-                    raise SpecError([("checkpoint.resume_from",
-                                      f"no committed checkpoint under {spec.checkpoint.resume_from}")])
+                    raise SpecError([("checkpoint.resume_from", _no_checkpoint(spec.checkpoint.resume_from))])
         except StorageError as exc:
             raise SpecError([("checkpoint.uri", str(exc))]) from None
+        if spec.checkpoint.init_from:
+            from stalwart.checkpointing.formats import check_weights
+
+            try:
+                check_weights(spec.checkpoint.init_from)
+            except StalwartError as exc:
+                raise SpecError([("checkpoint.init_from", str(exc))]) from None
         with self._recording:
             if submission_id is not None and (known := self._submitted(submission_id, spec)):
                 return known  # a retry that raced the first submit
@@ -298,6 +304,17 @@ class Controller:
         for job_id in ids:
             self.supervisors[job_id].join(timeout=30)
         return ids
+
+
+def _no_checkpoint(uri: str) -> str:
+    """Why `uri` cannot be resumed from, and, when it holds weights in a standard format, what can."""
+    from stalwart.checkpointing.formats import detect
+
+    fmt = None if "://" in uri and not uri.startswith("file://") else detect(uri)
+    if fmt is not None:
+        return (f"{uri} holds {fmt} weights, not a stalwart checkpoint: start from them with checkpoint.init_from "
+                "(--init-from), which loads the weights at step 0 with a fresh optimizer")
+    return f"no committed checkpoint under {uri}"
 
 
 def _settle() -> None:

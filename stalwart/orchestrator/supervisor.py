@@ -503,6 +503,7 @@ class JobSupervisor:
         resume = ckpt.resume_from if self.live.last_checkpoint is None else None
         return AttemptPlan.build(
             checkpoint_uri=self.checkpoint_uri, spec_skip=self.spec.data.skip, rewind=rewind, resume_from=resume,
+            init_from=ckpt.init_from,
             s3_options=ckpt.s3, faults=tuple(f.model_dump() for f in self.spec.faults),
             cache_dir=ckpt.local_cache_dir or os.path.join(tempfile.gettempdir(), "stalwart-cache", self.job_id))
 
@@ -668,6 +669,10 @@ class JobSupervisor:
             if rank != 0:
                 return
             msg = f"restored from step {ev.get('step')} ({ev.get('uri')})"
+        elif kind == "initialized":
+            if rank != 0:
+                return
+            msg = f"weights initialized from {ev.get('uri')} ({ev.get('tensors')} tensors, {ev.get('format')})"
         elif kind == "progress":
             self.live.max_steps = ev.get("max_steps")
             return
