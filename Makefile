@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/stalwart run examples/tiny_gpt/job.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV)
