@@ -28,9 +28,10 @@ def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
         resume_from: Optional[str] = typer.Option(None, "--resume-from", help="start from this committed checkpoint"),
         inject: Optional[list[str]] = InjectOpt,
         as_json: bool = JsonOpt):
-    """Submit a job, show its progress live, and wait for it. Ctrl-C cancels it."""
+    """Submit a job, show its progress live, and wait for it. Ctrl-C or SIGTERM (`ray job stop`) cancels it."""
     spec = load_spec(spec_path, resume_from, inject)
     client = connect(address, start="inprocess")
+    stops = _StopRequests().install()  # after connecting: ray.init sets a SIGTERM handler of its own
     try:
         try:
             job = client.submit(spec)
@@ -38,38 +39,59 @@ def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
             fail(str(exc))
         status = job.status()
         err.print(f"job [bold]{job.id}[/]: logs {status['log_path']}, checkpoints {status['checkpoint_uri']}")
-        status = _watch(job)
+        status = _watch(job, stops)
         if as_json:
             console.print_json(json.dumps(status, default=str))
         else:
             _summary(job, status)
     finally:
+        stops.restore()
         client.close()
     raise typer.Exit({"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 130}.get(status["state"], 1))
 
 
-def _watch(job) -> dict:
-    """Show progress until the job ends; the first Ctrl-C cancels it and waits for the cleanup."""
-    cancelled = {"at": None}
+class _StopRequests:
+    """While `run` waits: SIGINT (Ctrl-C) and SIGTERM (`ray job stop` of a `stalwart run` driver, `kill`,
+    a container stop) ask to cancel the job, which the wait loop does and then waits for the cleanup.
+    A second Ctrl-C stops waiting; a second SIGTERM changes nothing (the sender's SIGKILL will come)."""
 
-    def on_sigint(signum, frame):
-        if cancelled["at"] is None:
-            cancelled["at"] = time.time()
-        else:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+        self._previous: dict = {}
+
+    def install(self) -> "_StopRequests":
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = ("cancelled from the terminal (Ctrl-C)" if signum == signal.SIGINT else
+                           "cancelled: the `stalwart run` process received SIGTERM (ray job stop, kill)")
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+
+def _watch(job, stops: _StopRequests) -> dict:
+    """Show progress until the job ends; a stop request cancels it and waits for the cleanup."""
+    sent = False
     seen_events: list[dict] = []
     since = 0
+    live = Live(console=err, refresh_per_second=4, transient=False) if err.is_terminal else None
     try:
-        live = Live(console=err, refresh_per_second=4, transient=False) if err.is_terminal else None
         if live:
             live.start()
         last_line = 0.0
         while True:
-            if cancelled["at"] is not None and cancelled.get("sent") is None:
-                job.cancel("cancelled from the terminal (Ctrl-C)")
-                cancelled["sent"] = True
+            if stops.reason is not None and not sent:
+                job.cancel(stops.reason)
+                sent = True
             status = job.status()
             new = job.events(since)
             if new:
@@ -79,7 +101,7 @@ def _watch(job) -> dict:
                     for e in new:
                         err.print(f"[dim]{clock(e['ts'])}[/] {escape(e['message'])}", highlight=False)
             if live:
-                live.update(_progress_view(job.id, status, seen_events[-6:], cancelled["at"] is not None))
+                live.update(_progress_view(job.id, status, seen_events[-6:], stops.reason is not None))
             elif time.time() - last_line > 10 and status["state"] == "RUNNING":
                 err.print(_progress_line(status), highlight=False)
                 last_line = time.time()
@@ -89,7 +111,8 @@ def _watch(job) -> dict:
                 return status
             time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if live:
+            live.stop()
 
 
 
