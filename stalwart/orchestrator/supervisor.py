@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
+from stalwart.monitoring.metrics import STEP_TIMES, StepTimes
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
@@ -69,7 +70,6 @@ class LiveStats:
     step_times: deque = field(default_factory=lambda: deque(maxlen=256))  # (ts of rank-0 records)
     rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
     rank_step_s: dict = field(default_factory=dict)  # rank -> recent seconds per step
-    step_records: int = 0  # rank-0 records this attempt (step_times keeps only the recent ones)
 
     @classmethod
     def resumed(cls, saved: dict) -> LiveStats:
@@ -98,11 +98,6 @@ class LiveStats:
             return None
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
-    def step_durations(self) -> list[float]:
-        """Recent rank-0 step durations in seconds, oldest first (for the step-time histogram)."""
-        times = list(self.step_times)
-        return [b - a for a, b in zip(times, times[1:])]
-
 
 @dataclass(frozen=True)
 class Detection:
@@ -130,12 +125,13 @@ class JobSupervisor:
     def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
                  sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
                  reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None,
-                 clock: Callable[[], float] = time.monotonic, trackers=None):
+                 clock: Callable[[], float] = time.monotonic, trackers=None, step_times: StepTimes | None = None):
         self.job_id = job_id
         self.spec = spec
         self.store = store
         self.gang_factory = gang_factory
         self.clock = clock
+        self.step_times = STEP_TIMES if step_times is None else step_times  # the step-time histogram
         self._now = clock()  # the time of the current iteration of the loop
         self._sleeps = True  # False while a test steps the loop with its own clock
         self._restart_at: float | None = None
@@ -597,8 +593,9 @@ class JobSupervisor:
                     live.tokens.append((r["ts"], r["tokens"]))
             if rank == 0 and records:
                 for r in records:
+                    if live.step_times:
+                        self.step_times.observe(self.job_id, self.spec.name, r["ts"] - live.step_times[-1])
                     live.step_times.append(r["ts"])
-                live.step_records += len(records)
                 last = records[-1]
                 live.step = last["step"]
                 live.loss = last.get("loss")
@@ -751,8 +748,6 @@ class JobSupervisor:
             "ranks": self.ranks,
             "stragglers": sorted(self.stragglers.stragglers),
             # For the metrics exporter (stalwart.monitoring.metrics documents these keys).
-            "step_durations_s": live.step_durations(),
-            "step_durations_total": max(0, live.step_records - 1),
             "rank_step_time_s": dict(live.rank_step_s),
             **self.saves,
         }
