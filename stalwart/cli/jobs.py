@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, JsonOpt, app, clock, connect, console, err, fail,
-                                 fmt, fmt_time, job_handle, load_spec, reader, stale_note, styled_state)
+                                 fmt, fmt_time, job_handle, load_spec, print_json, reader, stale_note, styled_state)
 from stalwart.errors import StalwartError
 
 
@@ -234,15 +234,52 @@ def status(job_id: str, address: Optional[str] = AddressOpt, as_json: bool = Jso
 
 
 @app.command()
-def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: Optional[str] = AddressOpt):
-    """What the job's ranks printed."""
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+         tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then, with "
+                                            "--follow, what comes)"),
+         rank: Optional[int] = typer.Option(None, "--rank", "-r", min=0, help="only what rank R printed"),
+         address: Optional[str] = AddressOpt):
+    """What the job's ranks printed (each line starts with [rank R])."""
     job = job_handle(reader(address), job_id)
+    lines = LogLines(rank)
+    text = job.logs()
+    shown = lines.feed(text) + lines.flush_partial(final=not follow)
+    if tail is not None:
+        shown = shown[len(shown) - tail:] if tail else []
+    sys.stdout.write("".join(shown))
+    sys.stdout.flush()
     if follow:
+        skip = len(text)  # the stream starts at the beginning of the log: what was shown is skipped
         for chunk in job.follow_logs():
-            sys.stdout.write(chunk)
+            if skip:
+                chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+            sys.stdout.write("".join(lines.feed(chunk)))
             sys.stdout.flush()
-    else:
-        sys.stdout.write(job.logs())
+        sys.stdout.write("".join(lines.flush_partial(final=True)))
+
+
+class LogLines:
+    """Whole lines of a job log as it arrives in chunks, only those of `rank` if given (a rank's lines
+    start with "[rank R] "). A partial last line waits for the rest of it."""
+
+    def __init__(self, rank: Optional[int] = None):
+        self.prefix = None if rank is None else f"[rank {rank}] "
+        self._partial = ""
+
+    def feed(self, chunk: str) -> list[str]:
+        text = self._partial + chunk
+        *whole, self._partial = text.split("\n")
+        return [line + "\n" for line in whole if self._keep(line)]
+
+    def flush_partial(self, final: bool) -> list[str]:
+        """The partial last line, once no more will come (`final`)."""
+        if not final or not self._partial:
+            return []
+        line, self._partial = self._partial, ""
+        return [line + "\n"] if self._keep(line) else []
+
+    def _keep(self, line: str) -> bool:
+        return self.prefix is None or line.startswith(self.prefix)
 
 
 @app.command()
@@ -260,7 +297,7 @@ def events(job_id: str, address: Optional[str] = AddressOpt, as_json: bool = Jso
 
 @app.command()
 def cancel(job_id: str, address: Optional[str] = AddressOpt,
-           wait: bool = typer.Option(True, help="wait until the job is CANCELLED")):
+           wait: bool = typer.Option(True, help="wait until the job is CANCELLED"), as_json: bool = JsonOpt):
     """Cancel a job: its workers stop and its resources are released."""
     job = job_handle(connect(address, start="never"), job_id)
     try:
@@ -270,7 +307,10 @@ def cancel(job_id: str, address: Optional[str] = AddressOpt,
     if wait and result not in TERMINAL:
         s = job.wait(timeout=120, raise_on_failure=False)
         result = s["state"]
-    console.print(f"{job_id}: {result}")
+    if as_json:
+        print_json({"id": job_id, "state": result})
+    else:
+        console.print(f"{job_id}: {result}")
 
 
 @app.command()
