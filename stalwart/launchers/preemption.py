@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,34 +108,45 @@ def _deliver(generation: int) -> None:
         pass
 
 
+# How many polls after posting a round a rank reads it: by then gloo's thread has long completed it, so
+# reading never waits for a peer or for that thread to be scheduled (one poll behind, it did, under load).
+VOTE_LAG = 4
+
+
 class StopVote:
     """The ranks agree, at a step all of them reach, that one of them has a notice.
 
     Each `poll(local)` posts this step's flag in a non-blocking all-reduce (MAX) on a gloo group of its
-    own and reads the result posted at the previous call, which is long complete: every rank reads the
-    same result at the same call, so all stop together, and no step waits on the controller. The cost
-    of a step is posting one all-reduce of one int (bench/preemption_vote.py). Every rank must call
-    `poll` the same number of times (`TrainContext.checkpoint` does, once per step).
+    own and reads the round posted VOTE_LAG polls before, which is long complete: every rank reads the
+    same result at the same call, so all stop together (VOTE_LAG steps after the notice), and no step
+    waits on the controller. The cost of a step is posting one all-reduce of one int
+    (bench/preemption_vote.py). Every rank must call `poll` the same number of times
+    (`TrainContext.checkpoint` does, once per step).
     """
 
-    def __init__(self, group=None, world_size: int = 1):
+    def __init__(self, group=None, world_size: int = 1, lag: int = VOTE_LAG):
         self.group = group
         self.world_size = world_size
-        self._flag: torch.Tensor | None = None
-        self._work = None
+        self.lag = max(1, lag)
+        self._rounds: deque = deque()  # (flag tensor, work), oldest first
+        # The flags, reused in turn (a round's tensor is free again once it has been read).
+        self._flags = [torch.zeros(1, dtype=torch.int32) for _ in range(self.lag + 1)]
+        self._next = 0
 
     def poll(self, local: bool) -> bool:
         if self.group is None or self.world_size == 1:
             return local
-        agreed = False
-        if self._work is not None:
-            self._work.wait()
-            agreed = bool(self._flag.item())
-            self._work = None
-        if agreed:
+        flag = self._flags[self._next]
+        self._next = (self._next + 1) % len(self._flags)
+        flag.fill_(1 if local else 0)
+        self._rounds.append((flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)))
+        if len(self._rounds) <= self.lag:
+            return False
+        flag, work = self._rounds.popleft()
+        work.wait()
+        if flag.item():
+            self.close()  # every rank stops here: finish the rounds still in flight together
             return True
-        self._flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return False
 
     def all_true(self, value: bool) -> bool:
@@ -146,7 +158,6 @@ class StopVote:
         return bool(flag.item())
 
     def close(self) -> None:
-        """Complete the last posted round (every rank posted it) before the group goes."""
-        work, self._work = self._work, None
-        if work is not None:
-            work.wait()
+        """Complete the rounds in flight (every rank posted them) before the group goes."""
+        while self._rounds:
+            self._rounds.popleft()[1].wait()

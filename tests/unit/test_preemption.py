@@ -71,8 +71,9 @@ def test_the_ranks_stop_together_at_the_step_after_one_of_them_was_told():
     results = sorted(out.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(60)
-    # Only the last rank had the notice, at step 7: every rank read it with step 8's poll.
-    assert results == [(0, 8, True), (1, 8, True), (2, 8, True)]
+    # Only the last rank had the notice, at step 7: every rank reads that round VOTE_LAG polls later.
+    at = 7 + preemption.VOTE_LAG
+    assert results == [(0, at, True), (1, at, True), (2, at, True)]
 
 
 def test_one_rank_votes_alone():
