@@ -92,7 +92,7 @@ class TrainContext:
             storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
             job_id=job_id, attempt=attempt, on_result=self._on_save, cache=self._cache)
         self._engine.pinned.update(plan.pinned)
-        self._vote = preemption.StopVote(vote_group, world_size)
+        self._vote = preemption.StopVote(vote_group, world_size, rank=rank)
         self._last_stall = 0.0
         self._faults = {}
         self._last_cpu: float | None = None
@@ -389,7 +389,8 @@ class TrainContext:
         from stalwart.launchers.userland import collective_timeout
 
         self._engine.group = dist.new_group(backend="gloo", timeout=collective_timeout())
-        self._vote = preemption.StopVote(dist.new_group(backend="gloo", timeout=collective_timeout()), self.world_size)
+        self._vote = preemption.StopVote(dist.new_group(backend="gloo", timeout=collective_timeout()), self.world_size,
+                                         rank=self.rank)
         self._lazy_group = False
 
     def _loss_stats(self) -> dict:

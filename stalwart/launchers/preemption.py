@@ -108,46 +108,82 @@ def _deliver(generation: int) -> None:
         pass
 
 
-# How many polls after posting a round a rank reads it: by then gloo's thread has long completed it, so
-# reading never waits for a peer or for that thread to be scheduled (one poll behind, it did, under load).
-VOTE_LAG = 4
+# How many rounds after posting one a rank reads it: by then gloo's thread has long completed it, so
+# reading never waits for a peer or for that thread to be scheduled (one behind, it did, under load).
+VOTE_LAG = 3
+# About how often the ranks vote: with fast steps, a round every few polls, so posting it costs the
+# step little; with steps slower than this, every poll.
+VOTE_INTERVAL_S = 0.2
+MAX_PERIOD = 64  # polls between rounds, at most
 
 
 class StopVote:
     """The ranks agree, at a step all of them reach, that one of them has a notice.
 
-    Each `poll(local)` posts this step's flag in a non-blocking all-reduce (MAX) on a gloo group of its
-    own and reads the round posted VOTE_LAG polls before, which is long complete: every rank reads the
-    same result at the same call, so all stop together (VOTE_LAG steps after the notice), and no step
-    waits on the controller. The cost of a step is posting one all-reduce of one int
-    (bench/preemption_vote.py). Every rank must call `poll` the same number of times
-    (`TrainContext.checkpoint` does, once per step).
+    Every `period` polls, a rank posts its flag in a non-blocking all-reduce (MAX) on a gloo group of
+    its own and reads the round posted VOTE_LAG rounds before, which is long complete. Every rank reads
+    the same round at the same poll, so all of them stop together, and no step waits on the
+    controller or on the network. The period adapts so that rounds come about every
+    VOTE_INTERVAL_S: rank 0 proposes it in each round (from its own time between polls) and every rank
+    takes it when it reads that round, at the same poll, so the ranks never disagree on when to post.
+    A notice stops the ranks about (VOTE_LAG + 1) rounds later: within a second with fast steps,
+    VOTE_LAG + 1 steps with slow ones. The cost of a poll without a round is a counter; of one with a
+    round, posting an all-reduce of two ints (bench/preemption_vote.py). Every rank must call `poll`
+    the same number of times (`TrainContext.checkpoint` does, once per step).
     """
 
-    def __init__(self, group=None, world_size: int = 1, lag: int = VOTE_LAG):
+    def __init__(self, group=None, world_size: int = 1, lag: int = VOTE_LAG, rank: int = 0,
+                 interval_s: float = VOTE_INTERVAL_S):
         self.group = group
         self.world_size = world_size
+        self.rank = rank
         self.lag = max(1, lag)
-        self._rounds: deque = deque()  # (flag tensor, work), oldest first
-        # The flags, reused in turn (a round's tensor is free again once it has been read).
-        self._flags = [torch.zeros(1, dtype=torch.int32) for _ in range(self.lag + 1)]
+        self.interval_s = interval_s
+        self.period = 1  # polls between rounds, the same on every rank
+        self._until_round = 0
+        self._rounds: deque = deque()  # (tensor [flag, proposed period], work), oldest first
+        # Reused in turn (a round's tensor is free again once it has been read).
+        self._tensors = [torch.zeros(2, dtype=torch.int32) for _ in range(self.lag + 1)]
         self._next = 0
+        self._noticed = False
+        self._last_poll: float | None = None
+        self._poll_s: float | None = None  # rank 0's recent seconds between polls
 
     def poll(self, local: bool) -> bool:
         if self.group is None or self.world_size == 1:
             return local
-        flag = self._flags[self._next]
-        self._next = (self._next + 1) % len(self._flags)
-        flag.fill_(1 if local else 0)
-        self._rounds.append((flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)))
+        self._noticed = self._noticed or local
+        if self.rank == 0:
+            now = time.monotonic()
+            if self._last_poll is not None:
+                gap = now - self._last_poll
+                self._poll_s = gap if self._poll_s is None else 0.9 * self._poll_s + 0.1 * gap
+            self._last_poll = now
+        if self._until_round > 0:
+            self._until_round -= 1
+            return False
+        self._until_round = self.period - 1
+        tensor = self._tensors[self._next]
+        self._next = (self._next + 1) % len(self._tensors)
+        tensor[0] = 1 if self._noticed else 0
+        tensor[1] = self._proposal() if self.rank == 0 else 0
+        self._rounds.append((tensor, dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)))
         if len(self._rounds) <= self.lag:
             return False
-        flag, work = self._rounds.popleft()
+        tensor, work = self._rounds.popleft()
         work.wait()
-        if flag.item():
+        stop, period = tensor.tolist()
+        if stop:
             self.close()  # every rank stops here: finish the rounds still in flight together
             return True
+        if period:
+            self.period = period
         return False
+
+    def _proposal(self) -> int:
+        if not self.interval_s or not self._poll_s:
+            return 1
+        return max(1, min(MAX_PERIOD, int(self.interval_s / self._poll_s)))
 
     def all_true(self, value: bool) -> bool:
         """Blocking: whether `value` holds on every rank (after a `poll` that returned True)."""

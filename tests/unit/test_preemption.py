@@ -47,33 +47,52 @@ def _wait(predicate, timeout: float = 10.0):
         time.sleep(0.01)
 
 
-def _voter(rank: int, world: int, port: int, noticed_at: int, out) -> None:
+def _voter(rank: int, world: int, port: int, noticed_at: int, interval_s: float, out) -> None:
+    import time
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    vote = preemption.StopVote(dist.new_group(backend="gloo"), world)
+    vote = preemption.StopVote(dist.new_group(backend="gloo"), world, rank=rank, interval_s=interval_s)
     stopped = None
-    for step in range(1, 200):
+    for step in range(1, 5000):
         if vote.poll(rank == world - 1 and step >= noticed_at):
             stopped = step
             break
+        time.sleep(0.002)  # a 2 ms step
     everyone_saved = vote.all_true(rank != 0 or stopped is not None)
-    out.put((rank, stopped, everyone_saved))
+    out.put((rank, stopped, everyone_saved, vote.period))
     dist.destroy_process_group()
 
 
-def test_the_ranks_stop_together_at_the_step_after_one_of_them_was_told():
+def _vote(noticed_at: int, interval_s: float) -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     world, port = 3, free_port()
-    procs = [ctx.Process(target=_voter, args=(r, world, port, 7, out)) for r in range(world)]
+    procs = [ctx.Process(target=_voter, args=(r, world, port, noticed_at, interval_s, out)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(60)
-    # Only the last rank had the notice, at step 7: every rank reads that round VOTE_LAG polls later.
+    return results
+
+
+def test_the_ranks_stop_together_a_fixed_number_of_rounds_after_one_was_told():
+    # A round every poll (interval 0): only the last rank had the notice, at step 7; every rank reads
+    # that round VOTE_LAG rounds later.
     at = 7 + preemption.VOTE_LAG
-    assert results == [(0, at, True), (1, at, True), (2, at, True)]
+    assert _vote(7, 0.0) == [(0, at, True, 1), (1, at, True, 1), (2, at, True, 1)]
+
+
+def test_with_fast_steps_the_ranks_vote_every_few_steps_and_still_stop_together():
+    results = _vote(300, 0.05)  # 2 ms steps, a round about every 50 ms: a period of several steps
+    steps = {r[1] for r in results}
+    periods = {r[3] for r in results}
+    assert len(steps) == 1 and len(periods) == 1, results
+    (step,), (period,) = steps, periods
+    assert period > 1
+    assert 300 <= step <= 300 + (preemption.VOTE_LAG + 1) * preemption.MAX_PERIOD
+    assert all(r[2] for r in results)
 
 
 def test_one_rank_votes_alone():
