@@ -11,7 +11,8 @@ background load. Reported per variant: the median step time over the blocks (ran
 (median of the per-round ratios: target <= 1.01, stalwart's work "well under 1%"), and the time
 `poll()` itself takes on the training thread (wall: median, p90 and mean, the mean being the cost per
 step, since most polls only count and one every `period` posts a round; CPU time of the thread: mean,
-which the machine's other tenants disturb much less), and the period the ranks settled on.
+which the machine's other tenants disturb much less), and the period the ranks settled on. `cpu_ratio`:
+the training thread's CPU time per step with the vote (step + the mean poll) over without.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ def _rank(rank: int, world: int, port: int, rounds: int, block: int, out) -> Non
         step()
     times = {"bare": [], "vote": []}
     poll_us, poll_cpu_us = [], []
+    step_cpu = {"bare": [], "vote": []}
     for r in range(rounds):
         for variant in (("bare", "vote") if r % 2 == 0 else ("vote", "bare")):
             block_times = []
             for _ in range(block):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 step()
+                step_cpu[variant].append(time.thread_time() - c0)
                 if variant == "vote":
                     t1, c1 = time.perf_counter(), time.thread_time()
                     vote.poll(False)
@@ -65,7 +68,8 @@ def _rank(rank: int, world: int, port: int, rounds: int, block: int, out) -> Non
             times[variant].append(statistics.median(block_times))
     vote.close()
     if rank == 0:
-        out.put({"times": times, "poll_us": poll_us, "poll_cpu_us": poll_cpu_us, "period": vote.period})
+        out.put({"times": times, "poll_us": poll_us, "poll_cpu_us": poll_cpu_us, "period": vote.period,
+                 "step_cpu": step_cpu})
     dist.destroy_process_group()
 
 
@@ -96,7 +100,10 @@ def main() -> None:
           "ratio": statistics.median(per_round), "poll_us_median": median(polls),
           "poll_us_p90": polls[int(0.9 * (len(polls) - 1))], "poll_us_mean": statistics.fmean(polls),
           "poll_cpu_us_mean": statistics.fmean(result["poll_cpu_us"]), "vote_period_steps": result["period"],
-          "poll_fraction_of_step": statistics.fmean(polls) / 1e6 / median(vote), "target_ratio": 1.01})
+          "poll_fraction_of_step": statistics.fmean(polls) / 1e6 / median(vote),
+          "step_cpu_ms_bare": median(result["step_cpu"]["bare"]) * 1000,
+          "cpu_ratio": (median(result["step_cpu"]["vote"]) + statistics.fmean(result["poll_cpu_us"]) / 1e6)
+          / median(result["step_cpu"]["bare"]), "target_ratio": 1.01})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ stops. A SIGTERM outside begin/end (a warm spare, an idle worker) keeps Ray's ow
 from __future__ import annotations
 
 import signal
+import statistics
 import threading
 import time
 from collections import deque
@@ -147,7 +148,7 @@ class StopVote:
         self._next = 0
         self._noticed = False
         self._last_poll: float | None = None
-        self._poll_s: float | None = None  # rank 0's recent seconds between polls
+        self._gaps: deque = deque(maxlen=16)  # rank 0's recent seconds between polls
 
     def poll(self, local: bool) -> bool:
         if self.group is None or self.world_size == 1:
@@ -156,8 +157,7 @@ class StopVote:
         if self.rank == 0:
             now = time.monotonic()
             if self._last_poll is not None:
-                gap = now - self._last_poll
-                self._poll_s = gap if self._poll_s is None else 0.9 * self._poll_s + 0.1 * gap
+                self._gaps.append(now - self._last_poll)
             self._last_poll = now
         if self._until_round > 0:
             self._until_round -= 1
@@ -181,9 +181,12 @@ class StopVote:
         return False
 
     def _proposal(self) -> int:
-        if not self.interval_s or not self._poll_s:
+        """Rank 0's period: polls per VOTE_INTERVAL_S at its recent median step time (a median, so that a
+        pause between steps, an evaluation or a regular save, does not make the rounds rarer)."""
+        if not self.interval_s or not self._gaps:
             return 1
-        return max(1, min(MAX_PERIOD, int(self.interval_s / self._poll_s)))
+        step_s = statistics.median(self._gaps)
+        return max(1, min(MAX_PERIOD, int(self.interval_s / step_s))) if step_s > 0 else MAX_PERIOD
 
     def all_true(self, value: bool) -> bool:
         """Blocking: whether `value` holds on every rank (after a `poll` that returned True)."""
