@@ -29,16 +29,15 @@ CALL_TIMEOUT_S = 60.0  # how long a call waits for a (re)starting controller bef
 class _JobsSource:
     """What `Client`, `HttpClient` and `Records` share beyond their calls: `job()` and `with`."""
 
-    def job(self, job_id: str) -> "Job":
-        """A handle on an existing job; raises JobNotFound."""
-        self.status(job_id)
-        return Job(self, job_id)
-
     def status(self, job_id: str) -> dict:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def job(self, job_id: str) -> "Job":
+        self.status(job_id)  # raises JobNotFound
+        return Job(self, job_id)
 
     def __enter__(self):
         return self
