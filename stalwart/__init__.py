@@ -1,13 +1,13 @@
 """stalwart: run sharded PyTorch training jobs on Ray and keep them alive."""
 
-from stalwart.errors import (CheckpointCorrupt, ClusterError, JobFailed, JobNotFound, SpecError, StalwartError,
-                             StorageError)
+from stalwart.errors import (CheckpointCorrupt, ClusterError, JobFailed, JobNotFound, Preempted, SpecError,
+                             StalwartError, StorageError)
 from stalwart.spec import JobSpec
 
 __version__ = "0.1.0"
 
 __all__ = ["Client", "Job", "JobSpec", "TrainContext", "context", "StalwartError", "SpecError", "StorageError",
-           "CheckpointCorrupt", "JobFailed", "JobNotFound", "ClusterError", "__version__"]
+           "CheckpointCorrupt", "JobFailed", "JobNotFound", "ClusterError", "Preempted", "__version__"]
 
 
 def context():

@@ -117,3 +117,19 @@ class SubmissionConflict(StalwartError):
 
     def __reduce__(self):
         return (SubmissionConflict, (self.submission_id, self.job_id))
+
+
+class Preempted(StalwartError):
+    """Raised out of `ctx.checkpoint()` on every rank once the ranks agreed to stop because one of them
+    was preempted (a SIGTERM, its node drained), after the emergency checkpoint at `step` (`committed`
+    says whether it committed). Let it propagate: the attempt ends and the job restarts from there."""
+
+    def __init__(self, step: int, committed: bool, reason: str):
+        self.step = step
+        self.committed = committed
+        self.reason = reason
+        saved = "committed" if committed else "did not commit"
+        super().__init__(f"preempted ({reason}): stopped at step {step}; the emergency checkpoint {saved}")
+
+    def __reduce__(self):
+        return (Preempted, (self.step, self.committed, self.reason))

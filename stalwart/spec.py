@@ -20,8 +20,8 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
 
 from stalwart.errors import SpecError
 
-CAUSES = ("node_failure", "hang", "nan", "loss_spike", "divergence", "user_error")
-Cause = Literal["node_failure", "hang", "nan", "loss_spike", "divergence", "user_error"]
+CAUSES = ("node_failure", "hang", "nan", "loss_spike", "divergence", "user_error", "preemption")
+Cause = Literal["node_failure", "hang", "nan", "loss_spike", "divergence", "user_error", "preemption"]
 
 
 class _Section(BaseModel):
@@ -193,11 +193,14 @@ class CheckpointSpec(_Section):
 
 
 # Restarts allowed per cause unless the spec says otherwise (a spec's budgets are laid over these).
-DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "divergence": 3, "user_error": 0}
+# A preemption (SIGTERM to a rank, a draining node) is not the job's fault: it has a budget of its own,
+# large, outside max_restarts, so that a spot job survives many of them while a loop that preempts
+# every attempt (a node that SIGTERMs whatever starts on it) still ends.
+DEFAULT_BUDGETS = {"node_failure": 5, "hang": 3, "nan": 3, "loss_spike": 3, "divergence": 3, "user_error": 0, "preemption": 100}
 
 
 class FaultTolerance(_Section):
-    max_restarts: int = Field(10, ge=0, description="global cap on restarts, all causes together")
+    max_restarts: int = Field(10, ge=0, description="global cap on restarts, all causes together but preemption")
     budgets: dict[Cause, int] = Field(
         default_factory=lambda: dict(DEFAULT_BUDGETS),
         description="restarts allowed per cause",
@@ -220,6 +223,9 @@ class FaultTolerance(_Section):
         "lower_lr", description="when the same spike comes back after the skip")
     spike_lr_scale: float = Field(0.5, gt=0, le=1, description="the LR factor for lower_lr")
     straggler_factor: float = Field(1.5, gt=1, description="a rank this much slower than the others is a straggler")
+    preemption_grace_s: float = Field(30.0, gt=0, description="after a SIGTERM to a rank or a drain of its node: "
+                                      "how long the ranks have to agree on a step and commit an emergency "
+                                      "checkpoint before the attempt is stopped")
     warm_spares: bool = Field(True, description="keep one idle rank process per rank, torch imported, for restarts "
                               "(CPU jobs; each holds the memory of a Python process with torch, no CPU or GPU)")
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, fail, fmt, job_handle, reader
+from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, fail, fmt, job_handle, print_json, reader
 from stalwart.errors import StalwartError
 
 ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify, delete and export committed checkpoints.")
@@ -86,32 +86,39 @@ def checkpoints_show(where: str = WhereArg, step: Optional[int] = typer.Argument
 
 @ckpt_app.command("verify")
 def checkpoints_verify(where: str = WhereArg, step: Optional[int] = typer.Argument(None, help="default: all"),
-                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt):
+                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt,
+                       as_json: bool = JsonOpt):
     """Read every shard and check sizes and checksums against the manifest. Exit 1 if any fails."""
-    from stalwart.checkpointing.engine import committed_steps, load
+    from stalwart.checkpointing.engine import committed_steps, load, step_dir
     from stalwart.errors import CheckpointCorrupt
 
     storage, named = _storage(where, address, endpoint_url)
     steps = [step] if step is not None else [named] if named is not None else committed_steps(storage)
-    bad = 0
+    results = []
     for s in steps:
         try:
             load(storage, s, 0)
-            console.print(f"[green]ok[/]      step {s}")
+            results.append({"step": s, "ok": True, "uri": f"{storage.uri}/{step_dir(s)}"})
+            if not as_json:
+                console.print(f"[green]ok[/]      step {s}")
         except CheckpointCorrupt as exc:
-            bad += 1
-            console.print(f"[red]corrupt[/] step {s}: {escape(str(exc.reason))}")
+            results.append({"step": s, "ok": False, "uri": f"{storage.uri}/{step_dir(s)}", "problem": str(exc.reason)})
+            if not as_json:
+                console.print(f"[red]corrupt[/] step {s}: {escape(str(exc.reason))}")
         except StalwartError as exc:
             fail(str(exc))
-    if not steps:
+    if as_json:
+        print_json(results)
+    elif not steps:
         console.print(f"no committed checkpoint under {storage.uri}")
-    raise typer.Exit(1 if bad else 0)
+    raise typer.Exit(0 if all(r["ok"] for r in results) else 1)
 
 
 @ckpt_app.command("delete")
 def checkpoints_delete(where: str = WhereArg, step: int = typer.Argument(...),
                        yes: bool = typer.Option(False, "--yes", help="do not ask"),
-                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt):
+                       address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt,
+                       as_json: bool = JsonOpt):
     """Delete one checkpoint (manifest first, then its shards)."""
     from stalwart.checkpointing.engine import delete_checkpoint, step_dir
 
@@ -122,7 +129,10 @@ def checkpoints_delete(where: str = WhereArg, step: int = typer.Argument(...),
         n = delete_checkpoint(storage, step)
     except StalwartError as exc:
         fail(str(exc))
-    console.print(f"deleted {n} object(s) of step {step}" if n else f"nothing saved at step {step}")
+    if as_json:
+        print_json({"step": step, "uri": f"{storage.uri}/{step_dir(step)}", "deleted_objects": n})
+    else:
+        console.print(f"deleted {n} object(s) of step {step}" if n else f"nothing saved at step {step}")
 
 
 @ckpt_app.command("export")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from stalwart.cli.common import app, console, err, fail, say
+from stalwart.cli.common import JsonOpt, app, console, err, fail, print_json, say
 from stalwart.errors import StalwartError
 
 
@@ -23,7 +23,8 @@ def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default
                                     "but loopback must be asked for here, and wants --tls-cert/--tls-key"),
        api_port: int = typer.Option(8642, "--api-port", envvar="STALWART_API_PORT", help="the REST API's port"),
        tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="serve the API over HTTPS (PEM certificate)"),
-       tls_key: Optional[str] = typer.Option(None, "--tls-key", help="the certificate's private key (PEM)")):
+       tls_key: Optional[str] = typer.Option(None, "--tls-key", help="the certificate's private key (PEM)"),
+       as_json: bool = JsonOpt):
     """Start a Ray head (token auth and dashboard on), the controller and the REST API, in the background."""
     from stalwart.cli.serve import start_api
     from stalwart.client import Client
@@ -52,13 +53,20 @@ def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default
     address = record["address"]
     loopback = record.get("host", host) in ("127.0.0.1", "localhost", "::1")
     api_line = "not started (--no-api); `stalwart serve` starts it"
+    api_started = False
     if api:
         try:
             api_line = start_api(client.controller_info["home"], api_host, api_port, tls_cert, tls_key)
+            api_started = True
         except StalwartError as exc:  # the cluster is up and usable without it: say so, and how to fix it
             api_line = "not started"
             err.print(f"[yellow]warning: the REST API did not start: {escape(str(exc))}; the cluster runs without "
                       f"it (`stalwart serve --port PORT` starts it)[/]", highlight=False)
+    if as_json:
+        print_json({"address": address, "dashboard": record.get("dashboard"), "started": started,
+                    "home": client.controller_info["home"], "api": api_line.split()[0] if api_started else None})
+        client.close()
+        return
     console.print(
         f"stalwart is up: Ray at {address}, controller ready (state in {client.controller_info['home']}).\n"
         f"  dashboard    {record.get('dashboard', '-')}   (`ray status`, `ray job` work here too)\n"
@@ -73,7 +81,7 @@ def up(num_cpus: Optional[int] = typer.Option(None, help="CPUs to offer (default
 
 
 @app.command()
-def down():
+def down(as_json: bool = JsonOpt):
     """Cancel running jobs and stop the cluster that `stalwart up` started here, and nothing else."""
     from stalwart.client import Client
     from stalwart.orchestrator import cluster
@@ -82,16 +90,23 @@ def down():
     record = cluster.local_cluster(home)
     if record is None:
         stopped = cluster.stop_background(home)  # a record whose head no longer answers: end its leftovers
+        if as_json:
+            print_json({"stopped": None, "cancelled": [], "leftovers_stopped": bool(stopped)})
+            return
         console.print("stopped the leftovers of a cluster whose head had gone" if stopped else
                       f"no cluster started by `stalwart up` is running (state dir {home})")
         return
+    ids: list[str] = []
     try:
         client = Client(record["address"], home=home, start="never")
         ids = client.cancel_all("the cluster is going down (`stalwart down`)")
-        if ids:
+        if ids and not as_json:
             console.print(f"cancelled {len(ids)} job(s): {', '.join(ids)}")
         client.close()
     except StalwartError as exc:
         err.print(f"[yellow]could not reach the controller ({escape(str(exc))}); stopping the cluster anyway[/]")
     cluster.stop_background(home)
-    console.print(f"stopped the cluster at {record['address']}")
+    if as_json:
+        print_json({"stopped": record["address"], "cancelled": ids, "leftovers_stopped": False})
+    else:
+        console.print(f"stopped the cluster at {record['address']}")

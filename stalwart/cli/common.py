@@ -3,6 +3,7 @@ cluster (or, to read, the state dir), errors as one line, and small formatters."
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -16,8 +17,37 @@ from stalwart.errors import NoCluster, StalwartError
 from stalwart.orchestrator.states import TERMINAL_STATES as TERMINAL
 from stalwart.spec import JobSpec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run sharded PyTorch training jobs on Ray and keep them alive.")
+# Every environment variable stalwart reads, named once: `stalwart --help` lists them (the options that
+# take one also say so next to the option).
+ENVIRONMENT = {
+    "STALWART_HOME": "state dir: the controller's records, job logs, default checkpoints (default ~/.stalwart)",
+    "STALWART_SERVER": "the REST API to run the job commands over (as --server)",
+    "STALWART_API_TOKEN": "the REST API's bearer token (default: $STALWART_HOME/api-token)",
+    "STALWART_API_PORT": "the REST API's port for `up` and `serve` (default 8642)",
+    "STALWART_METRICS_PORT": "the controller's Prometheus port (default 9464; 0: any free one)",
+    "STALWART_MAX_PACKAGE_MB": "the most a job's code package sent over --server may weigh (default 100)",
+    "STALWART_DEBUG": "1: show the traceback of an unexpected error",
+    "RAY_ADDRESS": "the Ray cluster (as --address)",
+    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH": "Ray's token (default ~/.ray/auth_token); RAY_AUTH_MODE, if set, wins",
+    "AWS_ENDPOINT_URL": "S3-compatible endpoint for checkpoints (with the AWS credential chain)",
+    "STALWART_GANG_START_TIMEOUT_S": "how long a gang's workers may take to start (default 120)",
+    "STALWART_CHECKPOINT_WAIT_TIMEOUT_S": "how long a rank waits for a save in flight (default 1800)",
+    "STALWART_RESTORE_PREFETCH_TIMEOUT_S": "how long a restore waits for its read-ahead (default 1800)",
+    "STALWART_COLLECTIVE_TIMEOUT_S": "torch.distributed's timeout in the ranks (default 1800)",
+    "STALWART_RESTORE_RANGED, STALWART_RESTORE_EXCHANGE": "0: restores read whole shards / read without the exchange",
+    "STALWART_CHECKPOINT_CHUNK_BYTES": "the checksum chunk of new saves (default 1 MiB)",
+    "STALWART_TRACKERS_CLOSE_TIMEOUT_S": "how long a job's end waits for its experiment trackers to close",
+    "STALWART_DEEPSPEED_SHM": "1: keep DeepSpeed's shared-memory op build on CPU",
+}
+
+
+def _environment_help() -> str:
+    # Rich markup mode: one paragraph per line.
+    return "[bold]Environment[/]\n\n" + "\n\n".join(f"[cyan]{name}[/]  {what}" for name, what in ENVIRONMENT.items())
+
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
+                  help="Run sharded PyTorch training jobs on Ray and keep them alive.", epilog=_environment_help())
 console = Console()
 err = Console(stderr=True)
 
@@ -32,11 +62,21 @@ STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RU
 _server: dict[str, Optional[str]] = {"url": None}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from stalwart import __version__
+
+        console.print(f"stalwart {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(server: Optional[str] = typer.Option(
         None, "--server", envvar="STALWART_SERVER", metavar="URL",
         help="run the job commands over stalwart's REST API at URL (e.g. http://head:8642) instead of Ray; the "
-             "token comes from STALWART_API_TOKEN or $STALWART_HOME/api-token")):
+             "token comes from STALWART_API_TOKEN or $STALWART_HOME/api-token"),
+        version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                     help="print stalwart's version and exit")):
     _server["url"] = server or None
 
 
@@ -44,6 +84,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr and exit `code`: 1 for errors, 2 for usage errors (Typer's own)."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def print_json(data) -> None:
+    """--json output: one JSON document on stdout (non-JSON values as strings)."""
+    console.print_json(json.dumps(data, default=str))
 
 
 def say(message: str) -> None:
@@ -138,5 +183,6 @@ def clock(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
 
 
-__all__ = ["app", "console", "err", "TERMINAL", "AddressOpt", "JsonOpt", "InjectOpt", "STATE_STYLE", "fail", "say",
+__all__ = ["app", "console", "err", "TERMINAL", "ENVIRONMENT", "AddressOpt", "JsonOpt", "InjectOpt", "STATE_STYLE", "fail",
+           "say", "print_json",
            "connect", "reader", "job_handle", "load_spec", "stale_note", "fmt_time", "fmt", "styled_state", "clock"]

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, JsonOpt, app, clock, connect, console, err, fail,
-                                 fmt, fmt_time, job_handle, load_spec, reader, stale_note, styled_state)
+                                 fmt, fmt_time, job_handle, load_spec, print_json, reader, stale_note, styled_state)
 from stalwart.errors import StalwartError
 
 InitFromOpt = typer.Option(None, "--init-from", help="start from these weights (a torch.distributed.checkpoint folder "
@@ -32,9 +32,10 @@ def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
         init_from: Optional[str] = InitFromOpt,
         inject: Optional[list[str]] = InjectOpt,
         as_json: bool = JsonOpt):
-    """Submit a job, show its progress live, and wait for it. Ctrl-C cancels it."""
+    """Submit a job, show its progress live, and wait for it. Ctrl-C or SIGTERM (`ray job stop`) cancels it."""
     spec = load_spec(spec_path, resume_from, inject, init_from)
     client = connect(address, start="inprocess")
+    stops = _StopRequests().install()  # after connecting: ray.init sets a SIGTERM handler of its own
     try:
         try:
             job = client.submit(spec)
@@ -42,38 +43,59 @@ def run(spec_path: Path = typer.Argument(..., help="job spec (YAML)"),
             fail(str(exc))
         status = job.status()
         err.print(f"job [bold]{job.id}[/]: logs {status['log_path']}, checkpoints {status['checkpoint_uri']}")
-        status = _watch(job)
+        status = _watch(job, stops)
         if as_json:
             console.print_json(json.dumps(status, default=str))
         else:
             _summary(job, status)
     finally:
+        stops.restore()
         client.close()
     raise typer.Exit({"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 130}.get(status["state"], 1))
 
 
-def _watch(job) -> dict:
-    """Show progress until the job ends; the first Ctrl-C cancels it and waits for the cleanup."""
-    cancelled = {"at": None}
+class _StopRequests:
+    """While `run` waits: SIGINT (Ctrl-C) and SIGTERM (`ray job stop` of a `stalwart run` driver, `kill`,
+    a container stop) ask to cancel the job, which the wait loop does and then waits for the cleanup.
+    A second Ctrl-C stops waiting; a second SIGTERM changes nothing (the sender's SIGKILL will come)."""
 
-    def on_sigint(signum, frame):
-        if cancelled["at"] is None:
-            cancelled["at"] = time.time()
-        else:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+        self._previous: dict = {}
+
+    def install(self) -> "_StopRequests":
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = ("cancelled from the terminal (Ctrl-C)" if signum == signal.SIGINT else
+                           "cancelled: the `stalwart run` process received SIGTERM (ray job stop, kill)")
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+
+def _watch(job, stops: _StopRequests) -> dict:
+    """Show progress until the job ends; a stop request cancels it and waits for the cleanup."""
+    sent = False
     seen_events: list[dict] = []
     since = 0
+    live = Live(console=err, refresh_per_second=4, transient=False) if err.is_terminal else None
     try:
-        live = Live(console=err, refresh_per_second=4, transient=False) if err.is_terminal else None
         if live:
             live.start()
         last_line = 0.0
         while True:
-            if cancelled["at"] is not None and cancelled.get("sent") is None:
-                job.cancel("cancelled from the terminal (Ctrl-C)")
-                cancelled["sent"] = True
+            if stops.reason is not None and not sent:
+                job.cancel(stops.reason)
+                sent = True
             status = job.status()
             new = job.events(since)
             if new:
@@ -83,7 +105,7 @@ def _watch(job) -> dict:
                     for e in new:
                         err.print(f"[dim]{clock(e['ts'])}[/] {escape(e['message'])}", highlight=False)
             if live:
-                live.update(_progress_view(job.id, status, seen_events[-6:], cancelled["at"] is not None))
+                live.update(_progress_view(job.id, status, seen_events[-6:], stops.reason is not None))
             elif time.time() - last_line > 10 and status["state"] == "RUNNING":
                 err.print(_progress_line(status), highlight=False)
                 last_line = time.time()
@@ -93,7 +115,8 @@ def _watch(job) -> dict:
                 return status
             time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if live:
+            live.stop()
 
 
 
@@ -216,15 +239,52 @@ def status(job_id: str, address: Optional[str] = AddressOpt, as_json: bool = Jso
 
 
 @app.command()
-def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: Optional[str] = AddressOpt):
-    """What the job's ranks printed."""
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+         tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then, with "
+                                            "--follow, what comes)"),
+         rank: Optional[int] = typer.Option(None, "--rank", "-r", min=0, help="only what rank R printed"),
+         address: Optional[str] = AddressOpt):
+    """What the job's ranks printed (each line starts with [rank R])."""
     job = job_handle(reader(address), job_id)
+    lines = LogLines(rank)
+    text = job.logs()
+    shown = lines.feed(text) + lines.flush_partial(final=not follow)
+    if tail is not None:
+        shown = shown[len(shown) - tail:] if tail else []
+    sys.stdout.write("".join(shown))
+    sys.stdout.flush()
     if follow:
+        skip = len(text)  # the stream starts at the beginning of the log: what was shown is skipped
         for chunk in job.follow_logs():
-            sys.stdout.write(chunk)
+            if skip:
+                chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+            sys.stdout.write("".join(lines.feed(chunk)))
             sys.stdout.flush()
-    else:
-        sys.stdout.write(job.logs())
+        sys.stdout.write("".join(lines.flush_partial(final=True)))
+
+
+class LogLines:
+    """Whole lines of a job log as it arrives in chunks, only those of `rank` if given (a rank's lines
+    start with "[rank R] "). A partial last line waits for the rest of it."""
+
+    def __init__(self, rank: Optional[int] = None):
+        self.prefix = None if rank is None else f"[rank {rank}] "
+        self._partial = ""
+
+    def feed(self, chunk: str) -> list[str]:
+        text = self._partial + chunk
+        *whole, self._partial = text.split("\n")
+        return [line + "\n" for line in whole if self._keep(line)]
+
+    def flush_partial(self, final: bool) -> list[str]:
+        """The partial last line, once no more will come (`final`)."""
+        if not final or not self._partial:
+            return []
+        line, self._partial = self._partial, ""
+        return [line + "\n"] if self._keep(line) else []
+
+    def _keep(self, line: str) -> bool:
+        return self.prefix is None or line.startswith(self.prefix)
 
 
 @app.command()
@@ -242,7 +302,7 @@ def events(job_id: str, address: Optional[str] = AddressOpt, as_json: bool = Jso
 
 @app.command()
 def cancel(job_id: str, address: Optional[str] = AddressOpt,
-           wait: bool = typer.Option(True, help="wait until the job is CANCELLED")):
+           wait: bool = typer.Option(True, help="wait until the job is CANCELLED"), as_json: bool = JsonOpt):
     """Cancel a job: its workers stop and its resources are released."""
     job = job_handle(connect(address, start="never"), job_id)
     try:
@@ -252,7 +312,10 @@ def cancel(job_id: str, address: Optional[str] = AddressOpt,
     if wait and result not in TERMINAL:
         s = job.wait(timeout=120, raise_on_failure=False)
         result = s["state"]
-    console.print(f"{job_id}: {result}")
+    if as_json:
+        print_json({"id": job_id, "state": result})
+    else:
+        console.print(f"{job_id}: {result}")
 
 
 @app.command()

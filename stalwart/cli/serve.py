@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stalwart.cli.common import AddressOpt, app, console, err, fail, say
+from stalwart.cli.common import AddressOpt, JsonOpt, app, console, err, fail, print_json, say
 from stalwart.errors import StalwartError
 
 HostOpt = typer.Option("127.0.0.1", "--host", help="address the API listens on; anything but loopback must be "
@@ -41,7 +41,7 @@ def start_api(controller_home: str, host: str, port: int, tls_cert: Optional[str
 @app.command()
 def serve(host: str = HostOpt, port: int = PortOpt, tls_cert: Optional[str] = CertOpt,
           tls_key: Optional[str] = KeyOpt, address: Optional[str] = AddressOpt,
-          stop: bool = typer.Option(False, "--stop", help="stop the API server instead")):
+          stop: bool = typer.Option(False, "--stop", help="stop the API server instead"), as_json: bool = JsonOpt):
     """Serve the REST API on the running cluster, next to its controller, until `stalwart down`.
 
     It comes back by itself if its process dies. Run again with other options to change them."""
@@ -54,10 +54,17 @@ def serve(host: str = HostOpt, port: int = PortOpt, tls_cert: Optional[str] = Ce
         fail(str(exc))
     try:
         if stop:
-            console.print("stopped the API server" if server.stop() else "no API server was running")
+            stopped = server.stop()
+            if as_json:
+                print_json({"stopped": bool(stopped)})
+            else:
+                console.print("stopped the API server" if stopped else "no API server was running")
             return
-        console.print(f"the REST API serves at {start_api(client.controller_info['home'], host, port, tls_cert, tls_key)}",
-                      highlight=False, soft_wrap=True)
+        line = start_api(client.controller_info['home'], host, port, tls_cert, tls_key)
+        if as_json:
+            print_json({"url": line.split()[0]})
+        else:
+            console.print(f"the REST API serves at {line}", highlight=False, soft_wrap=True)
     except StalwartError as exc:
         fail(str(exc))
     finally:

@@ -13,8 +13,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from stalwart.cli.common import (TERMINAL, AddressOpt, app, clock, console, fmt, fmt_time, job_handle, reader,
-                                 styled_state)
+from stalwart.cli.common import (TERMINAL, AddressOpt, JsonOpt, app, clock, console, fmt, fmt_time, job_handle,
+                                 print_json, reader, styled_state)
 from stalwart.errors import StalwartError
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -86,6 +86,24 @@ class _TopState:
         return s
 
 
+def _top_rows(state: _TopState, limit: int) -> list[dict]:
+    """What one frame of `top` shows, as data (`top --json`)."""
+    jobs = state.client.jobs()
+    live = [j for j in jobs if j["state"] not in TERMINAL]
+    done = [j for j in jobs if j["state"] in TERMINAL][-limit:] if limit else []
+    rows = []
+    for j in done + live:
+        try:
+            s = state.status(j["id"])
+        except StalwartError:
+            continue
+        rows.append({"id": j["id"], "state": s["state"], "step": s.get("step") or 0, "max_steps": s.get("max_steps"),
+                     "loss": s.get("loss"), "recent_losses": state.losses.get(j["id"], []),
+                     "tokens_per_s": s.get("tokens_per_s"), "last_checkpoint_at": s.get("last_checkpoint_at"),
+                     "attempt": _attempt(s), "restarts": s.get("restarts") or {}})
+    return rows
+
+
 def _top_frame(state: _TopState, limit: int):
     jobs = state.client.jobs()
     live = [j for j in jobs if j["state"] not in TERMINAL]
@@ -117,9 +135,12 @@ def _top_frame(state: _TopState, limit: int):
 def top(address: Optional[str] = AddressOpt,
         once: bool = typer.Option(False, "--once", help="print one frame and exit"),
         interval: float = typer.Option(2.0, help="seconds between frames"),
-        limit: int = typer.Option(20, help="finished jobs to show (the most recent)")):
+        limit: int = typer.Option(20, help="finished jobs to show (the most recent)"), as_json: bool = JsonOpt):
     """All jobs, live: state, step, loss with a sparkline, tokens/s, checkpoint age, restarts."""
     state = _TopState(reader(address))
+    if as_json:  # one frame's figures
+        print_json(_top_rows(state, limit))
+        return
     if once:
         console.print(_top_frame(state, limit))
         return
@@ -260,11 +281,14 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
 @app.command()
 def watch(job_id: str, address: Optional[str] = AddressOpt,
           once: bool = typer.Option(False, "--once", help="print one frame and exit"),
-          interval: float = typer.Option(2.0, help="seconds between frames")):
+          interval: float = typer.Option(2.0, help="seconds between frames"), as_json: bool = JsonOpt):
     """One job, live: its loss curve drawn in the terminal, and its events as they arrive."""
     job = job_handle(reader(address), job_id)
     evs = job.events()
     s = job.status()
+    if as_json:  # what one frame draws, as data
+        print_json({"status": s, "metrics": job.metrics(), "events": evs})
+        return
     width = min(console.width, 120)
     if once:
         console.print(_watch_view(job_id, s, job.metrics(), evs, width))
@@ -282,11 +306,14 @@ def watch(job_id: str, address: Optional[str] = AddressOpt,
 
 @app.command()
 def report(job_id: str, out: Path = typer.Option(Path("report.png"), "--out", "-o", help="PNG to write"),
-           address: Optional[str] = AddressOpt):
+           address: Optional[str] = AddressOpt, as_json: bool = JsonOpt):
     """Draw the run's story to a PNG: loss and grad norm over steps, with attempts, checkpoints and faults."""
     job = job_handle(reader(address), job_id)
     path = _draw_report(job_id, job.status(), job.metrics(), job.events(), out)
-    console.print(f"wrote {path}")
+    if as_json:
+        print_json({"id": job_id, "path": str(path)})
+    else:
+        console.print(f"wrote {path}")
 
 
 def _draw_report(job_id: str, s: dict, metrics: list[dict], evs: list[dict], out: Path) -> Path:

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from stalwart.checkpointing import engine as ckpt
 from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
-from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError, StorageError, WaitTimeout
-from stalwart.launchers import strategies
+from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, Preempted, StalwartError, StorageError, WaitTimeout
+from stalwart.launchers import preemption, strategies
 from stalwart.launchers.data import DataPosition, IndexedBatches, iterate
 from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.reporter import Reporter
@@ -61,7 +61,7 @@ class TrainContext:
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
-                 strategy_options: dict | None = None, lazy_group: bool = False):
+                 strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -92,6 +92,7 @@ class TrainContext:
             storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
             job_id=job_id, attempt=attempt, on_result=self._on_save, cache=self._cache)
         self._engine.pinned.update(plan.pinned)
+        self._vote = preemption.StopVote(vote_group, world_size, rank=rank)
         self._last_stall = 0.0
         self._faults = {}
         self._last_cpu: float | None = None
@@ -219,10 +220,50 @@ class TrainContext:
         """Save when `step` is a multiple of checkpoint.every_steps (or `force`); return whether it did.
 
         Blocks only for the host-memory snapshot (and for a previous save still in flight). Every
-        rank must call it with the same steps.
+        rank must call it with the same steps; call it every step: it is also where the ranks stop
+        together when one of them is preempted (a SIGTERM, its node drained), saving that step within
+        fault_tolerance.preemption_grace_s and raising `Preempted` (let it propagate).
         """
+        if self._vote_ready() and self._vote.poll(preemption.notice() is not None):
+            self._stop_for_preemption(step)
         if not force and step % self.every_steps != 0:
             return False
+        self._save(step)
+        return True
+
+    def _vote_ready(self) -> bool:
+        """Whether this rank can take part in the preemption vote (script mode: once the script has
+        initialized torch.distributed, when the groups are made)."""
+        if self._lazy_group:
+            if not dist.is_initialized():
+                return False
+            self._ensure_group()
+        return True
+
+    def _stop_for_preemption(self, step: int) -> None:
+        """Every rank is here at `step`: save it, wait for the commit until the notice's deadline, learn
+        whether every rank's part (and rank 0's manifest) made it, and raise Preempted."""
+        notice = preemption.notice()
+        deadline = notice.deadline if notice is not None else time.time() + preemption.grace_s()
+        started = time.time()
+        committed, error = False, None
+        try:
+            self._save(step)
+            result = self._engine.wait(timeout_s=max(0.0, deadline - time.time()))
+            committed = result is not None and result.committed and result.step == step
+            error = None if result is None else result.error
+        except StalwartError as exc:  # a save that cannot be taken or is too slow: the job still moves
+            error = str(exc)
+        # Also the fence: no rank leaves (and is stopped) before rank 0 has written the manifest.
+        committed = self._vote.all_true(committed)
+        reason = notice.reason if notice is not None else "a peer's preemption notice"
+        if self.rank == 0 or notice is not None:
+            self._reporter.event("emergency_checkpoint", step=step, rank=self.rank, committed=committed,
+                                 seconds=time.time() - started, reason=reason, error=error)
+            self._reporter.flush()
+        raise Preempted(step, committed, reason)
+
+    def _save(self, step: int) -> None:
         if self._model is None:
             raise StalwartError("ctx.checkpoint() needs the model: call ctx.prepare(model, optimizer) first")
         self._ensure_group()
@@ -232,7 +273,6 @@ class TrainContext:
             "loss_stats": self._loss_stats(),
         })
         self._last_stall = time.perf_counter() - t0
-        return True
 
     def restore(self) -> int:
         """Load the newest good checkpoint (or the one this attempt was told to use); return its step.
@@ -398,6 +438,8 @@ class TrainContext:
         from stalwart.launchers.userland import collective_timeout
 
         self._engine.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        self._vote = preemption.StopVote(dist.new_group(backend="gloo", timeout=collective_timeout()), self.world_size,
+                                         rank=self.rank)
         self._lazy_group = False
 
     def _loss_stats(self) -> dict:
@@ -426,6 +468,7 @@ class TrainContext:
     def close(self) -> None:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
         self._prefetch = self._weights = None  # never restored: let the read-aheads go
+        self._vote.close()
         self._engine.wait()
 
 

@@ -187,7 +187,8 @@ class RayGang:
                 if cause is None:
                     failures.append(GangOutcome(False, "user_error", rank, str(exc), str(exc)))
                 else:
-                    kind = "node_failure" if cause.communication else "user_error"
+                    kind = ("preemption" if cause.preempted else
+                            "node_failure" if cause.communication else "user_error")
                     failures.append(GangOutcome(False, kind, rank, cause.error, cause.traceback_text))
                 self._results[rank] = {"ok": False}
             except (RayActorError, GetTimeoutError) as exc:
@@ -205,6 +206,13 @@ class RayGang:
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 out[refs[ref]] = f"<unavailable: {_first_line(exc)}>"
         return out
+
+    def preempt(self, ranks: list[int], reason: str, deadline: float | None) -> None:
+        """Give `ranks` a preemption notice (their node drains): the gang stops at an agreed step after an
+        emergency checkpoint due by `deadline` (time.time(); None: the job's preemption_grace_s)."""
+        for rank in ranks:
+            if rank < len(self.workers):
+                self.workers[rank].preempt.remote(reason, deadline)  # not awaited: the worker may be going
 
     def warm_spares(self) -> int:
         """Start one spare per bundle, once (CPU jobs with fault_tolerance.warm_spares); return how

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import StalwartError
 from stalwart.launchers import context as context_module
+from stalwart.launchers import preemption
 from stalwart.launchers.context import TrainContext
 from stalwart.launchers.niceness import set_niceness
 from stalwart.launchers.plan import AttemptPlan
@@ -59,6 +60,16 @@ def run_rank(worker, payload: dict) -> dict:
                      f"niceness without this note\n")
     ctx = None
     started = time.time()
+    grace = spec.fault_tolerance.preemption_grace_s
+
+    def on_notice(notice: preemption.Notice) -> None:
+        # Off the signal handler, on a thread of its own: the controller hears of it at once.
+        reporter.log(f"[rank {rank}] stalwart: preemption notice ({notice.reason}): stopping at the next step "
+                     f"all ranks reach, after an emergency checkpoint\n")
+        reporter.event("preemption_notice", rank=rank, reason=notice.reason, grace_s=notice.deadline - notice.received)
+        reporter.flush()
+
+    preemption.begin(grace, on_notice)
     try:
         device = _device(spec, payload)
         timeout = collective_timeout()
@@ -69,13 +80,13 @@ def run_rank(worker, payload: dict) -> dict:
         plan: AttemptPlan = payload["plan"]
         storage = open_storage(plan.checkpoint_uri, spec.checkpoint.s3)
 
-        def make_context(ckpt_group=None, lazy_group: bool = False) -> TrainContext:
+        def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None) -> TrainContext:
             return TrainContext(
                 job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
                 local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
                 strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
                 every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
-                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group)
+                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group)
 
         if spec.script is not None:
             os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
@@ -87,7 +98,9 @@ def run_rank(worker, payload: dict) -> dict:
             # Checkpoint shard records travel on their own gloo group, from a background thread,
             # so they never interleave with the training collectives.
             ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-            ctx = context_module._CURRENT = make_context(ckpt_group)
+            # The preemption vote too (one tiny non-blocking all-reduce a step, see preemption.StopVote).
+            vote_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+            ctx = context_module._CURRENT = make_context(ckpt_group, vote_group=vote_group)
             func = import_entrypoint(spec.entrypoint, spec.workdir)
             result = func(ctx, dict(spec.config))
         if ctx is not None:
@@ -95,9 +108,10 @@ def run_rank(worker, payload: dict) -> dict:
         return {"rank": rank, "seconds": time.time() - started, "result": _small(result)}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported with its traceback
         error = format_user_error(rank, exc)
-        reporter.log(f"[rank {rank}] {error.traceback_text}")
+        reporter.log(f"[rank {rank}] " + (f"stalwart: {exc}\n" if error.preempted else error.traceback_text))
         raise error from None
     finally:
+        preemption.end()
         context_module._CURRENT = context_module._FACTORY = None
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, Tee):

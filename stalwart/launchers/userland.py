@@ -15,7 +15,7 @@ import sys
 import threading
 import traceback
 
-from stalwart.errors import StalwartError
+from stalwart.errors import Preempted, StalwartError
 
 # torch.distributed's own timeout must stay above stalwart's hang detection, so that stalwart
 # sees a hang (and takes the stacks) before the collective gives up. Override with this variable.
@@ -26,16 +26,19 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 class UserCodeError(StalwartError):
     """The user's function raised. Carries the rank and the formatted traceback."""
 
-    def __init__(self, rank: int, error: str, traceback_text: str, communication: bool = False):
+    def __init__(self, rank: int, error: str, traceback_text: str, communication: bool = False,
+                 preempted: bool = False):
         self.rank = rank
         self.error = error
         self.traceback_text = traceback_text
         # True when the error came out of a collective (a peer vanished), not from the user's logic.
         self.communication = communication
+        # True when the ranks stopped for a preemption (stalwart's Preempted), not for an error.
+        self.preempted = preempted
         super().__init__(f"rank {rank} raised {error}")
 
     def __reduce__(self):
-        return (UserCodeError, (self.rank, self.error, self.traceback_text, self.communication))
+        return (UserCodeError, (self.rank, self.error, self.traceback_text, self.communication, self.preempted))
 
 
 class Tee(io.TextIOBase):
@@ -97,7 +100,7 @@ def collective_timeout() -> datetime.timedelta:
 def format_user_error(rank: int, exc: BaseException) -> UserCodeError:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     communication = _is_communication_error(exc)
-    return UserCodeError(rank, f"{type(exc).__name__}: {exc}", text, communication)
+    return UserCodeError(rank, f"{type(exc).__name__}: {exc}", text, communication, isinstance(exc, Preempted))
 
 
 def _is_communication_error(exc: BaseException) -> bool:

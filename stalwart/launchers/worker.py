@@ -11,6 +11,7 @@ import traceback
 import ray
 
 from stalwart._net import free_port
+from stalwart.launchers import preemption
 from stalwart.launchers.niceness import set_niceness
 from stalwart.launchers.userland import UserCodeError
 
@@ -20,13 +21,19 @@ __all__ = ["RankWorker", "UserCodeError"]
 class RankWorker:
     """Lifecycle: created in a placement-group bundle; `address()` (rank 0 only) picks the rendezvous;
     `run(payload)` runs the user's function to the end and returns a summary or raises UserCodeError;
-    `stacks()` answers while `run` is busy (for hang reports). The supervisor kills the actor after."""
+    `stacks()` answers while `run` is busy (for hang reports), and so does `preempt()`. The supervisor
+    kills the actor after. A SIGTERM while `run` is busy is a preemption notice, not an exit."""
 
     def __init__(self, job_id: str, attempt: int, rank: int, world_size: int):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
         self.world_size = world_size
+        preemption.install_signal_handler()  # the constructor runs on the process's main thread
+
+    def preempt(self, reason: str, deadline: float | None = None) -> None:
+        """A notice from the controller (Ray drains this node): stop after an emergency checkpoint."""
+        preemption.notify(reason, deadline)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port("")

@@ -2,8 +2,9 @@
 
 The collector owns no job state: on every scrape it calls `snapshot()` (the controller passes a
 function that returns one status dict per job it wants exported) and converts what it gets. Nothing
-here imports the orchestrator; the only state kept between scrapes is what makes the step-time
-histogram a proper cumulative histogram (see `JobsCollector`).
+here imports the orchestrator. The step-time histogram is the exception to "snapshots only": it is a
+prometheus_client `Histogram` (`StepTimes`) that the supervisor observes on each report, every rank-0
+step as it arrives, so no step is missed whatever the scrape interval; the collector exports it.
 
 The snapshot dict of one job (missing keys and None values are simply not exported):
 
@@ -12,9 +13,6 @@ The snapshot dict of one job (missing keys and None values are simply not export
     attempts                 list of {"attempt": int, ...}, the job's attempts so far
     loss, grad_norm          float (or "nan"/"inf" strings, as status() writes non-finite numbers)
     tokens_per_s             float, tokens per second over the recent window
-    step_durations_s         list[float], recent rank-0 step durations in seconds, oldest first
-    step_durations_total     int, how many step durations this attempt produced in all (so the
-                             collector can tell the new entries of step_durations_s from counted ones)
     rank_step_time_s         {rank: seconds}, each rank's recent seconds per step
     last_checkpoint_step     int
     last_checkpoint_at       float, unix time of the last committed checkpoint
@@ -43,15 +41,16 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from stalwart.spec import Cause
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PORT", "PORT_ENV", "STATES", "STEP_BUCKETS", "JobsCollector", "serve", "start_exporter"]
+__all__ = ["DEFAULT_PORT", "PORT_ENV", "STATES", "STEP_BUCKETS", "STEP_TIMES", "JobsCollector", "StepTimes", "serve",
+           "start_exporter"]
 
 PORT_ENV = "STALWART_METRICS_PORT"
 DEFAULT_PORT = 9464
@@ -64,37 +63,55 @@ JOB = ["job_id", "job_name"]
 Snapshot = Callable[[], Iterable[dict]]
 
 
-class _Hist:
-    """One job's cumulative step-time histogram, fed only durations it has not counted yet."""
+class StepTimes:
+    """Each job's rank-0 step durations: one prometheus_client `Histogram` (labels job_id, job_name),
+    observed by the supervisor as each report arrives, so that every step counts, however fast the
+    steps and however rare the scrapes. Thread-safe (prometheus_client's children are).
 
-    __slots__ = ("attempt", "seen", "counts", "sum", "count")
+    Lifecycle: `observe()` from the report threads; a `JobsCollector` exports the jobs of its
+    snapshot and `forget()`s the others (their series end)."""
 
     def __init__(self) -> None:
-        self.attempt: Any = None
-        self.seen = 0
-        self.counts = [0] * len(STEP_BUCKETS)
-        self.sum = 0.0
-        self.count = 0
+        self.histogram = Histogram("stalwart_job_step_duration_seconds", "Wall-clock seconds per training step on "
+                                   "rank 0.", JOB, buckets=STEP_BUCKETS, registry=None)
+        self._lock = threading.Lock()
+        self._names: dict[str, str] = {}  # job_id -> job_name, for removing its series
 
-    def feed(self, attempt: Any, total: int | None, recent: list) -> None:
-        if total is None:
-            total = len(recent)
-        if attempt != self.attempt or total < self.seen:
-            self.attempt, self.seen = attempt, 0  # a new attempt starts counting again
-        new = min(total - self.seen, len(recent))
-        self.seen = total
-        for d in recent[len(recent) - new:] if new > 0 else ():
-            d = _num(d)
-            if d is None or not math.isfinite(d) or d < 0:
-                continue
-            self.sum += d
-            self.count += 1
-            for i, bound in enumerate(STEP_BUCKETS):
-                if d <= bound:
-                    self.counts[i] += 1
+    def observe(self, job_id: str, job_name: str, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        self._child(job_id, job_name).observe(seconds)
 
-    def buckets(self) -> list[tuple[str, int]]:
-        return [(_le(b), c) for b, c in zip(STEP_BUCKETS, self.counts)] + [("+Inf", self.count)]
+    def _child(self, job_id: str, job_name: str):
+        with self._lock:
+            self._names[job_id] = job_name
+        return self.histogram.labels(job_id, job_name)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            name = self._names.pop(job_id, None)
+        if name is not None:
+            try:
+                self.histogram.remove(job_id, name)
+            except KeyError:
+                pass
+
+    def collect(self, jobs: dict[str, str]) -> Iterator[Metric]:
+        """The histogram over `jobs` ({job_id: job_name}; one not observed yet shows zero counts)."""
+        for job_id, name in jobs.items():
+            self._child(job_id, name)
+        with self._lock:
+            gone = set(self._names) - set(jobs)
+        for job_id in gone:
+            self.forget(job_id)
+        for family in self.histogram.collect():
+            # Without the _created series prometheus_client adds: a family no dashboard reads.
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+# The process's step times: the controller's supervisors observe them, its exporter collects them.
+STEP_TIMES = StepTimes()
 
 
 class JobsCollector(Collector):
@@ -104,18 +121,15 @@ class JobsCollector(Collector):
     module's docstring), register on a registry (or hand to `serve`), and every scrape calls
     `collect()`. Thread-safe: concurrent scrapes are serialised.
 
-    The step-time histogram is cumulative, as Prometheus expects: the collector remembers, per job,
-    how many of the attempt's step durations it has counted (`step_durations_total`), and adds only
-    the new ones from `step_durations_s` at each scrape. Durations that fell out of the recent window
-    between two scrapes are not counted (the window holds 255 steps: at a 15 s scrape interval that
-    only happens above 17 steps per second). Jobs that leave the snapshot are forgotten.
+    The step-time histogram comes from `step_times` (observed on each report, see `StepTimes`), for
+    the jobs of the snapshot; jobs that leave the snapshot are forgotten there.
     """
 
-    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.time):
+    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.time, step_times: StepTimes | None = None):
         self._snapshot = snapshot
         self._clock = clock
         self._lock = threading.Lock()
-        self._hist: dict[str, _Hist] = {}
+        self.step_times = STEP_TIMES if step_times is None else step_times
 
     def describe(self) -> list[Metric]:
         return []  # registration must not take a snapshot
@@ -131,16 +145,17 @@ class JobsCollector(Collector):
         f["scrape_error"].add_metric([], error)
         now = self._clock()
         with self._lock:
-            seen = set()
+            seen: dict[str, str] = {}
             for job in jobs:
                 job_id = str(job.get("id", ""))
                 if not job_id:
                     continue
-                seen.add(job_id)
-                self._add_job(f, job, [job_id, str(job.get("name", ""))], now)
-            for gone in set(self._hist) - seen:
-                del self._hist[gone]
+                seen[job_id] = str(job.get("name", ""))
+                self._add_job(f, job, [job_id, seen[job_id]], now)
+            # A failed snapshot says nothing about which jobs left: their histograms are kept.
+            step_times = [] if error else list(self.step_times.collect(seen))
         yield from f.values()
+        yield from step_times
 
     def _add_job(self, f: dict, job: dict, labels: list[str], now: float) -> None:
         state = job.get("state")
@@ -154,9 +169,6 @@ class JobsCollector(Collector):
         _gauge(f["grad_norm"], labels, job.get("grad_norm"))
         _gauge(f["tokens"], labels, job.get("tokens_per_s"))
 
-        hist = self._hist.setdefault(labels[0], _Hist())
-        hist.feed(attempt, job.get("step_durations_total"), list(job.get("step_durations_s") or []))
-        f["step_time"].add_metric(labels, hist.buckets(), hist.sum)
 
         for rank, seconds in sorted((job.get("rank_step_time_s") or {}).items(), key=lambda kv: int(kv[0])):
             _gauge(f["rank_step_time"], labels + [str(rank)], seconds)
@@ -196,8 +208,6 @@ def _families() -> dict[str, Metric]:
         "grad_norm": g("stalwart_job_grad_norm", "Last gradient norm rank 0 reported.", labels=JOB),
         "tokens": g("stalwart_job_tokens_per_second", "Training throughput over the last 20 s, all ranks.",
                     labels=JOB),
-        "step_time": HistogramMetricFamily("stalwart_job_step_duration_seconds",
-                                           "Wall-clock seconds per training step on rank 0.", labels=JOB),
         "rank_step_time": g("stalwart_rank_step_duration_seconds",
                             "Each rank's recent seconds per step (straggler view).", labels=JOB + ["rank"]),
         "restarts": c("stalwart_job_restarts", "Restarts of the job, by the cause of the fault.",
@@ -237,10 +247,6 @@ def _num(value: Any) -> float | None:
         return float(value)  # "nan" / "inf" strings (non-finite values in status()) become floats
     except (TypeError, ValueError):
         return None
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
 
 
 # ---- serving ----------------------------------------------------------------------------------

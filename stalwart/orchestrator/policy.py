@@ -12,6 +12,9 @@ from stalwart.spec import FaultTolerance
 FREE_CAUSES = {"controller_restart", "grow"}
 # How an attempt ends without a fault.
 ENDINGS = {"succeeded", "cancelled"}
+# Causes with a budget of their own that neither count toward max_restarts nor back off: a preemption
+# is the cluster taking a node back, not a fault that repeats because of the job.
+UNCAPPED_CAUSES = {"preemption"}
 
 
 def spends_budget(cause: str | None) -> bool:
@@ -57,6 +60,10 @@ class FailurePolicy:
     def restarts(self) -> int:
         return sum(self.spent.values())
 
+    def _capped(self) -> int:
+        """Restarts that count toward max_restarts."""
+        return sum(n for cause, n in self.spent.items() if cause not in UNCAPPED_CAUSES)
+
     def decide(self, cause: str, error: str, rollback: Rollback | None = None) -> Decision:
         decision = self._budget(cause, error)
         if not decision.restart or rollback is None:
@@ -97,12 +104,13 @@ class FailurePolicy:
             else:
                 why = f"the {cause} budget of {budget} restart(s) is spent"
             return Decision(False, f"{error} ({why})")
-        if self.restarts >= self.config.max_restarts:
+        if cause not in UNCAPPED_CAUSES and self._capped() >= self.config.max_restarts:
             return Decision(False, f"{error} (fault_tolerance.max_restarts={self.config.max_restarts} reached)")
         # The first restart for a cause is immediate (a fault every few hours should not cost seconds
         # each time); a cause that recurs waits backoff_s, then twice that, and so on.
         n = self.spent[cause]
-        delay = 0.0 if n == 0 else min(self.config.backoff_s * (2 ** (n - 1)), self.config.max_backoff_s)
+        delay = 0.0 if n == 0 or cause in UNCAPPED_CAUSES else \
+            min(self.config.backoff_s * (2 ** (n - 1)), self.config.max_backoff_s)
         self.spent[cause] += 1
         return Decision(True, f"{cause}: restart {self.spent[cause]} of {budget}", delay)
 

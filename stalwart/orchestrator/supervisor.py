@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
 from stalwart.monitoring.trend import TrendConfig, TrendDetector
+from stalwart.monitoring.metrics import STEP_TIMES, StepTimes
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
@@ -29,6 +30,12 @@ from stalwart.orchestrator.store import JobRecord, Store
 from stalwart.spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+# Past a preemption notice's grace, how long the loop still waits for the ranks to end by themselves
+# (their results travel back) before it stops the gang.
+PREEMPTION_MARGIN_S = 10.0
+# How often a running attempt asks Ray which nodes are draining.
+DRAIN_CHECK_S = 1.0
 
 
 class Gang(Protocol):
@@ -65,7 +72,6 @@ class LiveStats:
     step_times: deque = field(default_factory=lambda: deque(maxlen=256))  # (ts of rank-0 records)
     rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
     rank_step_s: dict = field(default_factory=dict)  # rank -> recent seconds per step
-    step_records: int = 0  # rank-0 records this attempt (step_times keeps only the recent ones)
 
     @classmethod
     def resumed(cls, saved: dict) -> LiveStats:
@@ -94,11 +100,6 @@ class LiveStats:
             return None
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
-    def step_durations(self) -> list[float]:
-        """Recent rank-0 step durations in seconds, oldest first (for the step-time histogram)."""
-        times = list(self.step_times)
-        return [b - a for a, b in zip(times, times[1:])]
-
 
 @dataclass(frozen=True)
 class Detection:
@@ -126,12 +127,13 @@ class JobSupervisor:
     def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
                  sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
                  reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None,
-                 clock: Callable[[], float] = time.monotonic, trackers=None):
+                 clock: Callable[[], float] = time.monotonic, trackers=None, step_times: StepTimes | None = None):
         self.job_id = job_id
         self.spec = spec
         self.store = store
         self.gang_factory = gang_factory
         self.clock = clock
+        self.step_times = STEP_TIMES if step_times is None else step_times  # the step-time histogram
         self._now = clock()  # the time of the current iteration of the loop
         self._sleeps = True  # False while a test steps the loop with its own clock
         self._restart_at: float | None = None
@@ -173,6 +175,12 @@ class JobSupervisor:
         # Nodes whose raylet did not answer after losing a rank: kept out of the next reservation, which
         # may come before Ray itself has declared them dead (the restart does not wait for that).
         self.unreachable: set[str] = set()
+        # Nodes Ray drains (preemption, scale-down): kept out of reservations while they drain.
+        self.draining: set[str] = set()
+        self._drain_checked = -math.inf
+        self._drain_told: set[str] = set()  # draining nodes whose ranks this attempt has told
+        # The running attempt's first preemption notice: {"rank", "reason", "deadline" (on `clock`)}.
+        self._notice: dict | None = None
         # The last committed save's figures and the failed saves, across attempts (for the metrics).
         self.saves = {"checkpoint_stall_s": None, "checkpoint_write_s": None, "checkpoint_bytes": None,
                       "checkpoint_failures": 0, "checkpoint_failures_since_commit": 0}
@@ -271,7 +279,8 @@ class JobSupervisor:
             self._pause(self.POLL_S)  # a cancel wakes it
             return st.Waiting(queued)
         if self._gang is None:
-            avoid = self.quarantined | self.unreachable
+            self.draining = set(_draining_nodes())
+            avoid = self.quarantined | self.unreachable | self.draining
             kwargs = {"exclude_nodes": tuple(sorted(avoid))} if avoid else {}
             if self.world_size != self.spec.resources.workers:
                 kwargs["world_size"] = self.world_size
@@ -285,7 +294,7 @@ class JobSupervisor:
                 self.queue.remove(self.job_id)  # admitted for good: its restarts do not queue again
             return st.Reserved()
         waited = self._now - self._pending_since
-        avoided = self.quarantined | self.unreachable
+        avoided = self.quarantined | self.unreachable | self.draining
         wait = self.placement.while_waiting(attempt=state.attempt, waited=waited, world_size=self.world_size,
                                             fit=_bundles_that_fit(self.spec.resources), avoiding=len(avoided))
         if wait.action == "shrink":
@@ -320,6 +329,8 @@ class JobSupervisor:
             except GangStartFailed as exc:  # a rank lost before it could report: a fault like any other
                 return self._on_failure("node_failure", None, str(exc))
             self._trained = self._spares_ready = False
+            self._notice = None
+            self._drain_told = set()
             self.ranks = list(getattr(gang, "ranks", []))
             self._detected = None
             self.hangs.reset()
@@ -331,9 +342,15 @@ class JobSupervisor:
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
+            notice = self._notice
+            if notice is not None and self._now > notice["deadline"]:
+                return self._on_failure("preemption", notice["rank"], f"preempted ({notice['reason']}) and the ranks "
+                                        f"did not stop within fault_tolerance.preemption_grace_s "
+                                        f"({self.spec.fault_tolerance.preemption_grace_s:g} s)")
             detection = self._detected or self._check_hang()
             if detection is not None:
                 return self._on_detection(detection)
+            self._check_drains()
             if self._trained and not self._spares_ready:
                 # Started once, now rather than at the start, where their imports would slow the first steps.
                 ready = gang.warm_spares()
@@ -349,13 +366,37 @@ class JobSupervisor:
             self._stop_gang()
             self._end_attempt("succeeded")
             return st.Finished()
-        return self._on_failure(outcome.cause, outcome.rank, outcome.error, outcome.traceback)
+        cause = outcome.cause
+        if self._notice is not None and cause in ("node_failure", "hang"):
+            # A rank told to stop died or was cut off before it could (SIGKILL after the SIGTERM, the
+            # node gone at its drain deadline): still a preemption, and the job's fault budget is not spent.
+            cause = "preemption"
+        return self._on_failure(cause, outcome.rank, outcome.error, outcome.traceback)
+
+    def _check_drains(self) -> None:
+        """Ranks on a node that Ray drains get a preemption notice (once per node and attempt)."""
+        if self._now - self._drain_checked < DRAIN_CHECK_S or not self.ranks:
+            return
+        self._drain_checked = self._now
+        draining = _draining_nodes()
+        new = {r["node_id"] for r in self.ranks if r["node_id"] in draining} - self._drain_told
+        if not new:
+            return
+        self._drain_told |= new
+        self.draining |= new
+        for node in sorted(new):
+            ranks = [r["rank"] for r in self.ranks if r["node_id"] == node]
+            deadline = draining[node] / 1000 if draining[node] else None
+            self._event("node_draining", f"node {node[:12]} is draining (rank(s) {ranks}): emergency checkpoint, then "
+                        "the job moves", node_id=node, ranks=ranks, deadline=deadline)
+            if hasattr(self._gang, "preempt"):
+                self._gang.preempt(ranks, f"node {node[:12]} is draining", deadline)
 
     def _on_failure(self, cause: str, rank: int | None, error: str, traceback: str = "") -> st.Event:
         """A rank failed or its worker died: stop the gang (keeping the reservation), ask the policy."""
         self._stop_gang(keep=True)
         if cause == "node_failure":
-            self._blame_node(rank)
+            self._blame_node(rank)  # a preemption is no fault of the node's
         decision = self.policy.decide(cause, error)
         self._end_attempt(cause, error)
         self.recovering = {"at": time.time(), "cause": cause, "step": self.live.step}
@@ -563,8 +604,9 @@ class JobSupervisor:
                     live.tokens.append((r["ts"], r["tokens"]))
             if rank == 0 and records:
                 for r in records:
+                    if live.step_times:
+                        self.step_times.observe(self.job_id, self.spec.name, r["ts"] - live.step_times[-1])
                     live.step_times.append(r["ts"])
-                live.step_records += len(records)
                 last = records[-1]
                 live.step = last["step"]
                 live.loss = last.get("loss")
@@ -680,6 +722,19 @@ class JobSupervisor:
             if rank == 0 and self.forecast is not None:
                 self.forecast.schedule(ev.get("steps") or [], ev.get("lr") or [])
             return  # thousands of numbers: kept by the forecast, not as an event
+        elif kind == "preemption_notice":
+            if attempt == self.attempt and self._notice is None:
+                grace = self.spec.fault_tolerance.preemption_grace_s
+                self._notice = {"rank": rank, "reason": ev.get("reason"),
+                                "deadline": self.clock() + min(grace, ev.get("grace_s") or grace) + PREEMPTION_MARGIN_S}
+            msg = (f"rank {rank} was preempted ({ev.get('reason')}): the ranks stop at the next step they all reach, "
+                   f"after an emergency checkpoint (within {ev.get('grace_s') or 0:.0f} s)")
+        elif kind == "emergency_checkpoint":
+            if rank != 0 and ev.get("committed"):
+                return  # rank 0 speaks for a commit
+            msg = (f"emergency checkpoint at step {ev.get('step')} " +
+                   (f"committed in {ev.get('seconds', 0):.1f} s" if ev.get("committed")
+                    else f"did not commit: {ev.get('error') or 'not every rank saved in time'}"))
         else:
             msg = kind
         self.record.event(kind, msg, attempt, **data)
@@ -731,8 +786,6 @@ class JobSupervisor:
             "ranks": self.ranks,
             "stragglers": sorted(self.stragglers.stragglers),
             # For the metrics exporter (stalwart.monitoring.metrics documents these keys).
-            "step_durations_s": live.step_durations(),
-            "step_durations_total": max(0, live.step_records - 1),
             "rank_step_time_s": dict(live.rank_step_s),
             **self.saves,
         }
@@ -759,6 +812,17 @@ def _nodes() -> dict[str, dict]:
 
         return {n["NodeID"]: n for n in ray.nodes()}
     except Exception:  # noqa: BLE001 - outside Ray there is no cluster to ask
+        return {}
+
+
+def _draining_nodes() -> dict[str, int]:
+    """Nodes Ray is draining (`ray drain-node`, an autoscaler's preemption or scale-down), by node id, with
+    their deadline (ms since the epoch, 0: none); empty outside Ray (unit tests)."""
+    try:
+        from ray._private.state import state
+
+        return dict(state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - outside Ray, or a GCS that does not answer: no drain is acted on now
         return {}
 
 

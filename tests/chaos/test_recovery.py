@@ -102,3 +102,23 @@ def test_dead_spares_are_replaced_by_new_workers(client, undisturbed):
     assert status["restarts"] == {"node_failure": 1}
     assert warm_ranks(job) == [0, 0]
     assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_sigterm_to_a_rank_saves_at_once_and_moves_without_spending_node_failure(client, undisturbed):
+    # Spot preemption, `ray stop`, a Kubernetes eviction: the rank's process gets SIGTERM.
+    job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT,
+                                      fault_tolerance={"preemption_grace_s": 60}))
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
+    os.kill(status["ranks"][1]["pid"], signal.SIGTERM)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED"
+    assert status["restarts"] == {"preemption": 1}  # node_failure's budget untouched
+    assert [a["cause"] for a in status["attempts"]] == ["preemption", "succeeded"]
+    events = job.events()
+    emergency = [e for e in events if e["kind"] == "emergency_checkpoint"]
+    assert emergency and emergency[0]["data"]["committed"], emergency
+    step = emergency[0]["data"]["step"]
+    assert step >= 13
+    restored = [e for e in events if e["kind"] == "restored"]
+    assert restored[0]["data"]["step"] == step  # the emergency checkpoint, not the last regular one
+    assert_bitwise_equal(final_state(status), undisturbed)

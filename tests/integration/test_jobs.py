@@ -1,5 +1,7 @@
 """End to end with real Ray: submit, train, fail, cancel, queue."""
 
+import json
+
 import pytest
 import ray
 
@@ -38,9 +40,16 @@ def test_failing_user_function_ends_failed_with_traceback(client):
 
 
 def test_cancel_mid_run_releases_everything(client):
+    from typer.testing import CliRunner
+
+    from stalwart.cli import app
+
     job = client.submit(job_spec("testjobs:linear", {"steps": 10_000, "sleep": 0.05}))
     wait_for(lambda: (job.status().get("step") or 0) > 3, timeout=90)
-    job.cancel()
+    # `stalwart cancel JOB --json`, through this process's connection to the cluster.
+    result = CliRunner().invoke(app, ["cancel", job.id, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"id": job.id, "state": "CANCELLED"}
     status = job.wait(timeout=60)
     assert status["state"] == "CANCELLED"
     assert status["attempts"][-1]["cause"] == "cancelled"

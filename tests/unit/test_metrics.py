@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stalwart.monitoring import metrics as m
-from stalwart.monitoring.metrics import CAUSES, STATES, JobsCollector, serve, start_exporter
+from stalwart.monitoring.metrics import CAUSES, STATES, JobsCollector, StepTimes, serve, start_exporter
 
 DASHBOARD = Path(m.__file__).with_name("dashboard.json")
 NOW = 1_700_000_000.0
@@ -26,7 +26,6 @@ def full_job(**over) -> dict:
     job = {
         "id": "gpt-abc123", "name": "gpt", "state": "RUNNING", "attempt": 2, "step": 120, "max_steps": 300,
         "loss": 2.5, "grad_norm": 0.75, "tokens_per_s": 4096.0,
-        "step_durations_s": [0.2, 0.3, 0.02, 1.5], "step_durations_total": 4,
         "rank_step_time_s": {0: 0.25, 1: 0.31},
         "last_checkpoint_step": 100, "last_checkpoint_at": NOW - 42.0,
         "checkpoint_stall_s": 0.012, "checkpoint_write_s": 0.8, "checkpoint_bytes": 1_234_567,
@@ -68,8 +67,16 @@ def has(text: str, name: str, **labels) -> bool:
 JOB = {"job_id": "gpt-abc123", "job_name": "gpt"}
 
 
+def observed(*durations: float, job: dict = JOB) -> StepTimes:
+    """A step-time histogram that the supervisor would have fed with these rank-0 step durations."""
+    times = StepTimes()
+    for d in durations:
+        times.observe(job["job_id"], job["job_name"], d)
+    return times
+
+
 def test_every_figure_of_a_running_job_is_exported():
-    text = exposition(JobsCollector(lambda: [full_job()], clock=lambda: NOW))
+    text = exposition(JobsCollector(lambda: [full_job()], clock=lambda: NOW, step_times=observed(0.2, 0.3, 0.02, 1.5)))
     for s in STATES:
         assert value(text, "stalwart_job_state", state=s, **JOB) == (1.0 if s == "RUNNING" else 0.0)
     assert value(text, "stalwart_job_attempt", **JOB) == 2
@@ -121,8 +128,8 @@ def test_names_and_labels_follow_the_conventions():
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_the_exposition():
     jobs = [full_job(), full_job(id="p-1", name="p", state="PENDING", step=0, loss=None, grad_norm=None,
-                                 tokens_per_s=None, step_durations_s=[], step_durations_total=0)]
-    text = exposition(JobsCollector(lambda: jobs, clock=lambda: NOW))
+                                 tokens_per_s=None)]
+    text = exposition(JobsCollector(lambda: jobs, clock=lambda: NOW, step_times=observed(0.2, 0.3)))
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr  # no lint warnings
@@ -130,7 +137,7 @@ def test_promtool_accepts_the_exposition():
 
 def test_a_pending_job_exports_only_what_it_has():
     job = {"id": "q-1", "name": "q", "state": "PENDING", "attempt": 1}
-    text = exposition(JobsCollector(lambda: [job]))
+    text = exposition(JobsCollector(lambda: [job], step_times=StepTimes()))
     lab = {"job_id": "q-1", "job_name": "q"}
     assert value(text, "stalwart_job_state", state="PENDING", **lab) == 1
     assert value(text, "stalwart_job_restarts_total", cause="node_failure", **lab) == 0
@@ -149,37 +156,40 @@ def test_non_finite_loss_is_exported_as_nan_and_inf():
     assert value(text, "stalwart_job_grad_norm", **JOB) == math.inf
 
 
-def test_step_time_histogram_is_cumulative_across_scrapes_and_attempts():
-    job = full_job(step_durations_s=[0.1, 0.1], step_durations_total=2, attempt=1)
-    collector = JobsCollector(lambda: [job])
+def test_step_time_histogram_counts_every_step_however_fast_and_rare_the_scrapes():
+    # 20,000 steps at 1,000 steps/s between two scrapes: all of them count (a window of recent steps
+    # read at scrape time dropped those above ~17 steps/s at a 15 s interval).
+    times = StepTimes()
+    collector = JobsCollector(lambda: [full_job()], step_times=times)
     count = lambda: value(exposition(collector), "stalwart_job_step_duration_seconds_count", **JOB)  # noqa: E731
-    assert count() == 2
-    assert count() == 2  # a scrape with nothing new adds nothing
-    job.update(step_durations_s=[0.1, 0.1, 0.2, 0.2, 0.2], step_durations_total=5)
-    assert count() == 5
-    # The window slides: only the 2 new durations count, though the list kept its length.
-    job.update(step_durations_s=[0.2, 0.2, 0.2, 3.0, 3.0], step_durations_total=7)
+    assert count() == 0
+    for _ in range(20_000):
+        times.observe("gpt-abc123", "gpt", 0.001)
+    assert count() == 20_000
+    assert count() == 20_000  # a scrape with nothing new adds nothing
+    times.observe("gpt-abc123", "gpt", 3.0)
     text = exposition(collector)
-    assert value(text, "stalwart_job_step_duration_seconds_count", **JOB) == 7
-    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="2.5", **JOB) == 5
-    assert value(text, "stalwart_job_step_duration_seconds_sum", **JOB) == pytest.approx(6.8)
-    # A restart: a new attempt counts its own durations from zero; the family never goes down.
-    job.update(attempt=2, step_durations_s=[0.5], step_durations_total=1)
-    assert count() == 8
-    # More new durations than the window holds: only what the window has can be counted.
-    job.update(step_durations_s=[0.5] * 3, step_durations_total=50)
-    assert count() == 11
+    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="0.005", **JOB) == 20_000
+    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="2.5", **JOB) == 20_000
+    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="+Inf", **JOB) == 20_001
+    assert value(text, "stalwart_job_step_duration_seconds_sum", **JOB) == pytest.approx(23.0)
+    times.observe("gpt-abc123", "gpt", float("nan"))  # never a broken series
+    assert count() == 20_001
 
 
 def test_jobs_that_leave_the_snapshot_are_forgotten():
     jobs = [full_job(), full_job(id="old-1", name="old", state="SUCCEEDED")]
-    collector = JobsCollector(lambda: jobs)
-    assert has(exposition(collector), "stalwart_job_step", job_id="old-1")
+    times = observed(0.1)
+    times.observe("old-1", "old", 0.2)
+    collector = JobsCollector(lambda: jobs, step_times=times)
+    text = exposition(collector)
+    assert has(text, "stalwart_job_step", job_id="old-1")
+    assert value(text, "stalwart_job_step_duration_seconds_count", job_id="old-1") == 1
     jobs.pop()
     text = exposition(collector)
     assert not has(text, "stalwart_job_step", job_id="old-1")
+    assert not has(text, "stalwart_job_step_duration_seconds_count", job_id="old-1")
     assert has(text, "stalwart_job_step", job_id="gpt-abc123")
-    assert set(collector._hist) == {"gpt-abc123"}
 
 
 def test_a_failing_snapshot_is_reported_not_raised():
@@ -252,7 +262,9 @@ def test_supervisor_status_carries_what_the_collector_needs(tmp_path):
     store = Store(tmp_path)
     spec = JobSpec.from_dict({"name": "t", "entrypoint": "a:b", "resources": {"workers": 2}})
     store.add_job("t-1", "t", spec.to_dict(), "PENDING", {})
-    sup = JobSupervisor("t-1", spec, store, gang_factory=None, sink_factory=None, checkpoint_uri=str(tmp_path))
+    times = StepTimes()
+    sup = JobSupervisor("t-1", spec, store, gang_factory=None, sink_factory=None, checkpoint_uri=str(tmp_path),
+                        step_times=times)
     t0 = 1000.0
 
     def records(first, n, dt):
@@ -270,8 +282,6 @@ def test_supervisor_status_carries_what_the_collector_needs(tmp_path):
         {"kind": "checkpoint_failed", "ts": t0 + 6, "step": 10, "rank": 1, "stall_s": 0.02, "write_s": 0.1,
          "bytes": 0, "error": "disk full", "uri": "file:///x/step_10"}]})
     s = sup.status()
-    assert s["step_durations_total"] == 9  # 10 rank-0 records
-    assert s["step_durations_s"] == pytest.approx([0.5] * 9)
     assert s["rank_step_time_s"] == {0: pytest.approx(0.5), 1: pytest.approx(0.7)}
     assert (s["checkpoint_stall_s"], s["checkpoint_write_s"], s["checkpoint_bytes"]) == (0.02, 0.4, 4096)
     assert s["checkpoint_failures"] == 1
@@ -279,10 +289,11 @@ def test_supervisor_status_carries_what_the_collector_needs(tmp_path):
     json.dumps(s, default=str)  # status() still travels as JSON (the CLI's --json)
 
     text = exposition(JobsCollector(lambda: [{"id": "t-1", "name": "t", "state": "RUNNING", **s}],
-                                    clock=lambda: t0 + 10))
+                                    clock=lambda: t0 + 10, step_times=times))
     lab = {"job_id": "t-1", "job_name": "t"}
     assert value(text, "stalwart_job_step", **lab) == 10
-    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="0.5", **lab) == 9
+    assert value(text, "stalwart_job_step_duration_seconds_bucket", le="0.5", **lab) == 9  # 10 rank-0 records
+    assert value(text, "stalwart_job_step_duration_seconds_count", **lab) == 9
     assert value(text, "stalwart_rank_step_duration_seconds", rank="1", **lab) == pytest.approx(0.7)
     assert value(text, "stalwart_checkpoint_age_seconds", **lab) == pytest.approx(5)
     assert value(text, "stalwart_checkpoint_failures_total", **lab) == 1
@@ -332,9 +343,9 @@ def test_cli_prints_the_dashboard():
 
 
 def test_a_finished_job_keeps_its_last_attempt_and_counts_no_step_twice():
-    # A finished job's status says attempt 0; the histogram must not take that for a new attempt.
-    job = full_job(attempt=3, step_durations_s=[0.1] * 5, step_durations_total=5)
-    collector = JobsCollector(lambda: [job])
+    # A finished job's status says attempt 0: its last attempt is shown, and its steps stay counted once.
+    job = full_job(attempt=3)
+    collector = JobsCollector(lambda: [job], step_times=observed(*[0.1] * 5))
     assert value(exposition(collector), "stalwart_job_step_duration_seconds_count", **JOB) == 5
     job.update(state="SUCCEEDED", attempt=0, attempts=[{"attempt": 1}, {"attempt": 2}, {"attempt": 3}])
     text = exposition(collector)

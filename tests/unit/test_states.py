@@ -157,3 +157,17 @@ def test_first_restart_for_a_cause_is_immediate_then_backoff_doubles():
     delays = [policy.decide("node_failure", "died").delay_s for _ in range(4)]
     assert delays == [0.0, 2.0, 4.0, 5.0]
     assert policy.decide("hang", "stuck").delay_s == 0.0  # each cause counts its own recurrences
+
+
+def test_preemption_has_its_own_budget_outside_max_restarts_and_never_backs_off():
+    from stalwart.orchestrator.policy import FailurePolicy
+    from stalwart.spec import FaultTolerance
+
+    policy = FailurePolicy(FaultTolerance(max_restarts=1, backoff_s=2, budgets={"preemption": 3}))
+    assert policy.decide("node_failure", "died").restart
+    for _ in range(3):  # max_restarts is reached, yet preemptions restart, at once
+        decision = policy.decide("preemption", "SIGTERM")
+        assert decision.restart and decision.delay_s == 0.0
+    assert not policy.decide("preemption", "SIGTERM").restart  # its own budget is spent
+    assert "max_restarts=1" in policy.decide("hang", "stuck").reason
+    assert FaultTolerance().budgets["preemption"] == 100 and FaultTolerance().preemption_grace_s == 30

@@ -218,3 +218,34 @@ def test_the_specs_lr_schedule_feeds_the_live_forecast(tmp_path):
     (ready,) = [e for e in sup.store.events("t-1") if e["kind"] == "forecast_ready"]
     assert ready["data"]["final_step"] == 500 and ready["data"]["fitted_on"][1] == 100
     assert sup.status()["forecast"]["final_loss"] == pytest.approx(loss[-1], rel=0.05)
+
+
+NOTICE = {"records": [], "events": [{"kind": "preemption_notice", "ts": 0.0, "rank": 1, "reason": "SIGTERM",
+                                     "grace_s": 5.0}]}
+
+
+def test_a_preempted_rank_whose_worker_dies_is_a_preemption_not_a_node_failure(tmp_path):
+    # The SIGKILL that follows a SIGTERM, or the node gone at its drain deadline, before the ranks stopped.
+    sup = supervisor(tmp_path, [None, GangOutcome(False, "node_failure", 1, "rank 1's worker died: killed"),
+                                GangOutcome(True)],
+                     {"fault_tolerance": {"budgets": {"node_failure": 0}, "max_restarts": 0}})
+    now = run(sup, "RUNNING")
+    sup.step_once(now + 1)  # the gang starts
+    sup.on_report(1, 1, NOTICE)
+    run(sup, "SUCCEEDED", start=now + 2)
+    assert sup.summary()["restarts"] == {"preemption": 1}
+    assert [a["cause"] for a in sup.store.attempts("t-1")] == ["preemption", "succeeded"]
+    assert "preemption_notice" in kinds(sup)
+
+
+def test_preempted_ranks_that_do_not_stop_within_the_grace_are_stopped(tmp_path):
+    sup = supervisor(tmp_path, [], {"fault_tolerance": {"preemption_grace_s": 5}})
+    now = run(sup, "RUNNING")
+    sup.step_once(now + 1)
+    sup.on_report(1, 1, NOTICE)
+    sup.step_once(now + 2)
+    assert sup.state.name == "RUNNING"  # within the grace (and the margin for the ranks' results)
+    at = run(sup, "RESTARTING", start=now + 3)
+    assert at >= 5 + 10  # grace_s plus PREEMPTION_MARGIN_S, on the supervisor's clock
+    assert sup.state.cause == "preemption" and "preemption_grace_s" in sup.state.error
+    assert ScriptedGang.created[0].stopped
