@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpointing import engine as ckpt
+from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, StalwartError, StorageError, WaitTimeout
@@ -61,7 +62,8 @@ class TrainContext:
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
-                 strategy_options: dict | None = None, lazy_group: bool = False):
+                 strategy_options: dict | None = None, lazy_group: bool = False,
+                 memory: memories.MemoryTier | None = None):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -78,6 +80,10 @@ class TrainContext:
         self.every_steps = every_steps
         self.restored_step = 0
         self.restored_from: str | None = None
+        self.restored_tier: str | None = None  # memory | local | storage
+        # In-memory snapshots (checkpoint.memory_every_steps), kept by the process across attempts:
+        # a rank that survived a peer's death restores from them instead of from storage.
+        self._memory = memory
         self._reporter = reporter
         self._plan = plan
         self._data = DataPosition(skip=[tuple(r) for r in plan.skip])
@@ -103,7 +109,8 @@ class TrainContext:
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
-        if attempt > 1 or plan.resume_from:
+        if (attempt > 1 or plan.resume_from) and not (memory is not None and memory.holdings()):
+            # (A rank that holds snapshots survived the last attempt: it will likely restore from memory.)
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{plan.resume_from or storage.uri}")
 
@@ -135,6 +142,8 @@ class TrainContext:
         self._scheduler = scheduler
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
+        if self._memory is not None:
+            self._memory.layout_kind = self._strategy.layout
 
     # ---- data ---------------------------------------------------------------------------
     def batches(self, source: Callable[[int], Any] | Sequence, *, steps: int | None = None,
@@ -187,16 +196,24 @@ class TrainContext:
     def checkpoint(self, step: int, *, force: bool = False) -> bool:
         """Save when `step` is a multiple of checkpoint.every_steps (or `force`); return whether it did.
 
-        Blocks only for the host-memory snapshot (and for a previous save still in flight). Every
-        rank must call it with the same steps.
+        Also keeps an in-memory snapshot, replicated to the next rank, when `step` is a multiple of
+        checkpoint.memory_every_steps. Blocks only for the host-memory copies (and for a previous
+        save or replication still in flight). Every rank must call it with the same steps.
         """
-        if not force and step % self.every_steps != 0:
+        snap = self._memory is not None and self._memory.due(step)
+        durable = force or step % self.every_steps == 0
+        if not (snap or durable):
             return False
         if self._model is None:
             raise StalwartError("ctx.checkpoint() needs the model: call ctx.prepare(model, optimizer) first")
         self._ensure_group()
+        state, rng = self._state(), _rng_state()
+        if snap:
+            self._memory.snapshot(step, state, local={"rng": rng}, meta={"data": self._data.to_dict()})
+        if not durable:
+            return False
         t0 = time.perf_counter()
-        self._engine.save(step, self._state(), local={"rng": _rng_state()}, meta={
+        self._engine.save(step, state, local={"rng": rng}, meta={
             "data": self._data.to_dict(),
             "loss_stats": self._loss_stats(),
         })
@@ -214,16 +231,69 @@ class TrainContext:
         self._ensure_group()
         if self.rank == 0:
             self._sweep_uncommitted()
+        if self._memory is not None:
+            step = self._restore_from_memory()
+            if step is not None:
+                return step
+            self._memory.drop()  # what it held is older than storage, or not every rank's: another trajectory
         loaded, state = self._read_checkpoint()
         if loaded is None:
             return 0
+        self._apply_common(state, loaded.local["rng"] if loaded.local is not None and loaded.same_world else None,
+                           loaded.step, loaded.manifest.get("data"))
+        self.restored_step = loaded.step
+        self.restored_from = loaded.uri
+        self.restored_tier = "local" if loaded.local_shards else "storage"
+        self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank, tier=self.restored_tier,
+                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
+                             bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
+        return loaded.step
+
+    def _restore_from_memory(self) -> int | None:
+        """Restore every rank from the in-memory snapshots when they hold every rank's state at one step
+        no older than the newest durable checkpoint (and not past a rollback's target); return that step,
+        or None (every rank alike) for a restore from storage. Collective over the snapshots' group."""
+        tier, group = self._memory, self._memory.group
+        newest = None
+        if self.rank == 0:
+            try:
+                steps = ckpt.committed_steps(self._engine.storage)
+                newest = steps[0] if steps else None
+            except StorageError:
+                newest = float("inf")  # storage cannot say: restoring from it will raise or retry there
+        if self.world_size > 1 and group is not None:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, {"holds": tier.holdings(), "durable": newest}, group=group)
+        else:
+            gathered = [{"holds": tier.holdings(), "durable": newest}]
+        choice = memories.choose([g["holds"] for g in gathered], self.world_size, newest_durable=gathered[0]["durable"],
+                                 max_step=self._plan.max_step)
+        if choice is None:
+            return None
+        t0 = time.perf_counter()
+        state, local, meta, received = memories.state_for(tier, choice, group)
+        self._strategy.load(state)
+        self._apply_common(state, (local or {}).get("rng"), choice.step, meta.get("data"))
+        self._prefetch = None  # not needed: let a read-ahead started anyway go
+        self.restored_step = choice.step
+        self.restored_from = f"memory://rank-{choice.sources[self.rank]}/step-{choice.step}"
+        self.restored_tier = "memory"
+        self._reporter.event("restored", step=choice.step, uri=self.restored_from, rank=self.rank, tier="memory",
+                             world_size=self.world_size, holder=choice.sources[self.rank], bytes_read=0,
+                             bytes_received=received, seconds=time.perf_counter() - t0,
+                             moved={str(r): h for r, h in choice.moved.items()})
+        return choice.step
+
+    def _apply_common(self, state: dict, rng: dict | None, step: int, data: dict | None) -> None:
+        """What every restore applies besides the strategy's state: the LR scheduler, this rank's RNG
+        (reseeded when there is none to follow: a changed world size), an LR scale, the data position."""
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
-        if loaded.local is not None and loaded.same_world:
-            _set_rng_state(loaded.local["rng"])
+        if rng is not None:
+            _set_rng_state(rng)
         else:
             # A different world size has no exact trajectory to follow; reseed deterministically.
-            _seed_all(loaded.step * 1000 + self.rank)
+            _seed_all(step * 1000 + self.rank)
         scale = float(self._plan.lr_scale or 1.0)
         if scale != 1.0 and self._optimizer is not None:
             # Escalation after a recurring spike: every LR the optimizer or scheduler would use shrinks.
@@ -233,15 +303,9 @@ class TrainContext:
                     group["initial_lr"] *= scale
             if self._scheduler is not None and hasattr(self._scheduler, "base_lrs"):
                 self._scheduler.base_lrs = [lr * scale for lr in self._scheduler.base_lrs]
-        data = DataPosition.from_dict(loaded.manifest.get("data"))
-        data.skip = sorted(set(data.skip) | set(self._data.skip))
-        self._data = data
-        self.restored_step = loaded.step
-        self.restored_from = loaded.uri
-        self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank,
-                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
-                             bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
-        return loaded.step
+        data_position = DataPosition.from_dict(data)
+        data_position.skip = sorted(set(data_position.skip) | set(self._data.skip))
+        self._data = data_position
 
     def _read_checkpoint(self) -> tuple[shares.Share | shares.FullShare | None, Any]:
         """Agree on a checkpoint, read this rank's share of it and apply it to the model and optimizer.
@@ -378,6 +442,8 @@ class TrainContext:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
         self._prefetch = None  # never restored: let the read-ahead go
         self._engine.wait()
+        if self._memory is not None:
+            self._memory.wait()
 
 
 class _Prefetch:
