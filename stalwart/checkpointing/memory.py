@@ -18,12 +18,14 @@ from the rank itself or from the peer holding its replica.
 
 Lifecycle: `bind(rank, world_size, group)` at the start of each attempt (after the group exists);
 `snapshot(step, state, local, meta)` from the training loop (every rank, same steps); `wait()` fences
-the replication in flight; `drop()` forgets everything (a restore from storage makes the snapshots
-another trajectory's).
+the replication in flight; `keep_only(step)` after a restore from memory (newer snapshots belong to the
+trajectory the fault cut off); `drop()` forgets everything (after a restore from storage).
 
-What a rank holds costs host memory: its own snapshot (1x its state) and its peer's (1x that
-rank's state). While a replication is in flight the replica being received is not usable (it is
-marked so before the first byte arrives), so a peer lost during the copy is restored from storage.
+Two generations of each: a rank keeps its last two snapshots and the last two replicas it received,
+and overwrites the older one. One would not do: a rank that dies between two snapshots leaves its
+peer to take the next one alone, and that peer must still hold its own state of the step whose replica
+it holds. (A replica being received is marked unusable before its first byte arrives.) Host memory per
+rank: 2x its state and 2x its predecessor's.
 """
 
 from __future__ import annotations
@@ -50,8 +52,16 @@ REPLICATION_WAIT_TIMEOUT_S = 300.0
 REPLICATION_WAIT_TIMEOUT_ENV = "STALWART_MEMORY_REPLICATION_TIMEOUT_S"
 
 
+# How long a new attempt waits for the previous attempt's replication thread (its group is gone, so
+# it has ended or is about to); past it, the thread is left behind and its replica stays unusable.
+BIND_JOIN_S = 10.0
+
+
 def replication_wait_timeout_s() -> float:
     return float(os.environ.get(REPLICATION_WAIT_TIMEOUT_ENV, REPLICATION_WAIT_TIMEOUT_S))
+
+
+GENERATIONS = 2
 
 
 @dataclass
@@ -99,10 +109,10 @@ class MemoryTier:
         self.world_size = 1
         self.group = None
         self.layout_kind = "replicated"
-        self._snapshot = shards.Snapshot()
-        self.own: Held | None = None
-        self.replica: Held | None = None  # None also while one is being received
-        self._recv_buffer: torch.Tensor | None = None
+        self._snapshots = [shards.Snapshot() for _ in range(GENERATIONS)]
+        self._own: list[Held | None] = [None] * GENERATIONS
+        self._replicas: list[Held | None] = [None] * GENERATIONS  # None also while one is being received
+        self._recv_buffers: list[torch.Tensor | None] = [None] * GENERATIONS
         self._thread: threading.Thread | None = None
         self._in_flight: int | None = None
         self.last_error: str | None = None
@@ -112,13 +122,30 @@ class MemoryTier:
     # ---- lifecycle ----------------------------------------------------------------------
     def bind(self, rank: int, world_size: int, group, layout: str = "replicated") -> None:
         """Start an attempt: its rank, world size and the gloo group the replicas travel on."""
-        self._join_quietly()
+        self._join_quietly(BIND_JOIN_S)  # the last attempt's thread ended with its group, or soon will
         self.rank, self.world_size, self.group, self.layout_kind = rank, world_size, group, layout
 
     def drop(self) -> None:
         """Forget every snapshot (they belong to a trajectory that a restore from storage left)."""
+        self.keep_only(None)
+
+    def keep_only(self, step: int | None) -> None:
+        """Forget every snapshot but those of `step` (all of them for None)."""
         self._join_quietly()
-        self.own = self.replica = None
+        for gens in (self._own, self._replicas):
+            for i, held in enumerate(gens):
+                if held is not None and held.step != step:
+                    gens[i] = None
+
+    @property
+    def own(self) -> Held | None:
+        """The newest own snapshot."""
+        return _newest(self._own)
+
+    @property
+    def replica(self) -> Held | None:
+        """The newest complete replica."""
+        return _newest(self._replicas)
 
     @property
     def peer(self) -> int:
@@ -128,7 +155,8 @@ class MemoryTier:
     @property
     def nbytes(self) -> int:
         """Host memory held: the own snapshot's buffer and the replica's."""
-        return self._snapshot.nbytes + (self._recv_buffer.numel() if self._recv_buffer is not None else 0)
+        return (sum(s.nbytes for s in self._snapshots)
+                + sum(b.numel() for b in self._recv_buffers if b is not None))
 
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0
@@ -142,16 +170,17 @@ class MemoryTier:
         t0 = time.perf_counter()
         pieces: dict[str, dict] | None = {} if self.layout_kind == "sharded" else None
         tensors, skeleton = shards.flatten(state, pieces=pieces)
-        self.own = None  # its buffer is being overwritten
-        self._snapshot.capture(tensors)
-        self._snapshot.ready()  # GPU copies land before the held snapshot is usable
+        slot = _older(self._own)
+        self._own[slot] = None  # its buffer is being overwritten
+        snap = self._snapshots[slot]
+        snap.capture(tensors)
+        snap.ready()  # GPU copies land before the held snapshot is usable
         objects = _copy_small({"skeleton": skeleton, "pieces": pieces or {}, "local": local, "meta": dict(meta or {})})
-        self.own = Held(self.rank, step, self.world_size, list(self._snapshot._layout), objects, self._snapshot._buffer)
+        held = self._own[slot] = Held(self.rank, step, self.world_size, list(snap._layout), objects, snap._buffer)
         self.last_stall_s = time.perf_counter() - t0
         if self.world_size > 1 and self.group is not None:
-            self.replica = None  # being overwritten from here on
             self._in_flight = step
-            self._thread = threading.Thread(target=self._replicate, args=(self.own,),
+            self._thread = threading.Thread(target=self._replicate, args=(held,),
                                             name=f"stalwart-memory-{step}", daemon=True)
             self._thread.start()
 
@@ -167,9 +196,9 @@ class MemoryTier:
                               f"{(self.rank + 1) % self.world_size}", limit, REPLICATION_WAIT_TIMEOUT_ENV)
         self._thread = None
 
-    def _join_quietly(self) -> None:
+    def _join_quietly(self, timeout_s: float | None = None) -> None:
         try:
-            self.wait()
+            self.wait(timeout_s)
         except WaitTimeout:  # a stuck thread of a broken group: its replica is marked unusable already
             self._thread = None
 
@@ -177,34 +206,47 @@ class MemoryTier:
         # This thread must never raise into nowhere: a failed replication leaves the replica unusable
         # (a restore then takes the storage path) and the next snapshot tries again.
         t0 = time.perf_counter()
+        slot = _older(self._replicas)
+        self._replicas[slot] = None  # being overwritten from here on; the other generation stays usable
         try:
-            self.replica = _ring_exchange(own, self.rank, self.world_size, self.group, self._recv)
+            self._replicas[slot] = _ring_exchange(own, self.rank, self.world_size, self.group,
+                                                  lambda n: self._recv(slot, n))
             self.last_error = None
         except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # a peer died, the group broke
-            self.replica, self.last_error = None, f"{type(exc).__name__}: {exc}"
+            self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("in-memory snapshot of step %s not replicated: %s", own.step, exc)
         self.last_replication_s = time.perf_counter() - t0
 
-    def _recv(self, nbytes: int) -> torch.Tensor:
-        """The reused buffer the replica is received into, grown when the peer's state is bigger."""
-        if self._recv_buffer is None or self._recv_buffer.numel() != nbytes:
-            self._recv_buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._recv_buffer
+    def _recv(self, slot: int, nbytes: int) -> torch.Tensor:
+        """The reused buffer a replica is received into, reallocated when the peer's state changes size."""
+        buf = self._recv_buffers[slot]
+        if buf is None or buf.numel() != nbytes:
+            buf = self._recv_buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
 
     # ---- what it holds, and restoring from it -------------------------------------------
-    def holdings(self) -> dict:
-        """What this rank can give a restore: {rank: (step, world_size)} of the snapshots it holds."""
-        out = {}
-        for held in (self.own, self.replica):
-            if held is not None:
-                out[held.rank] = (held.step, held.world_size)
-        return out
+    def holdings(self) -> list[tuple[int, int, int]]:
+        """What this rank can give a restore: (rank, step, world_size) of every snapshot it holds."""
+        return sorted((h.rank, h.step, h.world_size) for h in (*self._own, *self._replicas) if h is not None)
 
     def held(self, rank: int, step: int) -> Held | None:
-        for held in (self.own, self.replica):
+        for held in (*self._own, *self._replicas):
             if held is not None and held.rank == rank and held.step == step:
                 return held
         return None
+
+
+def _older(gens: list[Held | None]) -> int:
+    """The slot to overwrite: an empty one, else the one holding the older step."""
+    for i, held in enumerate(gens):
+        if held is None:
+            return i
+    return min(range(len(gens)), key=lambda i: gens[i].step)
+
+
+def _newest(gens: list[Held | None]) -> Held | None:
+    held = [h for h in gens if h is not None]
+    return max(held, key=lambda h: h.step) if held else None
 
 
 @dataclass(frozen=True)
@@ -220,7 +262,7 @@ class MemoryChoice:
         return {r: h for r, h in self.sources.items() if r != h}
 
 
-def choose(holdings: list[dict], world_size: int, *, newest_durable: int | None = None,
+def choose(holdings: list[list[tuple[int, int, int]]], world_size: int, *, newest_durable: int | None = None,
            max_step: int | None = None) -> MemoryChoice | None:
     """The newest step at which every rank's state is held by some rank of this world, each rank's
     own copy first; None when there is none, or when it is older than the newest durable checkpoint
@@ -228,7 +270,8 @@ def choose(holdings: list[dict], world_size: int, *, newest_durable: int | None 
     `MemoryTier.holdings()`. Pure: every rank computes the same answer from the same gathered input."""
     if len(holdings) != world_size:
         return None
-    steps = sorted({s for h in holdings for (s, w) in h.values() if w == world_size}, reverse=True)
+    held = [{(r, s) for r, s, w in h if w == world_size} for h in holdings]
+    steps = sorted({s for h in held for _r, s in h}, reverse=True)
     for step in steps:
         if max_step is not None and step > max_step:
             continue
@@ -236,7 +279,7 @@ def choose(holdings: list[dict], world_size: int, *, newest_durable: int | None 
             return None
         sources = {}
         for rank in range(world_size):
-            holders = [h for h in [rank, *range(world_size)] if holdings[h].get(rank) == (step, world_size)]
+            holders = [h for h in [rank, *range(world_size)] if (rank, step) in held[h]]
             if not holders:
                 break
             sources[rank] = holders[0]

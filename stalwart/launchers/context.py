@@ -109,8 +109,8 @@ class TrainContext:
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
-        if (attempt > 1 or plan.resume_from) and not (memory is not None and memory.holdings()):
-            # (A rank that holds snapshots survived the last attempt: it will likely restore from memory.)
+        if (attempt > 1 or plan.resume_from) and not (memory is not None and plan.kept_ranks):
+            # (Unless ranks survived the last attempt: their snapshots will likely restore this one.)
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{plan.resume_from or storage.uri}")
 
@@ -272,6 +272,7 @@ class TrainContext:
             return None
         t0 = time.perf_counter()
         state, local, meta, received = memories.state_for(tier, choice, group)
+        tier.keep_only(choice.step)  # newer snapshots hold the trajectory the fault cut off
         self._strategy.load(state)
         self._apply_common(state, (local or {}).get("rng"), choice.step, meta.get("data"))
         self._prefetch = None  # not needed: let a read-ahead started anyway go

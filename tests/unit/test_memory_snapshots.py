@@ -21,15 +21,16 @@ WIDTH, LAYERS = 64, 3
 
 
 # ---- choose: pure --------------------------------------------------------------------------------
-def _holds(world: int, own: dict[int, int], replica: dict[int, int]) -> list[dict]:
-    """Rank r holds its own snapshot of step own[r] and rank r-1's of step replica[r]."""
+def _holds(world: int, own: dict[int, int], replica: dict[int, int]) -> list[list]:
+    """Rank r holds its own snapshots of steps own[r] and own[r] - 1, and rank r-1's of replica[r] and
+    replica[r] - 1 (two generations of each)."""
     out = []
     for r in range(world):
-        h = {}
+        h = []
         if replica.get(r) is not None:
-            h[(r - 1) % world] = (replica[r], world)
+            h += [((r - 1) % world, replica[r] - g, world) for g in (0, 1)]
         if own.get(r) is not None:
-            h[r] = (own[r], world)
+            h += [(r, own[r] - g, world) for g in (0, 1)]
         out.append(h)
     return out
 
@@ -47,9 +48,11 @@ def test_a_lost_rank_whose_holder_was_lost_too_falls_back():
     assert choose(_holds(3, {0: 8}, {0: 8}), 3) is None  # ranks 1 and 2 fresh: rank 1's state is gone
 
 
-def test_a_replica_torn_mid_copy_falls_back_to_an_older_common_step_or_none():
-    # Rank 1 died while sending step 9; rank 2 took its own step-9 snapshot but holds no replica.
-    assert choose(_holds(3, {0: 9, 2: 9}, {0: 9}), 3) is None
+def test_a_rank_lost_between_snapshots_is_restored_at_the_last_step_its_peer_holds():
+    # Rank 1 died after its snapshot of step 8; ranks 0 and 2 went on to take step 9 alone (rank 2's
+    # replica of step 9 never came). The previous generation still has every rank at step 8.
+    holds = [[(2, 9, 3), (2, 8, 3), (0, 9, 3), (0, 8, 3)], [], [(1, 8, 3), (1, 7, 3), (2, 9, 3), (2, 8, 3)]]
+    assert choose(holds, 3) == MemoryChoice(8, {0: 0, 1: 2, 2: 2})
 
 
 def test_storage_newer_than_memory_wins():
@@ -63,7 +66,7 @@ def test_a_rollback_target_older_than_the_snapshots_falls_back():
 
 
 def test_a_changed_world_size_falls_back():
-    assert choose(_holds(2, {0: 8, 1: 8}, {0: 8, 1: 8}) + [{}], 3) is None
+    assert choose(_holds(2, {0: 8, 1: 8}, {0: 8, 1: 8}) + [[]], 3) is None
 
 
 def test_the_interval_is_validated():
@@ -155,6 +158,15 @@ def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir:
         peer = (rank - 1) % world
         replica_equal = all(torch.equal(rep_flat[k], gathered[peer][k]) for k in gathered[peer])
 
+        # Rank `lost` dies after step 6's snapshot; the others go on and take step 8's (its replica never
+        # goes anywhere: no group), overwriting their older generation.
+        if rank != lost:
+            with torch.no_grad():  # (no training step: it would need rank `lost` in its collectives)
+                for p in strategy.model.parameters():
+                    (p.to_local() if hasattr(p, "to_local") else p).add_(1.0)
+            tier.group = None
+            tier.snapshot(8, {**strategy.state(), "scheduler": None}, local={"rank": rank, "step": 8})
+            tier.group = group
         # Rank `lost` is replaced: a fresh process would hold nothing, and other weights.
         if rank == lost:
             tier.drop()
@@ -168,7 +180,7 @@ def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir:
         after = _flat_state(strategy)
         restored_equal = set(after) == set(expected) and all(torch.equal(after[k], expected[k]) for k in expected)
         Path(out_dir, f"{kind}-{rank}.json").write_text(json.dumps({
-            "buffers": len(buffers), "holdings": {str(k): list(v) for k, v in held.items()},
+            "buffers": len(buffers), "holdings": [list(h) for h in held],
             "replica_equal": replica_equal, "replica_local": rep_local, "replica_meta": rep_meta,
             "choice": {"step": choice.step, "sources": {str(k): v for k, v in choice.sources.items()}},
             "received": received, "local": local, "meta": meta, "restored_equal": restored_equal,
@@ -189,9 +201,10 @@ def test_ring_replicas_restore_a_lost_rank_bitwise(tmp_path, kind, world):
     lost = 1
     results = _run(tmp_path, world, kind, lost)
     for rank, r in enumerate(results):
-        assert r["buffers"] == 1, "the snapshot buffer is allocated once and reused"
-        # Each holds its own snapshot of the last step and its predecessor's.
-        assert r["holdings"] == {str(rank): [6, world], str((rank - 1) % world): [6, world]}
+        assert r["buffers"] == 2, "two snapshot buffers, allocated once and reused in turn"
+        # Each holds its own snapshots of the last two snapshot steps and its predecessor's.
+        peer = (rank - 1) % world
+        assert r["holdings"] == sorted([[rank, 4, world], [rank, 6, world], [peer, 4, world], [peer, 6, world]])
         assert r["replica_equal"], f"rank {rank}'s replica differs from rank {(rank - 1) % world}'s snapshot"
         assert r["replica_local"] == {"rank": (rank - 1) % world, "step": 6}
         assert r["replica_meta"] == {"data": {"position": 6}}
@@ -199,6 +212,6 @@ def test_ring_replicas_restore_a_lost_rank_bitwise(tmp_path, kind, world):
         assert r["choice"] == {"step": 6, "sources": {str(q): (holder if q == lost else q) for q in range(world)}}
         assert r["restored_equal"], f"rank {rank} is not bitwise what it was at step 6"
         assert r["local"] == {"rank": rank, "step": 6} and r["meta"] == {"data": {"position": 6}}
-        # Host memory: its own snapshot and one peer's, each about the rank's state (64-byte alignment aside).
-        assert r["nbytes"] <= 2 * r["state_bytes"] * 1.05 + 4096
+        # Host memory: two of its own snapshots and two of one peer's (64-byte alignment aside).
+        assert r["nbytes"] <= 4 * r["state_bytes"] * 1.05 + 8192
     assert results[lost]["received"] > 0 and all(r["received"] == 0 for q, r in enumerate(results) if q != lost)
