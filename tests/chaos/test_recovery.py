@@ -106,7 +106,9 @@ def test_dead_spares_are_replaced_by_new_workers(client, undisturbed):
 
 # ---- in-memory snapshots: survivors keep their processes ---------------------------------------------
 def _pids(job, attempt: int) -> dict[int, int]:
-    status = wait_for(lambda: (s := job.status()).get("attempt") == attempt and s.get("ranks") and s,
+    """Rank -> pid of `attempt`'s ranks (the status names them once the attempt has started)."""
+    started = lambda: sum(e["kind"] == "attempt_started" for e in job.events()) >= attempt  # noqa: E731
+    status = wait_for(lambda: started() and (s := job.status()).get("attempt") == attempt and s.get("ranks") and s,
                       what=f"attempt {attempt} running", timeout=300)
     return {r["rank"]: r["pid"] for r in status["ranks"]}
 
