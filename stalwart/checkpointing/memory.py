@@ -76,18 +76,21 @@ class Held:
     layout: list = field(default_factory=list)
     objects: dict = field(default_factory=dict)
     buffer: torch.Tensor | None = None
+    received: bool = False  # received for a restore into a buffer of its own, not a reused one
 
     @property
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel()
 
     def state(self) -> tuple[Any, Any, dict]:
-        """(state tree, local objects, meta), the tensors copied out of the buffer (the buffer is reused
-        by the next snapshot, and what a restore loads may keep the tensors it is given)."""
+        """(state tree, local objects, meta). The tensors are copied out of a reused buffer (the next
+        snapshot overwrites it, and what a restore loads may keep the tensors it is given, as an
+        optimizer's state does); a buffer received for the restore is handed over without a copy."""
         tensors = {}
         for path, dtype, shape, offset, nbytes in self.layout:
             raw = self.buffer[offset:offset + nbytes]
-            tensors[path] = raw.view(dtype).view(shape).clone() if nbytes else torch.empty(shape, dtype=dtype)
+            view = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            tensors[path] = view if self.received else view.clone()
         pieces = self.objects.get("pieces") or {}
         for path, place in pieces.items():
             tensors[path] = shards.Piece(tensors[path], tuple(place["shape"]), tuple(place["offset"]))
@@ -374,7 +377,7 @@ def _receive(src: int, group) -> Held:
     if nbytes:
         dist.recv(data, src=src, group=group)
     desc = pickle.loads(meta.numpy().tobytes())
-    return Held(desc["rank"], step, desc["world_size"], desc["layout"], desc["objects"], data)
+    return Held(desc["rank"], step, desc["world_size"], desc["layout"], desc["objects"], data, received=True)
 
 
 def _global(group, rank: int) -> int:
