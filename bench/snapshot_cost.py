@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, median, note, ratio  # noqa: E402
+from _common import emit, median, note  # noqa: E402
 
 VARIANTS = ("none", "every_1", "every_4")
 

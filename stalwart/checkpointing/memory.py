@@ -53,8 +53,10 @@ REPLICATION_WAIT_TIMEOUT_ENV = "STALWART_MEMORY_REPLICATION_TIMEOUT_S"
 
 
 # How long a new attempt waits for the previous attempt's replication thread (its group is gone, so
-# it has ended or is about to); past it, the thread is left behind and its replica stays unusable.
-BIND_JOIN_S = 10.0
+# it has ended or is about to); past it, the thread is left behind: what it receives is never used (its
+# attempt's epoch is over) and its receive buffer is not reused. Measured: a thread sending to a peer
+# that was SIGKILLed mid-transfer may not return for many seconds.
+BIND_JOIN_S = 1.0
 
 
 def replication_wait_timeout_s() -> float:
@@ -118,6 +120,7 @@ class MemoryTier:
         self._recv_buffers: list[torch.Tensor | None] = [None] * GENERATIONS
         self._thread: threading.Thread | None = None
         self._in_flight: int | None = None
+        self._epoch = 0  # one per bind(): a replication thread of an earlier attempt stores nothing
         self.last_error: str | None = None
         self.last_stall_s = 0.0
         self.last_replication_s = 0.0
@@ -125,7 +128,9 @@ class MemoryTier:
     # ---- lifecycle ----------------------------------------------------------------------
     def bind(self, rank: int, world_size: int, group, layout: str = "replicated") -> None:
         """Start an attempt: its rank, world size and the gloo group the replicas travel on."""
-        self._join_quietly(BIND_JOIN_S)  # the last attempt's thread ended with its group, or soon will
+        if not self._join_quietly(BIND_JOIN_S):  # the last attempt's thread ended with its group, or soon will
+            self._recv_buffers = [None] * GENERATIONS  # the stuck thread may still write into its buffer
+        self._epoch += 1
         self.rank, self.world_size, self.group, self.layout_kind = rank, world_size, group, layout
 
     def drop(self) -> None:
@@ -199,22 +204,25 @@ class MemoryTier:
                               f"{(self.rank + 1) % self.world_size}", limit, REPLICATION_WAIT_TIMEOUT_ENV)
         self._thread = None
 
-    def _join_quietly(self, timeout_s: float | None = None) -> None:
+    def _join_quietly(self, timeout_s: float | None = None) -> bool:
+        """Wait for the replication in flight; False when it is still running after `timeout_s`."""
         try:
             self.wait(timeout_s)
+            return True
         except WaitTimeout:  # a stuck thread of a broken group: its replica is marked unusable already
             self._thread = None
+            return False
 
     def _replicate(self, own: Held) -> None:
         # This thread must never raise into nowhere: a failed replication leaves the replica unusable
         # (a restore then takes the storage path) and the next snapshot tries again.
-        t0 = time.perf_counter()
+        t0, epoch = time.perf_counter(), self._epoch
         slot = _older(self._replicas)
         self._replicas[slot] = None  # being overwritten from here on; the other generation stays usable
         try:
-            self._replicas[slot] = _ring_exchange(own, self.rank, self.world_size, self.group,
-                                                  lambda n: self._recv(slot, n))
-            self.last_error = None
+            replica = _ring_exchange(own, self.rank, self.world_size, self.group, lambda n: self._recv(slot, n))
+            if epoch == self._epoch:  # else a later attempt owns the slots now
+                self._replicas[slot], self.last_error = replica, None
         except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # a peer died, the group broke
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("in-memory snapshot of step %s not replicated: %s", own.step, exc)
