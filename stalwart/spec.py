@@ -156,6 +156,10 @@ class CheckpointSpec(_Section):
     uri: str | None = Field(None, description="file:///dir, a plain path, or s3://bucket/prefix")
     every_steps: int = Field(100, ge=1, description="ctx.checkpoint(step) saves when step % every_steps == 0")
     keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
+    memory_every_steps: int | None = Field(
+        None, ge=1, description="ctx.checkpoint(step) also keeps an in-memory snapshot every this many steps, "
+        "replicated to a peer rank, which a restart restores from when the ranks' processes survive; "
+        "None: off")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
     init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "
@@ -529,6 +533,10 @@ class JobSpec(_Section):
         if spec.workdir is None and workdir is not None:
             spec = spec.model_copy(update={"workdir": workdir})
         script = spec.script
+        if script is not None and spec.checkpoint.memory_every_steps is not None:
+            raise SpecError([("checkpoint.memory_every_steps", "in-memory snapshots need a module:function "
+                              "entrypoint (a script sets up its own process group); remove it for script mode")],
+                            source)
         if script is not None and not (spec.runtime_env or {}).get("working_dir"):
             path = script.path(spec.workdir)
             if (path.is_absolute() or spec.workdir is not None) and not path.is_file():

@@ -281,7 +281,8 @@ class CheckpointEngine:
         gathered: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(gathered, record, group=self.group)
-        except RuntimeError as exc:  # a peer died or timed out: this checkpoint cannot commit
+        except (RuntimeError, ValueError) as exc:  # a peer died or timed out (ValueError: its group was
+            # destroyed meanwhile, in a rank whose process outlives the attempt): this checkpoint cannot commit
             return [record, {"rank": _EXCHANGE_FAILED, "error": f"shard exchange failed: {exc}"}]
         return gathered
 

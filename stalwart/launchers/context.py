@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpointing import engine as ckpt
+from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, Preempted, StalwartError, StorageError, WaitTimeout
@@ -61,7 +62,8 @@ class TrainContext:
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
-                 strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None):
+                 strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None,
+                 memory: memories.MemoryTier | None = None):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -78,6 +80,10 @@ class TrainContext:
         self.every_steps = every_steps
         self.restored_step = 0
         self.restored_from: str | None = None
+        self.restored_tier: str | None = None  # memory | local | storage
+        # In-memory snapshots (checkpoint.memory_every_steps), kept by the process across attempts:
+        # a rank that survived a peer's death restores from them instead of from storage.
+        self._memory = memory
         self._reporter = reporter
         self._plan = plan
         self._data = DataPosition(skip=[tuple(r) for r in plan.skip])
@@ -104,7 +110,8 @@ class TrainContext:
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
-        if attempt > 1 or plan.resume_from:
+        if (attempt > 1 or plan.resume_from) and not (memory is not None and plan.kept_ranks):
+            # (Unless ranks survived the last attempt: their snapshots will likely restore this one.)
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{plan.resume_from or storage.uri}")
         # A first attempt with init_from starts from those weights (unless the job's checkpoint root
@@ -142,6 +149,8 @@ class TrainContext:
         self._scheduler = scheduler
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
+        if self._memory is not None:
+            self._memory.layout_kind = self._strategy.layout
 
     # ---- data ---------------------------------------------------------------------------
     def batches(self, source: Callable[[int], Any] | Sequence, *, steps: int | None = None,
@@ -219,17 +228,21 @@ class TrainContext:
     def checkpoint(self, step: int, *, force: bool = False) -> bool:
         """Save when `step` is a multiple of checkpoint.every_steps (or `force`); return whether it did.
 
-        Blocks only for the host-memory snapshot (and for a previous save still in flight). Every
-        rank must call it with the same steps; call it every step: it is also where the ranks stop
-        together when one of them is preempted (a SIGTERM, its node drained), saving that step within
-        fault_tolerance.preemption_grace_s and raising `Preempted` (let it propagate).
+        Also keeps an in-memory snapshot, replicated to the next rank, when `step` is a multiple of
+        checkpoint.memory_every_steps. Blocks only for the host-memory copies (and for a previous
+        save or replication still in flight). Every rank must call it with the same steps; call it
+        every step: it is also where the ranks stop together when one of them is preempted (a
+        SIGTERM, its node drained), saving that step within fault_tolerance.preemption_grace_s and
+        raising `Preempted` (let it propagate).
         """
         if self._vote_ready() and self._vote.poll(preemption.notice() is not None):
             self._stop_for_preemption(step)
-        if not force and step % self.every_steps != 0:
+        snap = self._memory is not None and self._memory.due(step)
+        durable = force or step % self.every_steps == 0
+        if not (snap or durable):
             return False
-        self._save(step)
-        return True
+        self._save(step, snap=snap, durable=durable)
+        return durable
 
     def _vote_ready(self) -> bool:
         """Whether this rank can take part in the preemption vote (script mode: once the script has
@@ -263,12 +276,18 @@ class TrainContext:
             self._reporter.flush()
         raise Preempted(step, committed, reason)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, snap: bool = False, durable: bool = True) -> None:
+        """Take this step's in-memory snapshot (`snap`) and/or its durable checkpoint (`durable`)."""
         if self._model is None:
             raise StalwartError("ctx.checkpoint() needs the model: call ctx.prepare(model, optimizer) first")
         self._ensure_group()
+        state, rng = self._state(), _rng_state()
+        if snap:
+            self._memory.snapshot(step, state, local={"rng": rng}, meta={"data": self._data.to_dict()})
+        if not durable:
+            return
         t0 = time.perf_counter()
-        self._engine.save(step, self._state(), local={"rng": _rng_state()}, meta={
+        self._engine.save(step, state, local={"rng": rng}, meta={
             "data": self._data.to_dict(),
             "loss_stats": self._loss_stats(),
         })
@@ -286,19 +305,74 @@ class TrainContext:
         self._ensure_group()
         if self.rank == 0:
             self._sweep_uncommitted()
+        if self._memory is not None:
+            step = self._restore_from_memory()
+            if step is not None:
+                self._weights = None  # the job's own state wins over init_from
+                return step
+            self._memory.drop()  # what it held is older than storage, or not every rank's: another trajectory
         loaded, state = self._read_checkpoint()
         if loaded is None:
             if self._plan.init_from:
                 self._init_weights(self._plan.init_from)
             return 0
         self._weights = None  # a checkpoint of the job's own wins over init_from
+        self._apply_common(state, loaded.local["rng"] if loaded.local is not None and loaded.same_world else None,
+                           loaded.step, loaded.manifest.get("data"))
+        self.restored_step = loaded.step
+        self.restored_from = loaded.uri
+        self.restored_tier = "local" if loaded.local_shards else "storage"
+        self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank, tier=self.restored_tier,
+                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
+                             bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
+        return loaded.step
+
+    def _restore_from_memory(self) -> int | None:
+        """Restore every rank from the in-memory snapshots when they hold every rank's state at one step
+        no older than the newest durable checkpoint (and not past a rollback's target); return that step,
+        or None (every rank alike) for a restore from storage. Collective over the snapshots' group."""
+        tier, group = self._memory, self._memory.group
+        newest = None
+        if self.rank == 0:
+            try:
+                steps = ckpt.committed_steps(self._engine.storage)
+                newest = steps[0] if steps else None
+            except StorageError:
+                newest = float("inf")  # storage cannot say: restoring from it will raise or retry there
+        if self.world_size > 1 and group is not None:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, {"holds": tier.holdings(), "durable": newest}, group=group)
+        else:
+            gathered = [{"holds": tier.holdings(), "durable": newest}]
+        choice = memories.choose([g["holds"] for g in gathered], self.world_size, newest_durable=gathered[0]["durable"],
+                                 max_step=self._plan.max_step)
+        if choice is None:
+            return None
+        t0 = time.perf_counter()
+        state, local, meta, received = memories.state_for(tier, choice, group)
+        tier.keep_only(choice.step)  # newer snapshots hold the trajectory the fault cut off
+        self._strategy.load(state)
+        self._apply_common(state, (local or {}).get("rng"), choice.step, meta.get("data"))
+        self._prefetch = None  # not needed: let a read-ahead started anyway go
+        self.restored_step = choice.step
+        self.restored_from = f"memory://rank-{choice.sources[self.rank]}/step-{choice.step}"
+        self.restored_tier = "memory"
+        self._reporter.event("restored", step=choice.step, uri=self.restored_from, rank=self.rank, tier="memory",
+                             world_size=self.world_size, holder=choice.sources[self.rank], bytes_read=0,
+                             bytes_received=received, seconds=time.perf_counter() - t0,
+                             moved={str(r): h for r, h in choice.moved.items()})
+        return choice.step
+
+    def _apply_common(self, state: dict, rng: dict | None, step: int, data: dict | None) -> None:
+        """What every restore applies besides the strategy's state: the LR scheduler, this rank's RNG
+        (reseeded when there is none to follow: a changed world size), an LR scale, the data position."""
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
-        if loaded.local is not None and loaded.same_world:
-            _set_rng_state(loaded.local["rng"])
+        if rng is not None:
+            _set_rng_state(rng)
         else:
             # A different world size has no exact trajectory to follow; reseed deterministically.
-            _seed_all(loaded.step * 1000 + self.rank)
+            _seed_all(step * 1000 + self.rank)
         scale = float(self._plan.lr_scale or 1.0)
         if scale != 1.0 and self._optimizer is not None:
             # Escalation after a recurring spike: every LR the optimizer or scheduler would use shrinks.
@@ -308,15 +382,9 @@ class TrainContext:
                     group["initial_lr"] *= scale
             if self._scheduler is not None and hasattr(self._scheduler, "base_lrs"):
                 self._scheduler.base_lrs = [lr * scale for lr in self._scheduler.base_lrs]
-        data = DataPosition.from_dict(loaded.manifest.get("data"))
-        data.skip = sorted(set(data.skip) | set(self._data.skip))
-        self._data = data
-        self.restored_step = loaded.step
-        self.restored_from = loaded.uri
-        self._reporter.event("restored", step=loaded.step, uri=loaded.uri, rank=self.rank,
-                             world_size=loaded.manifest["world_size"], local_shards=loaded.local_shards,
-                             bytes_read=loaded.bytes_read, bytes_received=loaded.bytes_received)
-        return loaded.step
+        data_position = DataPosition.from_dict(data)
+        data_position.skip = sorted(set(data_position.skip) | set(self._data.skip))
+        self._data = data_position
 
     def _init_weights(self, path: str) -> None:
         """A start with no checkpoint of its own: the model's weights from `path` (DCP or safetensors,
@@ -470,6 +538,8 @@ class TrainContext:
         self._prefetch = self._weights = None  # never restored: let the read-aheads go
         self._vote.close()
         self._engine.wait()
+        if self._memory is not None:
+            self._memory.wait()
 
 
 class _Prefetch:

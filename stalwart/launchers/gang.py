@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -28,8 +29,13 @@ START_TIMEOUT_ENV = "STALWART_GANG_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 120.0
 # How long collecting one finished rank's result may take (it is done when ray.wait says so).
 RESULT_TIMEOUT_S = 10.0
-# How long start() waits for warm spares to answer; one that does not is replaced by a new worker.
+# How long start() waits for warm spares (and kept ranks) to answer; one that does not is replaced.
 ADOPT_WAIT_S = 2.0
+# With in-memory snapshots: after a rank's worker died, how long stop(keep=True) waits for the other
+# ranks' calls to end (their collective breaks when the peer's connection closes) so that their
+# processes, and the snapshots in them, can serve the next attempt. A rank still busy then is killed.
+SURVIVOR_WAIT_ENV = "STALWART_SURVIVOR_WAIT_S"
+DEFAULT_SURVIVOR_WAIT_S = 5.0
 # What a spare imports ahead of a restart: what every rank imports before its first step (DDP's
 # constructor alone imports torch._dynamo, about a second), and the strategy's own modules.
 SPARE_IMPORTS = ("torch", "torch.distributed", "torch._dynamo", "stalwart.launchers.runner",
@@ -59,7 +65,11 @@ class RayGang:
     shape and none of the nodes it must avoid (otherwise it releases them). Spares are warm rank
     processes (`warm_spares()`, once an attempt trains): one per bundle, holding no resources of
     their own, with torch and the strategy imported, so that a restart's ranks start in
-    milliseconds instead of seconds. They live in the reservation and go with it."""
+    milliseconds instead of seconds. They live in the reservation and go with it.
+
+    Survivors (jobs with checkpoint.memory_every_steps, CPU): when a rank's worker died, `stop(keep=True)`
+    keeps the workers of the ranks whose calls ended (their processes hold the in-memory snapshots), and
+    the next attempt runs the same ranks in them; a warm spare (or a new worker) takes the dead rank's place."""
 
     def __init__(self, job_id: str, attempt: int, spec: JobSpec, world_size: int | None = None,
                  exclude_nodes: tuple[str, ...] = (), previous: "RayGang | None" = None):
@@ -77,10 +87,11 @@ class RayGang:
             # Quarantined nodes: no bundle of this gang may land there.
             selector = [{"ray.io/node-id": f"!in({','.join(exclude_nodes)})"} for _ in range(self.world_size)]
         self.exclude_nodes = tuple(exclude_nodes)
-        self._spares: list[tuple] = []  # (actor, ref of its warm() call), by bundle
+        self._spares: dict[int, tuple] = {}  # bundle -> (actor, ref of its warm() call)
+        self._survivors: dict[int, object] = {}  # bundle -> the worker of a rank that outlived its attempt
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
-            self._pg, self._spares = previous._pg, previous._spares
-            previous._pg, previous._spares = None, []
+            self._pg, self._spares, self._survivors = previous._pg, previous._spares, previous._survivors
+            previous._pg, previous._spares, previous._survivors = None, {}, {}
         else:
             if previous is not None:
                 previous.stop()
@@ -94,6 +105,8 @@ class RayGang:
         self._stopped = False
         self.ranks: list[dict] = []
         self.warm_ranks = 0  # ranks of this attempt that started from a spare
+        self.kept_ranks: tuple[int, ...] = ()  # ranks of this attempt whose process ran the previous one
+        self._dead: set[int] = set()  # ranks whose worker died
 
     def reserve(self, timeout: float = 0.5) -> bool:
         ready, _ = ray.wait([self._ready_ref], timeout=timeout)
@@ -120,9 +133,14 @@ class RayGang:
     def start(self, plan: AttemptPlan, sink_for: Callable[[int], Callable]) -> None:
         """Start every rank's `run`. Raises GangStartFailed when a worker dies or does not answer
         within the start timeout (a rank lost before its first report is a node failure too)."""
-        spares = self._adopt_spares()
+        kept = self._adopt(self._take_survivors())
+        spares = self._adopt_spares(needed=set(range(self.world_size)) - set(kept))
         self.warm_ranks = len(spares)
-        self.workers = [spares[rank] if rank in spares else self._new_worker(rank, self.attempt)
+        self.kept_ranks = tuple(sorted(kept))
+        if self.kept_ranks:
+            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks)
+        adopted = {**spares, **kept}
+        self.workers = [adopted[rank] if rank in adopted else self._new_worker(rank, self.attempt)
                         for rank in range(self.world_size)]
         timeout = start_timeout_s()
         try:
@@ -194,6 +212,7 @@ class RayGang:
             except (RayActorError, GetTimeoutError) as exc:
                 failures.append(GangOutcome(False, "node_failure", rank, f"rank {rank}'s worker died: {_first_line(exc)}"))
                 self._results[rank] = {"ok": False}
+                self._dead.add(rank)
         return failures
 
     def stacks(self, timeout: float = 5.0) -> dict[int, str]:
@@ -215,40 +234,57 @@ class RayGang:
                 self.workers[rank].preempt.remote(reason, deadline)  # not awaited: the worker may be going
 
     def warm_spares(self) -> int:
-        """Start one spare per bundle, once (CPU jobs with fault_tolerance.warm_spares); return how
-        many have finished their imports."""
-        if self._spares:  # started: start() has taken over or dropped any earlier ones
-            refs = [ref for _, ref in self._spares]
-            return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        if (self._stopped or self._pg is None or not self.spec.fault_tolerance.warm_spares
-                or self.spec.resources.gpus_per_worker > 0):
-            return 0
-        modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
-        omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
-        for bundle in range(self.world_size):
-            spare = self._new_worker(bundle, 0, spare=True)
-            self._spares.append((spare, spare.warm.remote(omp_threads, modules, self.spec.resources.niceness)))
-        return 0
+        """Start one spare for each bundle that has none (CPU jobs with fault_tolerance.warm_spares);
+        return how many have finished their imports."""
+        if (not self._stopped and self._pg is not None and self.spec.fault_tolerance.warm_spares
+                and self.spec.resources.gpus_per_worker <= 0):
+            modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
+            omp_threads = max(1, int(self.spec.resources.cpus_per_worker))
+            for bundle in range(self.world_size):
+                if bundle not in self._spares:
+                    spare = self._new_worker(bundle, 0, spare=True)
+                    self._spares[bundle] = (spare, spare.warm.remote(omp_threads, modules, self.spec.resources.niceness))
+        refs = [ref for _, ref in self._spares.values()]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
-    def _adopt_spares(self) -> dict[int, object]:
-        """The spares whose imports are done, by bundle. The others are dropped and a new worker takes
-        their bundle: one still starting or importing would not be ready sooner than a new process."""
-        spares, self._spares = self._spares, []
-        warm_refs = [ref for _, ref in spares]
+    def _adopt_spares(self, needed: set[int]) -> dict[int, object]:
+        """The spares of the `needed` bundles whose imports are done, by bundle. The other spares of
+        needed bundles are dropped and a new worker takes their bundle: one still starting or importing
+        would not be ready sooner than a new process. Spares of other bundles stay for the next fault."""
+        spares = {b: self._spares.pop(b) for b in sorted(needed) if b in self._spares}
+        warm_refs = [ref for _, ref in spares.values()]
         warm = set(ray.wait(warm_refs, num_returns=len(warm_refs), timeout=0)[0]) if spares else set()
-        asked = {spare.adopt.remote(self.attempt): bundle for bundle, (spare, ref) in enumerate(spares) if ref in warm}
+        adopted = self._adopt({b: spare for b, (spare, ref) in spares.items() if ref in warm})
+        for bundle, (spare, _) in spares.items():
+            if bundle not in adopted:
+                _kill(spare)
+        return adopted
+
+    def _adopt(self, workers: dict[int, object]) -> dict[int, object]:
+        """The `workers` (by bundle) that answer `adopt(attempt)` within ADOPT_WAIT_S; the others are killed."""
+        asked = {w.adopt.remote(self.attempt): bundle for bundle, w in workers.items()}
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=ADOPT_WAIT_S) if asked else ([], [])
         adopted = {}
         for ref in answered:
             try:
                 ray.get(ref, timeout=0)
-                adopted[asked[ref]] = spares[asked[ref]][0]
+                adopted[asked[ref]] = workers[asked[ref]]
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass
-        for bundle, (spare, _) in enumerate(spares):
+        for bundle, worker in workers.items():
             if bundle not in adopted:
-                _kill(spare)
+                _kill(worker)
         return adopted
+
+    def _take_survivors(self) -> dict[int, object]:
+        survivors, self._survivors = self._survivors, {}
+        return survivors
+
+    def _keeps_survivors(self) -> bool:
+        """Whether ranks outlive a failed attempt: with in-memory snapshots to restore from, on CPU
+        (a GPU rank's process would need its bundle's GPU again; not built yet)."""
+        return (self.spec.checkpoint.memory_every_steps is not None and self.spec.script is None
+                and self.spec.resources.gpus_per_worker <= 0 and self.world_size > 1)
 
     def _lendable(self, world_size: int, avoid: tuple[str, ...]) -> bool:
         """Whether the next attempt can keep this stopped gang's reservation (and its spares)."""
@@ -262,16 +298,32 @@ class RayGang:
         return table.get("state") == "CREATED" and len(nodes) > 0 and not nodes & set(avoid)
 
     def stop(self, keep: bool = False) -> None:
-        """Stop the workers; release the reservation and the spares too unless `keep`."""
+        """Stop the workers; release the reservation and the spares too unless `keep`. With `keep`,
+        after a rank's worker died, the ranks that outlived it are kept for the next attempt (see the
+        class docstring)."""
         if not self._stopped:
             self._stopped = True
-            self._stop_workers()
+            if keep and self._keeps_survivors() and self._dead:
+                self._survivors = self._wait_for_survivors()
+            self._stop_workers(spare=set(self._survivors))
         if not keep:
             self._release()
 
-    def _stop_workers(self) -> None:
-        for worker in self.workers:
-            _kill(worker)
+    def _wait_for_survivors(self) -> dict[int, object]:
+        """The workers of the ranks whose calls end within the survivor wait (a dead peer breaks their
+        collectives), by rank; their processes live on."""
+        rest = {ref: rank for ref, rank in self._refs.items() if rank not in self._dead}
+        pending = [ref for ref, rank in rest.items() if rank not in self._results]
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=survivor_wait_s())
+        done = set(ray.wait(list(rest), num_returns=len(rest), timeout=0)[0]) if rest else set()
+        self._collect([ref for ref in done if rest[ref] not in self._results])
+        return {rank: self.workers[rank] for ref, rank in rest.items() if ref in done and rank not in self._dead}
+
+    def _stop_workers(self, spare: set[int] = frozenset()) -> None:
+        for rank, worker in enumerate(self.workers):
+            if rank not in spare:
+                _kill(worker)
         # ray.kill returns before the processes are gone; wait for their calls to resolve so that no
         # stray background write (a checkpoint commit, a retention pass) lands after stop() returns.
         pending = [r for r in self._refs if self._refs[r] not in self._results]
@@ -279,15 +331,22 @@ class RayGang:
             ray.wait(pending, num_returns=len(pending), timeout=STOP_FENCE_S)
 
     def _release(self) -> None:
-        for spare, _ in self._spares:
+        for spare, _ in self._spares.values():
             _kill(spare)
-        self._spares = []
+        self._spares = {}
+        for worker in self._survivors.values():
+            _kill(worker)
+        self._survivors = {}
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
             except Exception:  # noqa: BLE001 - already gone with its owner or the cluster; nothing to release
                 pass
             self._pg = None
+
+
+def survivor_wait_s() -> float:
+    return float(os.environ.get(SURVIVOR_WAIT_ENV, DEFAULT_SURVIVOR_WAIT_S))
 
 
 def start_timeout_s() -> float:

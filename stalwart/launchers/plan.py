@@ -36,6 +36,9 @@ class AttemptPlan:
     lr_scale: float = 1.0
     cache_dir: str | None = None  # node-local copies of remote checkpoints
     faults: tuple[dict, ...] = field(default_factory=tuple)  # injected faults (rehearsals)
+    # Ranks whose processes lived through the last attempt (set by the gang at start): their in-memory
+    # snapshots will likely restore this attempt, so no rank reads storage ahead of the restore.
+    kept_ranks: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, *, checkpoint_uri: str, spec_skip=(), rewind: Rewind | None = None, **kwargs) -> "AttemptPlan":

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from stalwart.checkpointing import memory
 from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import StalwartError
 from stalwart.launchers import context as context_module
@@ -80,13 +81,13 @@ def run_rank(worker, payload: dict) -> dict:
         plan: AttemptPlan = payload["plan"]
         storage = open_storage(plan.checkpoint_uri, spec.checkpoint.s3)
 
-        def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None) -> TrainContext:
+        def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None, memory=None) -> TrainContext:
             return TrainContext(
                 job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
                 local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
                 strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
                 every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
-                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group)
+                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group, memory=memory)
 
         if spec.script is not None:
             os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
@@ -100,7 +101,8 @@ def run_rank(worker, payload: dict) -> dict:
             ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
             # The preemption vote too (one tiny non-blocking all-reduce a step, see preemption.StopVote).
             vote_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-            ctx = context_module._CURRENT = make_context(ckpt_group, vote_group=vote_group)
+            ctx = context_module._CURRENT = make_context(ckpt_group, vote_group=vote_group,
+                                                         memory=_memory_tier(worker, spec, timeout))
             func = import_entrypoint(spec.entrypoint, spec.workdir)
             result = func(ctx, dict(spec.config))
         if ctx is not None:
@@ -123,6 +125,19 @@ def run_rank(worker, payload: dict) -> dict:
                 dist.destroy_process_group()
             except (RuntimeError, ValueError):
                 pass
+
+
+def _memory_tier(worker, spec: JobSpec, timeout) -> memory.MemoryTier | None:
+    """The job's in-memory snapshots in this process (an earlier attempt's, when the process survived
+    it), bound to this attempt; their replicas travel on a gloo group of their own, apart from the
+    training collectives and the checkpoint's records. Collective (the group), on every rank."""
+    every = spec.checkpoint.memory_every_steps
+    if every is None:
+        return None
+    group = dist.new_group(backend="gloo", timeout=timeout) if worker.world_size > 1 else None
+    tier = memory.tier_for(worker.job_id, every)
+    tier.bind(worker.rank, worker.world_size, group)
+    return tier
 
 
 def _device(spec: JobSpec, payload: dict) -> torch.device:

@@ -21,8 +21,10 @@ __all__ = ["RankWorker", "UserCodeError"]
 class RankWorker:
     """Lifecycle: created in a placement-group bundle; `address()` (rank 0 only) picks the rendezvous;
     `run(payload)` runs the user's function to the end and returns a summary or raises UserCodeError;
-    `stacks()` answers while `run` is busy (for hang reports), and so does `preempt()`. The supervisor
-    kills the actor after. A SIGTERM while `run` is busy is a preemption notice, not an exit."""
+    `stacks()` answers while `run` is busy (for hang reports), and so does `preempt()`. A SIGTERM while
+    `run` is busy is a preemption notice, not an exit. The supervisor kills the actor after, except a
+    rank that outlived a peer's death in a job with in-memory snapshots: `adopt(attempt)` and `run`
+    again make it the same rank of the next attempt, in the same process (gang.RayGang)."""
 
     def __init__(self, job_id: str, attempt: int, rank: int, world_size: int):
         self.job_id = job_id
@@ -67,7 +69,7 @@ class RankWorker:
                 pass
 
     def adopt(self, attempt: int) -> None:
-        """A warm spare becomes the rank of its bundle in `attempt`."""
+        """A warm spare (or a kept rank) becomes the rank of its bundle in `attempt`."""
         self.attempt = attempt
 
     def stacks(self) -> str:

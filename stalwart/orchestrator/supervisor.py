@@ -167,6 +167,7 @@ class JobSupervisor:
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
+        self._restored_tier: str | None = None  # memory | local | storage: how the current attempt restored
         self._detected: Detection | None = None
         self.world_size = spec.resources.workers  # smaller while running elastic, short of capacity
         self._grow_after: int | None = None
@@ -324,6 +325,7 @@ class JobSupervisor:
                                   last_checkpoint_at=self.live.last_checkpoint_at, started_at=time.time())
             self.record.attempt_started(state.attempt, gang.world_size, self.live.last_checkpoint)
             self._started = True
+            self._restored_tier = None
             try:
                 gang.start(plan, lambda rank: self.sink_factory(self.job_id, state.attempt, rank))
             except GangStartFailed as exc:  # a rank lost before it could report: a fault like any other
@@ -337,8 +339,11 @@ class JobSupervisor:
             self.hangs.start(range(gang.world_size), self._now)
             self.stragglers.reset()
             warm = getattr(gang, "warm_ranks", 0)
+            kept = list(getattr(gang, "kept_ranks", ()))
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks"
-                        + (f" ({warm} from warm spares)" if warm else ""), world_size=gang.world_size, warm_ranks=warm)
+                        + (f" ({warm} from warm spares)" if warm else "")
+                        + (f" (ranks {kept} in the processes that ran the last attempt)" if kept else ""),
+                        world_size=gang.world_size, warm_ranks=warm, kept_ranks=kept)
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
@@ -591,6 +596,10 @@ class JobSupervisor:
         with self._lock:
             live = self.live
             records = batch.get("records") or []
+            if rank == 0:
+                for ev in batch.get("events") or []:
+                    if ev.get("kind") == "restored":  # read before the records: `recovered` names the tier
+                        self._restored_tier = ev.get("tier")
             if records:
                 self._trained = True
                 live.last_report_at = time.time()
@@ -632,9 +641,11 @@ class JobSupervisor:
             rec = self.recovering
             self.recovering = None
             restored = min(r["step"] for r in records) - 1
+            tier = self._restored_tier
             self._event("recovered", f"recovered from {rec['cause']} in {time.time() - rec['at']:.1f} s "
-                        f"({max(0, rec['step'] - restored)} steps lost)", cause=rec["cause"],
-                        time_to_recover_s=time.time() - rec["at"], steps_lost=max(0, rec["step"] - restored))
+                        f"({max(0, rec['step'] - restored)} steps lost" + (f", state from {tier}" if tier else "")
+                        + ")", cause=rec["cause"], time_to_recover_s=time.time() - rec["at"],
+                        steps_lost=max(0, rec["step"] - restored), tier=tier)
         if rank == 0:
             for r in records:
                 if "position" in r:

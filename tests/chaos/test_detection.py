@@ -20,16 +20,18 @@ def faults(job):
     return [e for e in job.events() if e["kind"] == "fault"]
 
 
-@pytest.mark.parametrize("fault,steps,cause", [
+@pytest.mark.parametrize("fault,steps,cause,memory", [
     # The NaN variant is `slow`: test_nan_in_the_last_step covers a NaN's rollback in the default run.
-    pytest.param({"kind": "nan", "step": 45}, 60, "nan", marks=pytest.mark.slow),
-    ({"kind": "spike", "step": 70, "factor": 3.0, "length": 10}, 100, "loss_spike"),
+    pytest.param({"kind": "nan", "step": 45}, 60, "nan", None, marks=pytest.mark.slow, id="nan"),
+    pytest.param({"kind": "spike", "step": 70, "factor": 3.0, "length": 10}, 100, "loss_spike", None, id="spike"),
+    # In-memory snapshots every step are all newer than the rollback's target: storage it is.
+    pytest.param({"kind": "nan", "step": 45}, 60, "nan", 1, id="nan-with-memory-snapshots"),
 ])
-def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps, cause):
+def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps, cause, memory):
     ft = {"skip_batches": 5, "budgets": {cause: 1}}
     # keep_last=5: the detection must find the pre-onset checkpoint even on a loaded test machine.
-    job, status = run(client, tiny_gpt_spec(steps=steps, checkpoint={"every_steps": 10, "keep_last": 5},
-                                            faults=[fault], fault_tolerance=ft))
+    ckpt = {"every_steps": 10, "keep_last": 5, **({"memory_every_steps": memory} if memory else {})}
+    job, status = run(client, tiny_gpt_spec(steps=steps, checkpoint=ckpt, faults=[fault], fault_tolerance=ft))
     assert status["state"] == "SUCCEEDED"
     assert status["restarts"] == {cause: 1}
     (event,) = faults(job)
@@ -41,6 +43,7 @@ def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps,
     assert skip == [[target, event["data"]["step"] + 5]]
     restored = [e for e in job.events() if e["kind"] == "restored"]
     assert restored[0]["data"]["step"] == target
+    assert restored[0]["data"]["tier"] == "storage"
     # The undisturbed run, told to skip the same batches, ends in exactly the same state.
     _, baseline = run(client, tiny_gpt_spec(steps=steps, checkpoint={"every_steps": 10}, data={"skip": skip}))
     assert_bitwise_equal(final_state(status, steps), final_state(baseline, steps))

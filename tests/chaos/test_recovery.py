@@ -121,4 +121,52 @@ def test_sigterm_to_a_rank_saves_at_once_and_moves_without_spending_node_failure
     assert step >= 13
     restored = [e for e in events if e["kind"] == "restored"]
     assert restored[0]["data"]["step"] == step  # the emergency checkpoint, not the last regular one
+
+
+# ---- in-memory snapshots: survivors keep their processes ---------------------------------------------
+def _pids(job, attempt: int) -> dict[int, int]:
+    """Rank -> pid of `attempt`'s ranks (the status names them once the attempt has started)."""
+    started = lambda: sum(e["kind"] == "attempt_started" for e in job.events()) >= attempt  # noqa: E731
+    status = wait_for(lambda: started() and (s := job.status()).get("attempt") == attempt and s.get("ranks") and s,
+                      what=f"attempt {attempt} running", timeout=300)
+    return {r["rank"]: r["pid"] for r in status["ranks"]}
+
+
+def _tiers(job, kind: str) -> list:
+    return [e["data"].get("tier") for e in job.events() if e["kind"] == kind]
+
+
+def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, undisturbed):
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1},
+                         faults=SLOW_FIRST_ATTEMPT)
+    job = client.submit(spec)
+    wait_for(lambda: job.status().get("step", 0) >= 13, what="step 13", timeout=300)
+    before = _pids(job, 1)
+    os.kill(before[1], signal.SIGKILL)
+    after = _pids(job, 2)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    assert after[0] == before[0], "the surviving rank's process ran the next attempt"
+    assert after[1] != before[1]
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["kept_ranks"] == [0]
+    assert _tiers(job, "restored") == ["memory"] and _tiers(job, "recovered") == ["memory"]
+    restored = next(e for e in job.events() if e["kind"] == "restored")
+    assert restored["data"]["step"] >= 13  # the last snapshot every rank had, not the last checkpoint (10)
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_storage_newer_than_the_snapshots_wins_and_stays_bitwise(client, undisturbed):
+    # Snapshots every 15 steps, checkpoints every 10: killed at step 28, the snapshot of step 15 is
+    # older than the checkpoint of step 20, so the kept rank and the new one restore from storage.
+    # (On a loaded machine step 20's save may not have committed yet: then memory's 15 is the newer.)
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 15},
+                         faults=[{"kind": "kill", "rank": 1, "step": 28}])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["kept_ranks"] == [0]
+    restored = [e["data"] for e in job.events() if e["kind"] == "restored"]
+    assert [(r["step"], r["tier"]) for r in restored] in ([(20, "storage")], [(15, "memory")])
     assert_bitwise_equal(final_state(status), undisturbed)

@@ -1,0 +1,167 @@
+"""Benchmark: SIGKILL of a rank -> first step after recovery, restoring from the in-memory snapshots
+(checkpoint.memory_every_steps, survivors keep their processes) against today's restore from storage.
+
+Prints ONE JSON line. Run from the repository root:
+    python bench/recovery_memory.py            # 3 repetitions of each side, interleaved
+    python bench/recovery_memory.py --quick    # 1 repetition of each side
+
+The workload and set-up are bench/recovery.py's stalwart side: one in-process local Ray instance
+(2 CPUs), the rclone S3 server on 127.0.0.1, 2 ranks x 1 CPU, DDP over gloo, 8 x Linear(2048, 2048)
+with AdamW (about 400 MB of state), a checkpoint every 5 steps, SIGKILL of rank 1 once it has done step
+12 and the checkpoint of step 10 has committed. The two sides differ only in the spec:
+
+* memory: `checkpoint.memory_every_steps: 5` as well, so snapshots are taken at the checkpoint's steps
+  and both sides restore step 10, losing the same steps; rank 0's process survives and restores from
+  its own snapshot, the new rank 1 (a warm spare) receives its state from rank 0;
+* storage: no in-memory snapshots (today's path: both ranks in new processes, read from S3).
+
+Figure: seconds from the kill to the first step completed by the new attempt's rank 0 (its stamp; for
+the memory side the same process as before the kill, so stamps are told apart by the attempt's
+`start` mark after the kill). Also: kill -> `fault` event, -> `attempt_started`, -> rank 0 `restored`
+mark, and the restored tier. Medians over repetitions, and the median of per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import BENCH, emit, median, note, ratio, start_local_ray  # noqa: E402
+from _faultjobs import read_stamps  # noqa: E402
+from jobspecs import wait_for  # noqa: E402
+
+EVERY = 5
+KILL_AFTER_STEP = 12
+STEPS = 18
+
+
+def _marks_after(path: Path, t_kill: float) -> dict:
+    """Seconds after the kill of the new attempt's marks on one rank: its `start`, then what follows."""
+    out: dict = {}
+    for what, ts, pid in read_stamps(path):
+        if ts < t_kill:
+            continue
+        if "start" not in out:
+            if what == "start":
+                out["start"], out["pid"] = ts - t_kill, pid
+            continue
+        key = "first_step" if what.isdigit() else what
+        if key not in out:
+            out[key] = ts - t_kill
+            if key == "first_step":
+                out["first_step_no"] = int(what)
+    return out
+
+
+def _last_pid(path: Path) -> int | None:
+    rows = read_stamps(path)
+    return rows[-1][2] if rows else None
+
+
+def trial(client, server, tmp: Path, i: int, side: str) -> dict:
+    stamps = tmp / f"{side}-{i}"
+    stamps.mkdir()
+    o = server.options
+    checkpoint = {"uri": server.uri(f"{side}-{i}-{os.getpid()}"), "every_steps": EVERY, "keep_last": 3,
+                  "s3": {"endpoint_url": o.endpoint_url, "region": o.region,
+                         "access_key_id": o.access_key_id.get_secret_value(),
+                         "secret_access_key": o.secret_access_key.get_secret_value()}}
+    if side == "memory":
+        checkpoint["memory_every_steps"] = EVERY
+    spec = {"name": f"bench-recovery-{side}", "entrypoint": "_faultjobs:stalwart_main", "workdir": str(BENCH),
+            "config": {"layers": 8, "dim": 2048, "batch_size": 8, "steps": STEPS, "every_steps": EVERY,
+                       "stamps_dir": str(stamps)},
+            "resources": {"workers": 2, "cpus_per_worker": 1}, "checkpoint": checkpoint}
+    job = client.submit(spec)
+    r0, r1 = stamps / "stalwart-rank0.txt", stamps / "stalwart-rank1.txt"
+
+    def ready():
+        if not any(s.isdigit() and int(s) >= KILL_AFTER_STEP for s, _, _ in read_stamps(r1)):
+            if job.status()["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                raise RuntimeError(f"job ended before the kill:\n{job.logs()[-3000:]}")
+            return False
+        return any(e["kind"] == "checkpoint_committed" and e["data"].get("step") == 2 * EVERY for e in job.events())
+
+    wait_for(ready, 900, poll=0.05, what=f"{side}: step {KILL_AFTER_STEP} and checkpoint {2 * EVERY} committed")
+    pid0 = _last_pid(r0)
+    t_kill = time.time()
+    os.kill(_last_pid(r1), signal.SIGKILL)
+    final = job.wait(timeout=900, raise_on_failure=False)
+    if final["state"] != "SUCCEEDED":
+        raise RuntimeError(f"job {job.id} ended {final['state']}: {final.get('reason')}\n{job.logs()[-3000:]}")
+    marks = _marks_after(r0, t_kill)
+    events = job.events()
+
+    def first(kind, **match):
+        return next((e for e in events if e["kind"] == kind and e["ts"] >= t_kill - 1
+                     and all(e["data"].get(k) == v for k, v in match.items())), None)
+
+    fault, started, restored = first("fault"), first("attempt_started"), first("restored", rank=0)
+    recovered = first("recovered")
+    return {"total_s": marks.get("first_step"), "marks": marks,
+            "fault_event_s": fault["ts"] - t_kill if fault else None,
+            "attempt_started_s": started["ts"] - t_kill if started else None,
+            "restore_s": (marks["restored"] - marks["prepared"]) if "restored" in marks and "prepared" in marks else None,
+            "tier": restored["data"].get("tier") if restored else None,
+            "restored_step": restored["data"].get("step") if restored else None,
+            "rank0_same_process": marks.get("pid") == pid0,
+            "steps_lost": recovered["data"].get("steps_lost") if recovered else None, "job": job.id}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    start_local_ray()
+    import stalwart
+    from s3server import S3Server
+
+    server = S3Server(bucket="bench")
+    server.start()
+    client = stalwart.Client()
+    tmp = Path(tempfile.mkdtemp(prefix="stalwart-bench-recovery-memory-"))
+    runs: dict[str, list[dict]] = {"memory": [], "storage": []}
+    try:
+        for i in range(reps):
+            for side in (["memory", "storage"] if i % 2 == 0 else ["storage", "memory"]):
+                res = trial(client, server, tmp, i, side)
+                runs[side].append(res)
+                note(f"rep {i} {side}: {res}")
+    finally:
+        client.close()
+        server.close()
+
+    def med(side, key, sub=None):
+        return median([(r.get(key) or {}).get(sub) if sub else r.get(key) for r in runs[side]])
+
+    m, s = med("memory", "total_s"), med("storage", "total_s")
+    emit({
+        "benchmark": "recovery_memory",
+        "figure": {"memory_kill_to_first_step_s": m, "storage_kill_to_first_step_s": s},
+        "ratio": ratio(m, s),
+        "ratio_median_of_pairs": median([ratio(a["total_s"], b["total_s"]) for a, b in zip(runs["memory"], runs["storage"])]),
+        "target": {"memory_kill_to_first_step_s": "<= 1.0"},
+        "breakdown_s": {side: {k: med(side, k) for k in ("fault_event_s", "attempt_started_s", "restore_s")}
+                        | {f"marks_{k}": med(side, "marks", k) for k in ("start", "prepared", "restored", "first_step")}
+                        for side in runs},
+        "tiers": {side: [r["tier"] for r in runs[side]] for side in runs},
+        "restored_step": {side: [r["restored_step"] for r in runs[side]] for side in runs},
+        "rank0_same_process": {side: [r["rank0_same_process"] for r in runs[side]] for side in runs},
+        "runs_total_s": {side: [r["total_s"] for r in runs[side]] for side in runs},
+        "repetitions": reps,
+        "setup": ("local Ray (2 CPUs, shared machine), 2 ranks x 1 CPU, gloo DDP, 8 x Linear(2048,2048) + AdamW "
+                  "(~400 MB state), checkpoint every 5 steps to rclone serve s3 on 127.0.0.1 (memory side: and "
+                  "in-memory snapshots every 5 steps), SIGKILL of rank 1 after step 12 with checkpoint 10 committed"),
+    })
+
+
+if __name__ == "__main__":
+    main()
