@@ -38,6 +38,9 @@ ENVIRONMENT = {
     "STALWART_CHECKPOINT_CHUNK_BYTES": "the checksum chunk of new saves (default 1 MiB)",
     "STALWART_TRACKERS_CLOSE_TIMEOUT_S": "how long a job's end waits for its experiment trackers to close",
     "STALWART_DEEPSPEED_SHM": "1: keep DeepSpeed's shared-memory op build on CPU",
+    "STALWART_SURVIVOR_WAIT_S": "with in-memory snapshots: how long the ranks that outlive a dead one may take to "
+                                "end their calls and be kept (default 5)",
+    "STALWART_MEMORY_REPLICATION_TIMEOUT_S": "how long a snapshot waits for the previous one's replica to be sent (default 300)",
 }
 
 
