@@ -187,19 +187,30 @@ class StrictQueryRoute(APIRoute):
         known = _query_names(self.dependant)
 
         async def strict(request: Request):
-            unknown = set(request.query_params.keys()) - known
+            params = request.query_params
+            unknown = set(params.keys()) - known
             if unknown:
                 raise UnknownQuery(sorted(unknown), known)
+            if len(params.multi_items()) != len(params):  # every parameter here takes one value
+                repeated = sorted({name for name, _ in params.multi_items() if len(params.getlist(name)) > 1})
+                raise UnknownQuery([], known, repeated)
             return await handler(request)
 
         return strict
 
 
 class UnknownQuery(Exception):
-    def __init__(self, unknown: list[str], known: set[str]):
+    """A query parameter the route does not take, or one given more than once (each takes one value)."""
+
+    def __init__(self, unknown: list[str], known: set[str], repeated: list[str] = ()):
         expected = f"expected {', '.join(sorted(known))}" if known else "this route takes none"
-        self.problems = [(name, f"unknown query parameter; {expected}") for name in unknown]
-        super().__init__(f"unknown query parameter(s) {', '.join(map(repr, unknown))}: {expected}")
+        self.problems = [(name, f"unknown query parameter; {expected}") for name in unknown] + \
+                        [(name, "given more than once; it takes one value") for name in repeated]
+        if unknown:
+            message = f"unknown query parameter(s) {', '.join(map(repr, unknown))}: {expected}"
+        else:
+            message = f"query parameter(s) {', '.join(map(repr, repeated))} given more than once; each takes one value"
+        super().__init__(message)
 
 
 def _query_names(dependant) -> set[str]:

@@ -201,6 +201,9 @@ def test_bad_input_is_refused_and_changes_nothing(api, client):
                     headers=AUTH).status_code == 422
     assert api.get("/v1/jobs/x-000000/events", params={"since": -1}, headers=AUTH).status_code == 422
     assert api.get("/v1/jobs/x-000000/logs", params={"offset": 2**70}, headers=AUTH).status_code == 422
+    # A parameter given twice is refused rather than one of its values taken.
+    twice = api.post("/v1/jobs?submission_id=a&submission_id=b", json={"entrypoint": "m:f"}, headers=AUTH)
+    assert twice.status_code == 422 and "more than once" in twice.text, twice.text
     assert api.get("/v1/jobs/x-000000", headers=AUTH).status_code == 404
 
     assert snapshot(client) == before

@@ -181,7 +181,7 @@ def test_a_cancelled_queued_job_leaves_the_queue(tmp_path):
     first = supervise(tmp_path, store, queue, "first")
     second = supervise(tmp_path, store, queue, "second")
     wait(lambda: store.job("second")["detail"]["reason"].startswith("queued"))
-    assert [g.job_id for g in Gang.made] == ["first"]
+    wait(lambda: [g.job_id for g in Gang.made] == ["first"])  # the head's gang: made on its own thread
     first.cancel()
     first.join(5)
     wait(lambda: [g.job_id for g in Gang.made] == ["first", "second"])
