@@ -25,7 +25,7 @@ def faults(job):
     pytest.param({"kind": "nan", "step": 45}, 60, "nan", None, marks=pytest.mark.slow, id="nan"),
     pytest.param({"kind": "spike", "step": 70, "factor": 3.0, "length": 10}, 100, "loss_spike", None, id="spike"),
     # In-memory snapshots every step are all newer than the rollback's target: storage it is.
-    pytest.param({"kind": "nan", "step": 45}, 60, "nan", 1, id="nan-with-memory-snapshots"),
+    pytest.param({"kind": "nan", "step": 45}, 60, "nan", 1, id="nan-with-memory-snapshots", marks=pytest.mark.slow),
 ])
 def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps, cause, memory):
     ft = {"skip_batches": 5, "budgets": {cause: 1}}

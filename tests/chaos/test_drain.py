@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCENARIO = Path(__file__).with_name("drain_scenario.py")
 
 
+@pytest.mark.slow  # 50 s: a cluster of its own; the SIGTERM test in test_recovery covers the preemption path
 def test_drained_node(tmp_path):
     # A cluster of our own (head + 2 worker nodes) cannot share a process with the session's Ray.
     proc = subprocess.run([sys.executable, str(SCENARIO), str(tmp_path)], capture_output=True, text=True,

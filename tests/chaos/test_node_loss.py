@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCENARIO = Path(__file__).with_name("node_loss_scenario.py")
 
 
+@pytest.mark.slow  # tests/cluster/test_multinode.py loses a real `ray start` node in the default run
 def test_node_removal(tmp_path):
     # A cluster of our own (head + 2 worker nodes) cannot share a process with the session's Ray.
     proc = subprocess.run([sys.executable, str(SCENARIO), str(tmp_path)], capture_output=True, text=True,

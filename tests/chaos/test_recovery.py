@@ -156,6 +156,7 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+@pytest.mark.slow  # memory.choose's unit tests cover the rule; the SIGKILL test above covers the tier end to end
 def test_storage_newer_than_the_snapshots_wins_and_stays_bitwise(client, undisturbed):
     # Snapshots every 15 steps, checkpoints every 10: killed at step 28, the snapshot of step 15 is
     # older than the checkpoint of step 20, so the kept rank and the new one restore from storage.

@@ -414,8 +414,9 @@ def _deepspeed_missing():
 
 
 @pytest.mark.skipif(_deepspeed_missing() is not None, reason="deepspeed is not importable")
-# Stage 3 in the default run (it shards parameters too); 1 and 2 with -m slow.
-@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+# Every stage with -m slow (ZeRO restores are covered end to end in tests/integration/test_strategies.py).
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow)])
 def test_zero_restores_read_their_share(tmp_path, stage):
     """ZeRO fragments: at 2 ranks each rank reads its own shard; resharded to 1, every fragment by ranges.
     The model's own copy of the parameters (stages 1 and 2: all-gathered from the fragments) is exact too."""
