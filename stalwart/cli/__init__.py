@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from rich.markup import escape
 
@@ -18,7 +19,33 @@ from stalwart.cli.common import app, console, err
 from stalwart.errors import StalwartError
 
 
+class _OwnStdout:
+    """stdout for the command's own output; Ray's background threads write to stderr instead.
+
+    A connected driver prints cluster-wide notices (a node died, a worker was killed) to sys.stdout
+    from threads named ray_*, at any moment; on stdout they would break `--json` and piped output.
+    """
+
+    def __init__(self, out, other):
+        self._out, self._other = out, other
+
+    def _target(self):
+        return self._other if threading.current_thread().name.startswith("ray_") else self._out
+
+    def write(self, text):
+        return self._target().write(text)
+
+    def flush(self):
+        self._out.flush()
+        self._other.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._out, name)
+
+
 def main() -> None:
+    if not isinstance(sys.stdout, _OwnStdout):
+        sys.stdout = _OwnStdout(sys.stdout, sys.stderr)
     try:
         app()
     except StalwartError as exc:
