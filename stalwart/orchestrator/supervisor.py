@@ -369,6 +369,7 @@ class JobSupervisor:
                 # the model it left is not a success; roll back like any other.
                 return self._on_detection(self._detected)
             self._stop_gang()
+            self._adopt_stored_commit()
             self._end_attempt("succeeded")
             return st.Finished()
         cause = outcome.cause
@@ -502,6 +503,25 @@ class JobSupervisor:
         except StorageError:
             stored = []
         return sorted(set(self.commits) | set(stored))
+
+    def _adopt_stored_commit(self) -> None:
+        """At a success, the newest checkpoint is the one storage holds: a commit whose report was still
+        in flight when the ranks ended (a loaded controller takes longer than a rank waits) is not lost."""
+        from stalwart.checkpointing.engine import step_dir
+        from stalwart.checkpointing.storage import open_storage
+        from stalwart.errors import StorageError
+
+        steps, newest = self._committed(), self.live.last_checkpoint_step
+        if steps and (newest is None or steps[-1] > newest):
+            try:
+                uri = f"{open_storage(self.checkpoint_uri, self.spec.checkpoint.s3).uri}/{step_dir(steps[-1])}"
+            except StorageError:
+                return
+            with self._saving:
+                self.live.last_checkpoint_step = steps[-1]
+                self.live.last_checkpoint = uri
+                self.live.last_checkpoint_at = time.time()
+                self.commits.append(steps[-1])
 
     def _discard_after(self, step: int) -> None:
         """Delete checkpoints newer than a rollback target: they hold the bad stretch, and the new

@@ -249,3 +249,18 @@ def test_preempted_ranks_that_do_not_stop_within_the_grace_are_stopped(tmp_path)
     assert at >= 5 + 10  # grace_s plus PREEMPTION_MARGIN_S, on the supervisor's clock
     assert sup.state.cause == "preemption" and "preemption_grace_s" in sup.state.error
     assert ScriptedGang.created[0].stopped
+
+
+def test_a_success_takes_the_newest_commit_from_storage_when_its_report_was_lost(tmp_path):
+    from stalwart.checkpointing.engine import MANIFEST, step_dir
+
+    sup = supervisor(tmp_path, [None, GangOutcome(True)])
+    run(sup, "RUNNING")
+    sup.on_report(1, 0, {"events": [{"kind": "checkpoint_committed", "step": 10, "uri": "x/10", "ts": 1.0}]})
+    # Steps 20 and 30 committed, but their reports never reached the controller (the ranks ended first).
+    for step in (20, 30):
+        (tmp_path / "ck" / step_dir(step)).mkdir(parents=True)
+        (tmp_path / "ck" / step_dir(step) / MANIFEST).write_text("{}")
+    run(sup, "SUCCEEDED")
+    saved = sup.store.job("t-1")["detail"]["stats"]
+    assert saved["last_checkpoint_step"] == 30 and saved["last_checkpoint"].endswith(step_dir(30))
