@@ -43,20 +43,22 @@ STEPS = 18
 
 
 def _marks_after(path: Path, t_kill: float) -> dict:
-    """Seconds after the kill of the new attempt's marks on one rank: its `start`, then what follows."""
+    """Seconds after the kill of the new attempt's marks on one rank: its `start` (a rank that ran its
+    function again), then what follows; `first_step`: the first step done after the recovery, that is
+    after a `start`, or, for a rank that stayed in its loop (no `start`), the first step done again."""
     out: dict = {}
+    done = 0  # the highest step stamped so far
     for what, ts, pid in read_stamps(path):
-        if ts < t_kill:
-            continue
-        if "start" not in out:
-            if what == "start":
+        if ts >= t_kill and "first_step" not in out:
+            if what == "start" and "start" not in out:
                 out["start"], out["pid"] = ts - t_kill, pid
-            continue
-        key = "first_step" if what.isdigit() else what
-        if key not in out:
-            out[key] = ts - t_kill
-            if key == "first_step":
-                out["first_step_no"] = int(what)
+            elif what.isdigit() and ("start" in out or int(what) <= done):
+                out["first_step"], out["first_step_no"] = ts - t_kill, int(what)
+                out.setdefault("pid", pid)
+            elif not what.isdigit() and "start" in out and what not in out:
+                out[what] = ts - t_kill
+        if what.isdigit():
+            done = max(done, int(what))
     return out
 
 

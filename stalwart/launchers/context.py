@@ -29,7 +29,7 @@ from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, Preempted, StalwartError, StorageError, WaitTimeout
-from stalwart.launchers import preemption, strategies
+from stalwart.launchers import preemption, rejoin, strategies
 from stalwart.launchers.data import DataPosition, IndexedBatches, iterate
 from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.reporter import Reporter
@@ -63,7 +63,8 @@ class TrainContext:
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
                  strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None,
-                 memory: memories.MemoryTier | None = None):
+                 memory: memories.MemoryTier | None = None, train: rejoin.TrainGroup | None = None,
+                 rejoin_with: Callable | None = None):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -84,6 +85,10 @@ class TrainContext:
         # In-memory snapshots (checkpoint.memory_every_steps), kept by the process across attempts:
         # a rank that survived a peer's death restores from them instead of from storage.
         self._memory = memory
+        # Survivors that stay in their loop (launchers.rejoin): DDP's gradients go over `train`, and
+        # `rejoin_with(error)` waits for the next attempt's rendezvous and forms its groups.
+        self._train = train
+        self._rejoin_with = rejoin_with
         self._reporter = reporter
         self._plan = plan
         self._data = DataPosition(skip=[tuple(r) for r in plan.skip])
@@ -100,13 +105,8 @@ class TrainContext:
         self._engine.pinned.update(plan.pinned)
         self._vote = preemption.StopVote(vote_group, world_size, rank=rank)
         self._last_stall = 0.0
-        self._faults = {}
+        self._faults = self._faults_of(plan)
         self._last_cpu: float | None = None
-        for f in plan.faults:
-            if f["attempt"] == attempt and (f["rank"] == rank or f["kind"] in ("nan", "spike", "drift")):
-                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow", "drift") else 1))
-                for s in span:
-                    self._faults[s] = f
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
@@ -120,6 +120,16 @@ class TrainContext:
         if plan.init_from and attempt == 1:
             self._weights = _Prefetch(lambda: _read_weights(plan.init_from),
                                       f"the read-ahead of the init_from weights at {plan.init_from}")
+
+    def _faults_of(self, plan: AttemptPlan) -> dict:
+        """The injected faults (rehearsals) this rank plays in this attempt, by step."""
+        faults = {}
+        for f in plan.faults:
+            if f["attempt"] == self.attempt and (f["rank"] == self.rank or f["kind"] in ("nan", "spike", "drift")):
+                span = range(f["step"], f["step"] + (f["length"] if f["kind"] in ("spike", "slow", "drift") else 1))
+                for s in span:
+                    faults[s] = f
+        return faults
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -181,7 +191,53 @@ class TrainContext:
                     self._reporter.event("lr_schedule", steps=[i + 1 for i in idx], lr=[peak * shape(i) for i in idx])
                 except Exception as exc:  # noqa: BLE001 - the user's lambda; the forecast is optional
                     self.log(f"stalwart: no LR schedule for the live forecast ({type(exc).__name__}: {exc})")
-        return iterate(batch_at, self._data, self.restored_step, steps)
+        if self._train is None:
+            return iterate(batch_at, self._data, self.restored_step, steps)
+        return self._staying(batch_at, steps)
+
+    def _staying(self, batch_at: Callable[[int], Any], steps: int | None) -> Iterator[tuple[int, Any]]:
+        """`iterate`, but a step whose gradients could not be averaged (a peer died) is not the end:
+        the rank rejoins the next attempt from here and the loop goes on from the restored step."""
+        while True:
+            for item in iterate(batch_at, self._data, self.restored_step, steps):
+                if self._train.failed is not None:
+                    break
+                yield item
+            if self._train.failed is None:
+                return
+            self._rejoin()
+
+    def _rejoin(self) -> None:
+        """After a peer's death: wait for the next attempt, form its groups, restore every rank from
+        the in-memory snapshots (the replacement runs the same restore), in this process."""
+        failed = self._train.failed
+        if self._memory is None or not self._memory.holdings():
+            raise rejoin.PeerLost(f"a peer was lost before the first in-memory snapshot: {failed}") from failed
+        self._reporter.event("rejoining", rank=self.rank, attempt=self.attempt, error=str(failed).splitlines()[0][:300])
+        self._reporter.flush()
+        try:
+            self._engine.wait(timeout_s=5.0)  # a save in flight ends with its broken group
+        except StalwartError:
+            pass
+        t0 = time.perf_counter()
+        rendezvous, groups = self._rejoin_with(failed)
+        waited = time.perf_counter() - t0
+        self._reporter.retarget(rendezvous.sink)
+        self.attempt, self._plan = rendezvous.attempt, rendezvous.plan
+        self._engine.group, self._engine.attempt = groups.checkpoint, rendezvous.attempt
+        self._engine.pinned.update(rendezvous.plan.pinned)
+        self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank)
+        self._train.replace(groups.train, self.world_size)
+        self._faults = self._faults_of(rendezvous.plan)
+        self._data = DataPosition(skip=[tuple(r) for r in rendezvous.plan.skip])
+        self._prefetch = None
+        for p in self._model.parameters():
+            p.grad = None  # the failed step's; a restored rank starts without
+        step = self.restore()
+        if step == 0:
+            raise rejoin.PeerLost("a peer was lost and there was nothing to restore the ranks from") from failed
+        self.log(f"stalwart: rejoined attempt {self.attempt} in this process after a peer was lost "
+                 f"(waited {waited:.2f} s); going on from step {step} ({self.restored_tier})")
 
     @property
     def data_position(self) -> int:
@@ -235,7 +291,17 @@ class TrainContext:
         SIGTERM, its node drained), saving that step within fault_tolerance.preemption_grace_s and
         raising `Preempted` (let it propagate).
         """
-        if self._vote_ready() and self._vote.poll(preemption.notice() is not None):
+        if self._train is not None:
+            if self._train.failed is not None:
+                return False  # this step's gradients were not averaged: it is redone after the rejoin
+            try:
+                stop = self._vote.poll(preemption.notice() is not None)
+            except RuntimeError as exc:  # the vote's group broke with a peer: rejoin at the next batch
+                self._train.fail(exc)
+                return False
+            if stop:
+                self._stop_for_preemption(step)
+        elif self._vote_ready() and self._vote.poll(preemption.notice() is not None):
             self._stop_for_preemption(step)
         snap = self._memory is not None and self._memory.due(step)
         durable = force or step % self.every_steps == 0

@@ -14,6 +14,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stalwart.errors import GangStartFailed
+from stalwart.launchers import rejoin
 from stalwart.launchers.plan import AttemptPlan
 from stalwart.launchers.worker import RankWorker, UserCodeError
 from stalwart.spec import JobSpec
@@ -89,9 +90,11 @@ class RayGang:
         self.exclude_nodes = tuple(exclude_nodes)
         self._spares: dict[int, tuple] = {}  # bundle -> (actor, ref of its warm() call)
         self._survivors: dict[int, object] = {}  # bundle -> the worker of a rank that outlived its attempt
+        self._live: dict[int, object] = {}  # bundle -> the call of a survivor still in its loop (launchers.rejoin)
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
             self._pg, self._spares, self._survivors = previous._pg, previous._spares, previous._survivors
-            previous._pg, previous._spares, previous._survivors = None, {}, {}
+            self._live = previous._live
+            previous._pg, previous._spares, previous._survivors, previous._live = None, {}, {}, {}
         else:
             if previous is not None:
                 previous.stop()
@@ -106,6 +109,7 @@ class RayGang:
         self.ranks: list[dict] = []
         self.warm_ranks = 0  # ranks of this attempt that started from a spare
         self.kept_ranks: tuple[int, ...] = ()  # ranks of this attempt whose process ran the previous one
+        self.live_ranks: tuple[int, ...] = ()  # of those, the ranks whose call of the previous one goes on
         self._dead: set[int] = set()  # ranks whose worker died
 
     def reserve(self, timeout: float = 0.5) -> bool:
@@ -134,11 +138,14 @@ class RayGang:
         """Start every rank's `run`. Raises GangStartFailed when a worker dies or does not answer
         within the start timeout (a rank lost before its first report is a node failure too)."""
         kept = self._adopt(self._take_survivors())
+        live = {rank: ref for rank, ref in self._live.items() if rank in kept}
+        self._live = {}
         spares = self._adopt_spares(needed=set(range(self.world_size)) - set(kept))
         self.warm_ranks = len(spares)
         self.kept_ranks = tuple(sorted(kept))
+        self.live_ranks = tuple(sorted(live))
         if self.kept_ranks:
-            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks)
+            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks, live_ranks=self.live_ranks)
         adopted = {**spares, **kept}
         self.workers = [adopted[rank] if rank in adopted else self._new_worker(rank, self.attempt)
                         for rank in range(self.world_size)]
@@ -163,7 +170,11 @@ class RayGang:
                        "local_world_size": len(same_node)}
             if gpus is not None:
                 payload.update(node_gpus(gpus, same_node, rank))
-            self._refs[worker.run.remote(payload)] = rank
+            if rank in live:  # its call of the last attempt goes on, in this one
+                worker.rejoin.remote(self.attempt, addr, port, plan, payload["sink"])
+                self._refs[live[rank]] = rank
+            else:
+                self._refs[worker.run.remote(payload)] = rank
 
     def poll(self, timeout: float = 0.5) -> GangOutcome | None:
         """None while running; otherwise how the gang ended."""
@@ -310,15 +321,33 @@ class RayGang:
             self._release()
 
     def _wait_for_survivors(self) -> dict[int, object]:
-        """The workers of the ranks whose calls end within the survivor wait (a dead peer breaks their
-        collectives), by rank; their processes live on."""
+        """The workers of the ranks that outlive a dead peer, by rank; their processes live on. A rank
+        survives when its call ends within the survivor wait (a dead peer breaks its collectives), or,
+        in a job whose ranks stay in their loop (launchers.rejoin), when it waits there to rejoin."""
         rest = {ref: rank for ref, rank in self._refs.items() if rank not in self._dead}
-        pending = [ref for ref, rank in rest.items() if rank not in self._results]
-        if pending:
-            ray.wait(pending, num_returns=len(pending), timeout=survivor_wait_s())
-        done = set(ray.wait(list(rest), num_returns=len(rest), timeout=0)[0]) if rest else set()
+        stays = rejoin.applies(self.spec)
+        deadline = time.monotonic() + survivor_wait_s()
+        waiting: set[int] = set()
+        while True:
+            done = set(ray.wait(list(rest), num_returns=len(rest), timeout=0)[0]) if rest else set()
+            running = {rank: ref for ref, rank in rest.items() if ref not in done and rank not in self._results}
+            if stays and running:
+                asked = {self.workers[rank].waiting.remote(): rank for rank in running}
+                answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=1.0)
+                for ref in answered:
+                    try:
+                        if ray.get(ref, timeout=0):
+                            waiting.add(asked[ref])
+                    except (RayActorError, RayTaskError, GetTimeoutError):
+                        pass
+            if set(running) <= waiting or time.monotonic() >= deadline:
+                break
+            pending = [ref for rank, ref in running.items() if rank not in waiting]
+            ray.wait(pending, num_returns=len(pending), timeout=0.05 if stays else max(0.0, deadline - time.monotonic()))
         self._collect([ref for ref in done if rest[ref] not in self._results])
-        return {rank: self.workers[rank] for ref, rank in rest.items() if ref in done and rank not in self._dead}
+        self._live = {rank: ref for rank, ref in running.items() if rank in waiting}
+        ended = {rank: self.workers[rank] for ref, rank in rest.items() if ref in done and rank not in self._dead}
+        return {**ended, **{rank: self.workers[rank] for rank in self._live}}
 
     def _stop_workers(self, spare: set[int] = frozenset()) -> None:
         for rank, worker in enumerate(self.workers):
@@ -326,7 +355,8 @@ class RayGang:
                 _kill(worker)
         # ray.kill returns before the processes are gone; wait for their calls to resolve so that no
         # stray background write (a checkpoint commit, a retention pass) lands after stop() returns.
-        pending = [r for r in self._refs if self._refs[r] not in self._results]
+        live = set(self._live.values())
+        pending = [r for r in self._refs if self._refs[r] not in self._results and r not in live]
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=STOP_FENCE_S)
 
@@ -336,7 +366,7 @@ class RayGang:
         self._spares = {}
         for worker in self._survivors.values():
             _kill(worker)
-        self._survivors = {}
+        self._survivors, self._live = {}, {}
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)

@@ -39,6 +39,9 @@ class AttemptPlan:
     # Ranks whose processes lived through the last attempt (set by the gang at start): their in-memory
     # snapshots will likely restore this attempt, so no rank reads storage ahead of the restore.
     kept_ranks: tuple[int, ...] = ()
+    # Of those, the ranks that stayed in their training loop (launchers.rejoin): they take no part in
+    # the start of a rank (DDP's parameter broadcast), only in the restore.
+    live_ranks: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, *, checkpoint_uri: str, spec_skip=(), rewind: Rewind | None = None, **kwargs) -> "AttemptPlan":

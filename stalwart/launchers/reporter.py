@@ -57,6 +57,13 @@ class Reporter:
         """Ship what is pending now, from the caller's thread."""
         self._ship()
 
+    def retarget(self, sink: Sink) -> None:
+        """Ship what is pending to the current sink, then send to `sink` (a rank that joined the next
+        attempt in its process: reports carry the attempt they belong to)."""
+        self._ship()
+        with self._lock:
+            self._sink = sink
+
     def close(self) -> None:
         self._stopped = True
         self._wake.set()

@@ -20,7 +20,7 @@ from stalwart.checkpointing import memory
 from stalwart.checkpointing.storage import open_storage
 from stalwart.errors import StalwartError
 from stalwart.launchers import context as context_module
-from stalwart.launchers import preemption
+from stalwart.launchers import preemption, rejoin
 from stalwart.launchers.context import TrainContext
 from stalwart.launchers.niceness import set_niceness
 from stalwart.launchers.plan import AttemptPlan
@@ -81,28 +81,49 @@ def run_rank(worker, payload: dict) -> dict:
         plan: AttemptPlan = payload["plan"]
         storage = open_storage(plan.checkpoint_uri, spec.checkpoint.s3)
 
-        def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None, memory=None) -> TrainContext:
+        def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None, memory=None,
+                         train=None, rejoin_with=None) -> TrainContext:
             return TrainContext(
                 job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
                 local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
                 strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
                 every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
-                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group, memory=memory)
+                plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group, memory=memory,
+                train=train, rejoin_with=rejoin_with)
 
         if spec.script is not None:
             os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
             result = _run_script(spec, lambda: make_context(lazy_group=True))
             ctx = context_module._CURRENT
         else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                    timeout=timeout)
-            # Checkpoint shard records travel on their own gloo group, from a background thread,
-            # so they never interleave with the training collectives.
-            ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-            # The preemption vote too (one tiny non-blocking all-reduce a step, see preemption.StopVote).
-            vote_group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-            ctx = context_module._CURRENT = make_context(ckpt_group, vote_group=vote_group,
-                                                         memory=_memory_tier(worker, spec, timeout))
+            live = rejoin.applies(spec) and world > 1
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            # Checkpoint shard records travel on their own gloo group, from a background thread, so they
+            # never interleave with the training collectives; the preemption vote too (one tiny
+            # non-blocking all-reduce a step, see preemption.StopVote).
+            groups = rejoin.form_groups(backend, rank, world, timeout, memory=spec.checkpoint.memory_every_steps
+                                        is not None, train=live)
+            tier = _memory_tier(worker, spec, groups.memory)
+
+            def rejoin_with(failed: BaseException) -> tuple[rejoin.Rendezvous, rejoin.Groups]:
+                """In the loop, after a peer was lost: the next attempt's rendezvous, and its groups."""
+                rendezvous = worker.mailbox.wait(rejoin.rejoin_wait_s())
+                if rendezvous is None:
+                    raise rejoin.PeerLost(f"a peer was lost ({_first_line(failed)}) and no new attempt asked this "
+                                          f"rank to rejoin within {rejoin.rejoin_wait_s():g} s "
+                                          f"({rejoin.REJOIN_WAIT_ENV})") from failed
+                rejoin.leave_groups()
+                worker.attempt = rendezvous.attempt
+                os.environ.update(MASTER_ADDR=rendezvous.master_addr, MASTER_PORT=str(rendezvous.master_port),
+                                  STALWART_ATTEMPT=str(rendezvous.attempt))
+                formed = rejoin.form_groups(backend, rank, world, timeout, memory=True, train=True)
+                tier.bind(rank, world, formed.memory)
+                return rendezvous, formed
+
+            ctx = context_module._CURRENT = make_context(
+                groups.checkpoint, vote_group=groups.vote, memory=tier,
+                train=rejoin.TrainGroup(groups.train, world) if live else None,
+                rejoin_with=rejoin_with if live else None)
             func = import_entrypoint(spec.entrypoint, spec.workdir)
             result = func(ctx, dict(spec.config))
         if ctx is not None:
@@ -127,17 +148,21 @@ def run_rank(worker, payload: dict) -> dict:
                 pass
 
 
-def _memory_tier(worker, spec: JobSpec, timeout) -> memory.MemoryTier | None:
+def _memory_tier(worker, spec: JobSpec, group) -> memory.MemoryTier | None:
     """The job's in-memory snapshots in this process (an earlier attempt's, when the process survived
-    it), bound to this attempt; their replicas travel on a gloo group of their own, apart from the
-    training collectives and the checkpoint's records. Collective (the group), on every rank."""
+    it), bound to this attempt; their replicas travel on `group`, a gloo group of their own, apart
+    from the training collectives and the checkpoint's records."""
     every = spec.checkpoint.memory_every_steps
     if every is None:
         return None
-    group = dist.new_group(backend="gloo", timeout=timeout) if worker.world_size > 1 else None
     tier = memory.tier_for(worker.job_id, every)
     tier.bind(worker.rank, worker.world_size, group)
     return tier
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _device(spec: JobSpec, payload: dict) -> torch.device:

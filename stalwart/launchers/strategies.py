@@ -127,7 +127,13 @@ class DDPStrategy(Strategy):
     def wrap(self, model, optimizer, ctx):
         model = model.to(ctx.device)  # in place: the optimizer's parameters stay the same objects
         self.model, self.optimizer = model, optimizer
-        if ctx.world_size > 1 and dist.is_initialized():
+        train = getattr(ctx, "_train", None)
+        if ctx.world_size > 1 and train is not None:
+            # Gradients averaged by stalwart's hook: a peer's death does not raise through the loop.
+            from stalwart.launchers.rejoin import wrap_ddp
+
+            model = wrap_ddp(model, train, self.options, sync=not ctx._plan.live_ranks)
+        elif ctx.world_size > 1 and dist.is_initialized():
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **self.options)
         return model, optimizer

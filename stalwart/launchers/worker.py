@@ -12,6 +12,7 @@ import ray
 
 from stalwart._net import free_port
 from stalwart.launchers import preemption
+from stalwart.launchers.rejoin import Mailbox, Rendezvous
 from stalwart.launchers.niceness import set_niceness
 from stalwart.launchers.userland import UserCodeError
 
@@ -24,13 +25,16 @@ class RankWorker:
     `stacks()` answers while `run` is busy (for hang reports), and so does `preempt()`. A SIGTERM while
     `run` is busy is a preemption notice, not an exit. The supervisor kills the actor after, except a
     rank that outlived a peer's death in a job with in-memory snapshots: `adopt(attempt)` and `run`
-    again make it the same rank of the next attempt, in the same process (gang.RayGang)."""
+    again make it the same rank of the next attempt, in the same process (gang.RayGang). A DDP rank
+    whose call stays in its training loop when a peer dies (launchers.rejoin) says `waiting()`, and
+    `rejoin(...)` hands it the next attempt's rendezvous instead of a new `run`."""
 
     def __init__(self, job_id: str, attempt: int, rank: int, world_size: int):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
         self.world_size = world_size
+        self.mailbox = Mailbox()
         preemption.install_signal_handler()  # the constructor runs on the process's main thread
 
     def preempt(self, reason: str, deadline: float | None = None) -> None:
@@ -71,6 +75,14 @@ class RankWorker:
     def adopt(self, attempt: int) -> None:
         """A warm spare (or a kept rank) becomes the rank of its bundle in `attempt`."""
         self.attempt = attempt
+
+    def waiting(self) -> bool:
+        """Whether this rank's `run` is in its loop, waiting for the next attempt's rendezvous."""
+        return self.mailbox.waiting
+
+    def rejoin(self, attempt: int, master_addr: str, master_port: int, plan, sink) -> None:
+        """The next attempt's rendezvous, for the `run` waiting in its loop."""
+        self.mailbox.put(Rendezvous(attempt, master_addr, master_port, plan, sink))
 
     def stacks(self) -> str:
         frames = sys._current_frames()

@@ -191,6 +191,7 @@ class JobSupervisor:
         self._gang: Gang | None = None
         self._held: Gang | None = None  # a stopped gang whose reservation the next attempt may take over
         self._trained = False  # the running attempt has reported a step
+        self._live_ranks: list[int] = []  # ranks of the running attempt that rejoined from their loop
         self._spares_ready = False
         self._started = False
         self._pending_since = self._now
@@ -340,10 +341,13 @@ class JobSupervisor:
             self.stragglers.reset()
             warm = getattr(gang, "warm_ranks", 0)
             kept = list(getattr(gang, "kept_ranks", ()))
+            self._live_ranks = list(getattr(gang, "live_ranks", ()))
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks"
                         + (f" ({warm} from warm spares)" if warm else "")
-                        + (f" (ranks {kept} in the processes that ran the last attempt)" if kept else ""),
-                        world_size=gang.world_size, warm_ranks=warm, kept_ranks=kept)
+                        + (f" (ranks {kept} in the processes that ran the last attempt"
+                           + (f"; {self._live_ranks} never left their training loop" if self._live_ranks else "")
+                           + ")" if kept else ""),
+                        world_size=gang.world_size, warm_ranks=warm, kept_ranks=kept, live_ranks=self._live_ranks)
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:
@@ -662,10 +666,14 @@ class JobSupervisor:
             self.recovering = None
             restored = min(r["step"] for r in records) - 1
             tier = self._restored_tier
+            # in_loop: the surviving ranks stayed in their training loop (launchers.rejoin); restart:
+            # every rank ran the user's function again.
+            path = "in_loop" if self._live_ranks else "restart"
             self._event("recovered", f"recovered from {rec['cause']} in {time.time() - rec['at']:.1f} s "
                         f"({max(0, rec['step'] - restored)} steps lost" + (f", state from {tier}" if tier else "")
+                        + (f", ranks {self._live_ranks} stayed in their loop" if self._live_ranks else "")
                         + ")", cause=rec["cause"], time_to_recover_s=time.time() - rec["at"],
-                        steps_lost=max(0, rec["step"] - restored), tier=tier)
+                        steps_lost=max(0, rec["step"] - restored), tier=tier, path=path)
         if rank == 0:
             for r in records:
                 if "position" in r:

@@ -150,7 +150,11 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
     assert after[1] != before[1]
     started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
     assert started[1]["kept_ranks"] == [0]
+    # Rank 0 never left its training loop: no second run of the function, the rejoin said so.
+    assert started[1]["live_ranks"] == [0]
     assert _tiers(job, "restored") == ["memory"] and _tiers(job, "recovered") == ["memory"]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert "rejoined attempt 2 in this process" in job.logs()
     restored = next(e for e in job.events() if e["kind"] == "restored")
     assert restored["data"]["step"] >= 13  # the last snapshot every rank had, not the last checkpoint (10)
     assert_bitwise_equal(final_state(status), undisturbed)
