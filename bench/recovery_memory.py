@@ -39,7 +39,7 @@ from jobspecs import wait_for  # noqa: E402
 
 EVERY = 5
 KILL_AFTER_STEP = 12
-STEPS = 18
+STEPS = 40
 
 
 def _marks_after(path: Path, t_kill: float) -> dict:
@@ -60,11 +60,6 @@ def _marks_after(path: Path, t_kill: float) -> dict:
         if what.isdigit():
             done = max(done, int(what))
     return out
-
-
-def _last_pid(path: Path) -> int | None:
-    rows = read_stamps(path)
-    return rows[-1][2] if rows else None
 
 
 def trial(client, server, tmp: Path, i: int, side: str) -> dict:
@@ -89,12 +84,19 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
             if job.status()["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
                 raise RuntimeError(f"job ended before the kill:\n{job.logs()[-3000:]}")
             return False
-        return any(e["kind"] == "checkpoint_committed" and e["data"].get("step") == 2 * EVERY for e in job.events())
+        events = job.events()
+        if job.status()["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            raise RuntimeError(f"job ended before the kill: {[(e['kind'], e['message'][:80]) for e in events]}")
+        # A fault in a long run finds the spares ready: wait for them (on 2 cores they start slowly).
+        return (any(e["kind"] == "checkpoint_committed" and e["data"].get("step") == 2 * EVERY for e in events)
+                and any(e["kind"] == "spares_ready" for e in events))
 
     wait_for(ready, 900, poll=0.05, what=f"{side}: step {KILL_AFTER_STEP} and checkpoint {2 * EVERY} committed")
-    pid0 = _last_pid(r0)
+    # The ranks' pids as the controller has them (a spare on standby stamps its own pid in the same files).
+    pids = {r["rank"]: r["pid"] for r in job.status()["ranks"]}
+    pid0 = pids[0]
     t_kill = time.time()
-    os.kill(_last_pid(r1), signal.SIGKILL)
+    os.kill(pids[1], signal.SIGKILL)
     final = job.wait(timeout=900, raise_on_failure=False)
     if final["state"] != "SUCCEEDED":
         raise RuntimeError(f"job {job.id} ended {final['state']}: {final.get('reason')}\n{job.logs()[-3000:]}")
@@ -114,7 +116,12 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
             "tier": restored["data"].get("tier") if restored else None,
             "restored_step": restored["data"].get("step") if restored else None,
             "rank0_same_process": marks.get("pid") == pid0,
-            "steps_lost": recovered["data"].get("steps_lost") if recovered else None, "job": job.id}
+            "steps_lost": recovered["data"].get("steps_lost") if recovered else None, "job": job.id,
+            "warm_ranks": started["data"].get("warm_ranks") if started else None,
+            "standby_ranks": started["data"].get("standby_ranks") if started else None,
+            "live_ranks": started["data"].get("live_ranks") if started else None,
+            "path": recovered["data"].get("path") if recovered else None,
+            "spares_ready_before_kill": any(e["kind"] == "spares_ready" and e["ts"] < t_kill for e in events)}
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ class TrainContext:
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
                  strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None,
                  memory: memories.MemoryTier | None = None, train: rejoin.TrainGroup | None = None,
-                 rejoin_with: Callable | None = None):
+                 rejoin_with: Callable | None = None, standby: bool = False):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -89,6 +89,8 @@ class TrainContext:
         # `rejoin_with(error)` waits for the next attempt's rendezvous and forms its groups.
         self._train = train
         self._rejoin_with = rejoin_with
+        # A warm spare's run ahead of a fault: no groups yet; its restore waits for the attempt (`_join`).
+        self._standby = standby
         self._reporter = reporter
         self._plan = plan
         self._data = DataPosition(skip=[tuple(r) for r in plan.skip])
@@ -110,7 +112,7 @@ class TrainContext:
         # A restart (or --resume-from) will restore: find and read that checkpoint in the background
         # now, while the user's code builds and prepares the model, instead of after it.
         self._prefetch: _Prefetch | None = None
-        if (attempt > 1 or plan.resume_from) and not (memory is not None and plan.kept_ranks):
+        if (attempt > 1 or plan.resume_from) and not (memory is not None and plan.kept_ranks) and not standby:
             # (Unless ranks survived the last attempt: their snapshots will likely restore this one.)
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{plan.resume_from or storage.uri}")
@@ -172,6 +174,8 @@ class TrainContext:
         (make it deterministic), or a map-style dataset with `batch_size`, which is then split
         across ranks with a seeded shuffle per epoch. Skipped ranges (after a rollback) are jumped.
         """
+        if self._standby:
+            self._join()  # a function that never restores
         if callable(source) and batch_size is None:
             batch_at = source
         else:
@@ -207,6 +211,30 @@ class TrainContext:
                 return
             self._rejoin()
 
+    def _enter(self, rendezvous: rejoin.Rendezvous, groups: rejoin.Groups) -> None:
+        """Become this rank of `rendezvous.attempt`, whose groups are `groups`."""
+        self._reporter.retarget(rendezvous.sink)
+        self.attempt, self._plan = rendezvous.attempt, rendezvous.plan
+        self._engine.group, self._engine.attempt = groups.checkpoint, rendezvous.attempt
+        self._engine.pinned.update(rendezvous.plan.pinned)
+        self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank)
+        self._train.replace(groups.train, self.world_size)
+        self._faults = self._faults_of(rendezvous.plan)
+        self._data = DataPosition(skip=[tuple(r) for r in rendezvous.plan.skip])
+
+    def _join(self) -> None:
+        """A spare on standby, at its restore (or first batch): wait to be made a rank of an attempt,
+        then take part in its start as a rank that has just prepared its model would."""
+        self._standby = False
+        self._enter(*self._rejoin_with(None))
+        if not self._plan.live_ranks and self._model is not None:
+            # Every rank of this attempt is starting: DDP's start from rank 0's parameters, which the
+            # others did in `prepare`.
+            self._train.broadcast([*self._model.parameters(), *self._model.buffers()])
+        if self.attempt > 1 and not self._plan.kept_ranks:
+            self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
+                                       f"{self._plan.resume_from or self._engine.storage.uri}")
+
     def _rejoin(self) -> None:
         """After a peer's death: wait for the next attempt, form its groups, restore every rank from
         the in-memory snapshots (the replacement runs the same restore), in this process."""
@@ -220,16 +248,8 @@ class TrainContext:
         except StalwartError:
             pass
         t0 = time.perf_counter()
-        rendezvous, groups = self._rejoin_with(failed)
+        self._enter(*self._rejoin_with(failed))
         waited = time.perf_counter() - t0
-        self._reporter.retarget(rendezvous.sink)
-        self.attempt, self._plan = rendezvous.attempt, rendezvous.plan
-        self._engine.group, self._engine.attempt = groups.checkpoint, rendezvous.attempt
-        self._engine.pinned.update(rendezvous.plan.pinned)
-        self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank)
-        self._train.replace(groups.train, self.world_size)
-        self._faults = self._faults_of(rendezvous.plan)
-        self._data = DataPosition(skip=[tuple(r) for r in rendezvous.plan.skip])
         self._prefetch = None
         for p in self._model.parameters():
             p.grad = None  # the failed step's; a restored rank starts without
@@ -368,6 +388,8 @@ class TrainContext:
         """
         if self._model is None:
             raise StalwartError("ctx.restore() needs the model: call ctx.prepare(model, optimizer) first")
+        if self._standby:
+            self._join()
         self._ensure_group()
         if self.rank == 0:
             self._sweep_uncommitted()

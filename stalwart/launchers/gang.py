@@ -91,10 +91,13 @@ class RayGang:
         self._spares: dict[int, tuple] = {}  # bundle -> (actor, ref of its warm() call)
         self._survivors: dict[int, object] = {}  # bundle -> the worker of a rank that outlived its attempt
         self._live: dict[int, object] = {}  # bundle -> the call of a survivor still in its loop (launchers.rejoin)
+        self._standby: dict[int, object] = {}  # bundle -> the run of its spare, waiting at its restore
+        self._standby_payload: dict[int, dict] = {}
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
             self._pg, self._spares, self._survivors = previous._pg, previous._spares, previous._survivors
-            self._live = previous._live
+            self._live, self._standby = previous._live, previous._standby
             previous._pg, previous._spares, previous._survivors, previous._live = None, {}, {}, {}
+            previous._standby = {}
         else:
             if previous is not None:
                 previous.stop()
@@ -110,6 +113,7 @@ class RayGang:
         self.warm_ranks = 0  # ranks of this attempt that started from a spare
         self.kept_ranks: tuple[int, ...] = ()  # ranks of this attempt whose process ran the previous one
         self.live_ranks: tuple[int, ...] = ()  # of those, the ranks whose call of the previous one goes on
+        self.standby_ranks: tuple[int, ...] = ()  # ranks from spares that ran the function up to their restore
         self._dead: set[int] = set()  # ranks whose worker died
 
     def reserve(self, timeout: float = 0.5) -> bool:
@@ -141,11 +145,15 @@ class RayGang:
         live = {rank: ref for rank, ref in self._live.items() if rank in kept}
         self._live = {}
         spares = self._adopt_spares(needed=set(range(self.world_size)) - set(kept))
+        # Spares that ran the function up to their restore join from there, like the ranks still in their loop.
+        standby = {rank: self._standby.pop(rank) for rank in spares if rank in self._standby}
         self.warm_ranks = len(spares)
         self.kept_ranks = tuple(sorted(kept))
         self.live_ranks = tuple(sorted(live))
-        if self.kept_ranks:
-            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks, live_ranks=self.live_ranks)
+        self.standby_ranks = tuple(sorted(standby))
+        if self.kept_ranks or standby:
+            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks, live_ranks=tuple(sorted({*live, *standby})))
+        live.update(standby)
         adopted = {**spares, **kept}
         self.workers = [adopted[rank] if rank in adopted else self._new_worker(rank, self.attempt)
                         for rank in range(self.world_size)]
@@ -170,7 +178,8 @@ class RayGang:
                        "local_world_size": len(same_node)}
             if gpus is not None:
                 payload.update(node_gpus(gpus, same_node, rank))
-            if rank in live:  # its call of the last attempt goes on, in this one
+            self._standby_payload[rank] = {**payload, "master_addr": "127.0.0.1", "master_port": 0, "standby": True}
+            if rank in live:  # its call of the last attempt (or its standby run) goes on, in this one
                 worker.rejoin.remote(self.attempt, addr, port, plan, payload["sink"])
                 self._refs[live[rank]] = rank
             else:
@@ -246,7 +255,8 @@ class RayGang:
 
     def warm_spares(self) -> int:
         """Start one spare for each bundle that has none (CPU jobs with fault_tolerance.warm_spares);
-        return how many have finished their imports."""
+        return how many are ready: their imports done, and, where ranks stay in their loop
+        (launchers.rejoin), their run of the function waiting at its restore."""
         if (not self._stopped and self._pg is not None and self.spec.fault_tolerance.warm_spares
                 and self.spec.resources.gpus_per_worker <= 0):
             modules = [*SPARE_IMPORTS, *STRATEGY_IMPORTS.get(self.spec.strategy.name, ())]
@@ -256,7 +266,18 @@ class RayGang:
                     spare = self._new_worker(bundle, 0, spare=True)
                     self._spares[bundle] = (spare, spare.warm.remote(omp_threads, modules, self.spec.resources.niceness))
         refs = [ref for _, ref in self._spares.values()]
-        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+        warm = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        if rejoin.applies(self.spec) and self.world_size > 1:
+            # Ahead of any fault, a warm spare runs the function up to its restore (model built,
+            # prepared), where it waits to be made a rank (launchers.rejoin).
+            for bundle, (spare, ref) in self._spares.items():
+                if ref in warm and bundle not in self._standby and bundle in self._standby_payload:
+                    self._standby[bundle] = spare.run.remote(self._standby_payload[bundle])
+            # Ready: its run waits at the restore, the model built.
+            asked = [self._spares[b][0].waiting.remote() for b in self._standby if b in self._spares]
+            answered = ray.wait(asked, num_returns=len(asked), timeout=0.2)[0] if asked else []
+            return sum(1 for ref in answered if _answer(ref))
+        return len(warm)
 
     def _adopt_spares(self, needed: set[int]) -> dict[int, object]:
         """The spares of the `needed` bundles whose imports are done, by bundle. The other spares of
@@ -265,10 +286,17 @@ class RayGang:
         spares = {b: self._spares.pop(b) for b in sorted(needed) if b in self._spares}
         warm_refs = [ref for _, ref in spares.values()]
         warm = set(ray.wait(warm_refs, num_returns=len(warm_refs), timeout=0)[0]) if spares else set()
+        standby = {b: self._standby.pop(b) for b in spares if b in self._standby}
+        ended = set(ray.wait(list(standby.values()), num_returns=len(standby), timeout=0)[0]) if standby else set()
+        for b in [b for b, ref in standby.items() if ref in ended]:  # its function failed before the restore
+            del standby[b]
+            warm.discard(spares[b][1])
+        self._standby.update(standby)
         adopted = self._adopt({b: spare for b, (spare, ref) in spares.items() if ref in warm})
         for bundle, (spare, _) in spares.items():
             if bundle not in adopted:
                 _kill(spare)
+                self._standby.pop(bundle, None)
         return adopted
 
     def _adopt(self, workers: dict[int, object]) -> dict[int, object]:
@@ -366,7 +394,7 @@ class RayGang:
         self._spares = {}
         for worker in self._survivors.values():
             _kill(worker)
-        self._survivors, self._live = {}, {}
+        self._survivors, self._live, self._standby = {}, {}, {}
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
@@ -381,6 +409,13 @@ def survivor_wait_s() -> float:
 
 def start_timeout_s() -> float:
     return float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+
+
+def _answer(ref) -> object:
+    try:
+        return ray.get(ref, timeout=0)
+    except (RayActorError, RayTaskError, GetTimeoutError):
+        return None
 
 
 def _kill(actor) -> None:

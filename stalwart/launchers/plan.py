@@ -39,8 +39,9 @@ class AttemptPlan:
     # Ranks whose processes lived through the last attempt (set by the gang at start): their in-memory
     # snapshots will likely restore this attempt, so no rank reads storage ahead of the restore.
     kept_ranks: tuple[int, ...] = ()
-    # Of those, the ranks that stayed in their training loop (launchers.rejoin): they take no part in
-    # the start of a rank (DDP's parameter broadcast), only in the restore.
+    # Ranks whose call goes on from before this attempt (launchers.rejoin): a survivor that stayed in its
+    # training loop, a spare on standby at its restore. When there are any, no rank takes part in DDP's
+    # start from rank 0's parameters (they did theirs, or never will): the restore sets every rank's.
     live_ranks: tuple[int, ...] = ()
 
     @classmethod

@@ -82,14 +82,14 @@ def run_rank(worker, payload: dict) -> dict:
         storage = open_storage(plan.checkpoint_uri, spec.checkpoint.s3)
 
         def make_context(ckpt_group=None, lazy_group: bool = False, vote_group=None, memory=None,
-                         train=None, rejoin_with=None) -> TrainContext:
+                         train=None, rejoin_with=None, standby: bool = False) -> TrainContext:
             return TrainContext(
                 job_id=worker.job_id, attempt=worker.attempt, rank=rank, world_size=world,
                 local_rank=int(env["LOCAL_RANK"]), device=device, config=dict(spec.config),
                 strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
                 every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
                 plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group, memory=memory,
-                train=train, rejoin_with=rejoin_with)
+                train=train, rejoin_with=rejoin_with, standby=standby)
 
         if spec.script is not None:
             os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
@@ -97,17 +97,21 @@ def run_rank(worker, payload: dict) -> dict:
             ctx = context_module._CURRENT
         else:
             live = rejoin.applies(spec) and world > 1
+            # A warm spare on standby runs the function up to its restore, which then waits for the
+            # attempt it will be a rank of (launchers.rejoin); the groups are formed then.
+            standby = bool(payload.get("standby")) and live
             backend = "nccl" if device.type == "cuda" else "gloo"
             # Checkpoint shard records travel on their own gloo group, from a background thread, so they
             # never interleave with the training collectives; the preemption vote too (one tiny
             # non-blocking all-reduce a step, see preemption.StopVote).
-            groups = rejoin.form_groups(backend, rank, world, timeout, memory=spec.checkpoint.memory_every_steps
-                                        is not None, train=live)
+            groups = rejoin.Groups() if standby else rejoin.form_groups(
+                backend, rank, world, timeout, memory=spec.checkpoint.memory_every_steps is not None, train=live)
             tier = _memory_tier(worker, spec, groups.memory)
 
-            def rejoin_with(failed: BaseException) -> tuple[rejoin.Rendezvous, rejoin.Groups]:
-                """In the loop, after a peer was lost: the next attempt's rendezvous, and its groups."""
-                rendezvous = worker.mailbox.wait(rejoin.rejoin_wait_s())
+            def rejoin_with(failed: BaseException | None) -> tuple[rejoin.Rendezvous, rejoin.Groups]:
+                """After a peer was lost (in the loop), or on standby (at the restore): the attempt's
+                rendezvous, and its groups."""
+                rendezvous = worker.mailbox.wait(rejoin.rejoin_wait_s() if failed is not None else None)
                 if rendezvous is None:
                     raise rejoin.PeerLost(f"a peer was lost ({_first_line(failed)}) and no new attempt asked this "
                                           f"rank to rejoin within {rejoin.rejoin_wait_s():g} s "
@@ -123,7 +127,7 @@ def run_rank(worker, payload: dict) -> dict:
             ctx = context_module._CURRENT = make_context(
                 groups.checkpoint, vote_group=groups.vote, memory=tier,
                 train=rejoin.TrainGroup(groups.train, world) if live else None,
-                rejoin_with=rejoin_with if live else None)
+                rejoin_with=rejoin_with if live else None, standby=standby)
             func = import_entrypoint(spec.entrypoint, spec.workdir)
             result = func(ctx, dict(spec.config))
         if ctx is not None:

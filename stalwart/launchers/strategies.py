@@ -132,7 +132,7 @@ class DDPStrategy(Strategy):
             # Gradients averaged by stalwart's hook: a peer's death does not raise through the loop.
             from stalwart.launchers.rejoin import wrap_ddp
 
-            model = wrap_ddp(model, train, self.options, sync=not ctx._plan.live_ranks)
+            model = wrap_ddp(model, train, self.options, sync=not (ctx._plan.live_ranks or ctx._standby))
         elif ctx.world_size > 1 and dist.is_initialized():
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **self.options)

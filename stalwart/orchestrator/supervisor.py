@@ -342,12 +342,15 @@ class JobSupervisor:
             warm = getattr(gang, "warm_ranks", 0)
             kept = list(getattr(gang, "kept_ranks", ()))
             self._live_ranks = list(getattr(gang, "live_ranks", ()))
+            standby = list(getattr(gang, "standby_ranks", ()))
             self._event("attempt_started", f"attempt {state.attempt} started with {gang.world_size} ranks"
-                        + (f" ({warm} from warm spares)" if warm else "")
+                        + (f" ({warm} from warm spares" + (f", {standby} with the function run up to its restore"
+                                                           if standby else "") + ")" if warm else "")
                         + (f" (ranks {kept} in the processes that ran the last attempt"
                            + (f"; {self._live_ranks} never left their training loop" if self._live_ranks else "")
                            + ")" if kept else ""),
-                        world_size=gang.world_size, warm_ranks=warm, kept_ranks=kept, live_ranks=self._live_ranks)
+                        world_size=gang.world_size, warm_ranks=warm, kept_ranks=kept, live_ranks=self._live_ranks,
+                        standby_ranks=standby)
             return st.Tick()
         outcome = gang.poll(self.POLL_S)
         if outcome is None:

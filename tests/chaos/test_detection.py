@@ -130,6 +130,7 @@ def test_straggler_is_reported_without_a_restart(client):
     assert events[0]["data"]["ratio"] > 1.5
 
 
+@pytest.mark.slow  # 26 s; trend's unit tests cover the rule, the rollback path is the spike test's
 def test_creeping_loss_is_rolled_back_as_a_divergence(client):
     # From step 120 the reported loss creeps up linearly to 2x over 150 steps and the grad norm grows
     # (its 4th power): no single step stands out, so only the trend detector can see it.

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCENARIO = Path(__file__).with_name("elastic_scenario.py")
 
 
+@pytest.mark.slow  # 50 s; the supervisor's unit tests step shrink and grow against a scripted gang
 def test_shrink_then_grow_back(tmp_path):
     proc = subprocess.run([sys.executable, str(SCENARIO), str(tmp_path)], capture_output=True, text=True,
                           timeout=600)

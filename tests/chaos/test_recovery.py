@@ -160,6 +160,25 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, undisturbed):
+    # Rank 0 slow in the first attempt: time for the spares to build the model and wait at their restore.
+    slow = [{**SLOW_FIRST_ATTEMPT[0], "factor": 10}]
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1}, faults=slow)
+    job = client.submit(spec)
+    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
+             what="spares waiting at their restore", timeout=300)
+    before = _pids(job, 1)
+    os.kill(before[1], signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    # Rank 0 stayed in its loop; rank 1's place went to the spare that had run the function up to its restore.
+    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == [1]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert _tiers(job, "restored") == ["memory"]
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
 @pytest.mark.slow  # memory.choose's unit tests cover the rule; the SIGKILL test above covers the tier end to end
 def test_storage_newer_than_the_snapshots_wins_and_stays_bitwise(client, undisturbed):
     # Snapshots every 15 steps, checkpoints every 10: killed at step 28, the snapshot of step 15 is

@@ -70,6 +70,7 @@ def test_second_job_waits_for_resources_then_runs(client):
     assert second.status()["attempts"][0]["started"] >= first.status()["attempts"][0]["ended"] - 1
 
 
+@pytest.mark.slow  # 26 s; the admission queue's unit tests cover the order
 def test_waiting_jobs_hold_no_placement_group_and_start_by_priority(client):
     blocker = client.submit(job_spec("testjobs:linear", {"steps": 80, "sleep": 0.1}))
     wait_for(lambda: blocker.status()["state"] == "RUNNING", timeout=60)
