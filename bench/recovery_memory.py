@@ -39,7 +39,7 @@ from jobspecs import wait_for  # noqa: E402
 
 EVERY = 5
 KILL_AFTER_STEP = 12
-STEPS = 40
+STEPS = 80
 
 
 def _marks_after(path: Path, t_kill: float) -> dict:
