@@ -7,16 +7,19 @@ Prints ONE JSON line. Run from the repository root:
 
 The workload and set-up are bench/recovery.py's stalwart side: one in-process local Ray instance
 (2 CPUs), the rclone S3 server on 127.0.0.1, 2 ranks x 1 CPU, DDP over gloo, 8 x Linear(2048, 2048)
-with AdamW (about 400 MB of state), a checkpoint every 5 steps, SIGKILL of rank 1 once it has done step
-12 and the checkpoint of step 10 has committed. The two sides differ only in the spec:
+with AdamW (about 400 MB of state), a checkpoint every 5 steps, 80 steps, SIGKILL of rank 1 (its pid as
+the controller has it) once it has done step 12, the checkpoint of step 10 has committed and the spares
+are ready (`spares_ready`: a fault in a long run finds them so). The two sides differ only in the spec:
 
 * memory: `checkpoint.memory_every_steps: 5` as well, so snapshots are taken at the checkpoint's steps
-  and both sides restore step 10, losing the same steps; rank 0's process survives and restores from
-  its own snapshot, the new rank 1 (a warm spare) receives its state from rank 0;
-* storage: no in-memory snapshots (today's path: both ranks in new processes, read from S3).
+  and both sides restore the same step, losing the same steps; rank 0 stays in its training loop and
+  restores from its own snapshot, rank 1 comes from a spare that ran the function up to its restore and
+  receives its state from rank 0 (launchers.rejoin);
+* storage: no in-memory snapshots (both ranks from warm spares, running the function from the start,
+  restoring from the node-local copy or S3).
 
 Figure: seconds from the kill to the first step completed by the new attempt's rank 0 (its stamp; for
-the memory side the same process as before the kill, so stamps are told apart by the attempt's
+a rank that stayed in its loop, the first step it did again; otherwise told apart by the attempt's
 `start` mark after the kill). Also: kill -> `fault` event, -> `attempt_started`, -> rank 0 `restored`
 mark, and the restored tier. Medians over repetitions, and the median of per-pair ratios.
 """
@@ -71,7 +74,7 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
                          "access_key_id": o.access_key_id.get_secret_value(),
                          "secret_access_key": o.secret_access_key.get_secret_value()}}
     if side == "memory":
-        checkpoint["memory_every_steps"] = EVERY
+        checkpoint.update(memory_every_steps=EVERY, memory_in_loop=True)
     spec = {"name": f"bench-recovery-{side}", "entrypoint": "_faultjobs:stalwart_main", "workdir": str(BENCH),
             "config": {"layers": 8, "dim": 2048, "batch_size": 8, "steps": STEPS, "every_steps": EVERY,
                        "stamps_dir": str(stamps)},

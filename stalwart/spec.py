@@ -160,6 +160,10 @@ class CheckpointSpec(_Section):
         None, ge=1, description="ctx.checkpoint(step) also keeps an in-memory snapshot every this many steps, "
         "replicated to a peer rank, which a restart restores from when the ranks' processes survive; "
         "None: off")
+    memory_in_loop: bool = Field(
+        False, description="with memory_every_steps and DDP on CPU: the ranks that outlive a dead one stay in their "
+        "training loop and spares wait at their restore, so a recovery runs none of the job's set-up; costs about "
+        "9 % of a CPU step (stalwart averages the gradients itself; docs/BENCHMARKS.md)")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
     init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "

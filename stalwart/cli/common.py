@@ -41,9 +41,8 @@ ENVIRONMENT = {
     "STALWART_SURVIVOR_WAIT_S": "with in-memory snapshots: how long the ranks that outlive a dead one may take to "
                                 "end their calls and be kept (default 5)",
     "STALWART_MEMORY_REPLICATION_TIMEOUT_S": "how long a snapshot waits for the previous one's replica to be sent (default 300)",
-    "STALWART_REJOIN_WAIT_S": "with in-memory snapshots and DDP: how long a rank that outlived a dead one waits in "
+    "STALWART_REJOIN_WAIT_S": "with checkpoint.memory_in_loop: how long a rank that outlived a dead one waits in "
                               "its training loop for the next attempt (default 60)",
-    "STALWART_LIVE_REJOIN": "0: ranks that outlive a dead one leave their loop and run the function again",
 }
 
 

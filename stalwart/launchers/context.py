@@ -218,7 +218,7 @@ class TrainContext:
         self._engine.group, self._engine.attempt = groups.checkpoint, rendezvous.attempt
         self._engine.pinned.update(rendezvous.plan.pinned)
         self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank)
-        self._train.replace(groups.train, self.world_size)
+        self._train.replace(groups.train, self.world_size, groups.check)
         self._faults = self._faults_of(rendezvous.plan)
         self._data = DataPosition(skip=[tuple(r) for r in rendezvous.plan.skip])
 

@@ -25,6 +25,7 @@ import datetime
 import inspect
 import os
 import threading
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ import torch.distributed as dist
 
 REJOIN_WAIT_ENV = "STALWART_REJOIN_WAIT_S"
 DEFAULT_REJOIN_WAIT_S = 60.0
-LIVE_ENV = "STALWART_LIVE_REJOIN"  # 0: survivors end their calls and run the user's function again
+# A gradient at least this large is summed in place; smaller ones are packed into one buffer first.
+IN_PLACE_BYTES = 1 << 20
 
 
 _DDP_PARAMETERS = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
@@ -44,10 +46,11 @@ def rejoin_wait_s() -> float:
 
 
 def applies(spec) -> bool:
-    """Whether a job's surviving ranks stay in their loop: DDP, in-memory snapshots, CPU, a function entrypoint."""
-    return (spec.checkpoint.memory_every_steps is not None and spec.strategy.name == "ddp"
-            and spec.script is None and spec.resources.gpus_per_worker <= 0 and spec.resources.workers > 1
-            and os.environ.get(LIVE_ENV, "1") != "0")
+    """Whether a job's surviving ranks stay in their loop: checkpoint.memory_in_loop, DDP, in-memory
+    snapshots, CPU, a function entrypoint."""
+    return (spec.checkpoint.memory_every_steps is not None and spec.checkpoint.memory_in_loop
+            and spec.strategy.name == "ddp"
+            and spec.script is None and spec.resources.gpus_per_worker <= 0 and spec.resources.workers > 1)
 
 
 class PeerLost(RuntimeError):
@@ -57,16 +60,21 @@ class PeerLost(RuntimeError):
 class TrainGroup:
     """The group DDP's gradients are averaged over; `failed` holds the first error since it was formed.
 
-    The average is taken once per backward, when DDP hands over its last bucket, over every gradient
-    in the model's parameter order (`register`). Not bucket by bucket: DDP lays its buckets out anew
-    after a rank's first steps, so a rank that joined running peers has another layout than theirs
-    for a step, and bucket-wise sums would add up different parameters' gradients."""
+    Bucket by bucket, as DDP does, overlapping the backward, while every rank's bucket holds the same
+    parameters in the same order: each bucket's layout (the sequence of its parameters' places in the
+    model) is checked first with a small all-reduce on a group of its own (`check`). DDP lays its buckets
+    out anew after a rank's first steps, so a rank that joined running peers has another layout than
+    theirs for a step; from the first bucket that differs (every rank sees it at the same bucket) to the
+    end of that backward, the gradients are summed together at the last bucket, in the model's parameter
+    order (`register`), so that the same parameters' gradients are added."""
 
-    def __init__(self, group, world_size: int):
-        self.group, self.world_size = group, world_size
+    def __init__(self, group, world_size: int, check=None):
+        self.group, self.world_size, self.check = group, world_size, check
         self.failed: BaseException | None = None
         self._order: dict[int, int] = {}  # id(parameter) -> its place in the model's parameters
         self._pending: list = []  # (bucket buffer, its parameters, their gradients, future) of this backward
+        self._layout = torch.zeros(2, dtype=torch.int64)
+        self.unmatched = 0  # backward passes that found bucket layouts differing between ranks
 
     def register(self, model: torch.nn.Module) -> None:
         self._order = {id(p): i for i, p in enumerate(model.parameters())}
@@ -75,8 +83,8 @@ class TrainGroup:
         if self.failed is None:
             self.failed = exc
 
-    def replace(self, group, world_size: int) -> None:
-        self.group, self.world_size, self.failed = group, world_size, None
+    def replace(self, group, world_size: int, check=None) -> None:
+        self.group, self.world_size, self.failed, self.check = group, world_size, None, check
         self._pending = []
 
     def broadcast(self, tensors, src: int = 0) -> None:
@@ -90,27 +98,65 @@ class TrainGroup:
             self.fail(exc)
 
     def add(self, bucket) -> torch.futures.Future:
-        """One of DDP's buckets, already divided by the world size; its future completes at the last."""
-        buffer = bucket.buffer()
+        """One of DDP's buckets, already divided by the world size: summed now when every rank's is laid
+        out alike, else kept for the sum at the last bucket. Never raises."""
+        buffer, params, grads = bucket.buffer(), bucket.parameters(), bucket.gradients()
         future: torch.futures.Future = torch.futures.Future()
-        self._pending.append((buffer, bucket.parameters(), bucket.gradients(), future))
+        if self.failed is None and not self._pending and self._same_layout(params):
+            try:
+                work = dist.all_reduce(buffer, group=self.group, async_op=True)
+            except RuntimeError as exc:
+                self.fail(exc)
+                future.set_result(buffer)
+                return future
+
+            def done(fut) -> None:
+                try:
+                    fut.wait()
+                except Exception as exc:  # noqa: BLE001 - a peer gone: gloo says so in many ways
+                    self.fail(exc)
+                future.set_result(buffer)
+
+            work.get_future().add_done_callback(done)
+            return future
+        self._pending.append((buffer, params, grads, future))
         if bucket.is_last():
             pending, self._pending = self._pending, []
             if self.failed is None:
-                self._sum([(self._order.get(id(p), 1 << 40), g) for _, params, grads, _ in pending
-                           for p, g in zip(params, grads)])
+                self.unmatched += 1
+                self._sum([(self._order.get(id(p), 1 << 40), g) for _, ps, gs, _ in pending
+                           for p, g in zip(ps, gs)])
             for buffer_, _, _, fut in pending:
                 fut.set_result(buffer_)
         return future
 
-    def _sum(self, items: list) -> None:
-        """Sum the gradients over the group, laid out in parameter order (one all-reduce per dtype)."""
-        items.sort(key=lambda item: item[0])
-        by_dtype: dict = {}
-        for _, grad in items:
-            by_dtype.setdefault(grad.dtype, []).append(grad)
+    def _same_layout(self, params) -> bool:
+        """Whether every rank's bucket holds these parameters in this order (collective, small)."""
+        if self.check is None:
+            return False
+        h = len(params)
+        for p in params:
+            h = (h * 1_000_003 + self._order.get(id(p), -1) + 2) % (1 << 61)
+        self._layout[0], self._layout[1] = h, -h
         try:
-            for grads in by_dtype.values():
+            dist.all_reduce(self._layout, op=dist.ReduceOp.MAX, group=self.check)
+        except RuntimeError as exc:
+            self.fail(exc)
+            return False
+        return int(self._layout[0]) == -int(self._layout[1])
+
+    def _sum(self, items: list) -> None:
+        """Sum the gradients over the group in parameter order: a large one in place (no copy), the small
+        ones packed together by dtype (one all-reduce for many)."""
+        items.sort(key=lambda item: item[0])
+        small: dict = {}
+        try:
+            for _, grad in items:
+                if grad.numel() * grad.element_size() >= IN_PLACE_BYTES and grad.is_contiguous():
+                    dist.all_reduce(grad, group=self.group)
+                else:
+                    small.setdefault(grad.dtype, []).append(grad)
+            for grads in small.values():
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 dist.all_reduce(flat, group=self.group)
                 offset = 0
@@ -163,6 +209,23 @@ def wrap_ddp(model: torch.nn.Module, train: TrainGroup, options: dict, sync: boo
     return ddp
 
 
+def skip_failed_steps(optimizer, train: TrainGroup) -> None:
+    """Make `optimizer.step()` do nothing on a step whose gradients could not be averaged: the restore
+    that follows sets every parameter anyway, and the rank gets to its rejoin sooner (an AdamW step over
+    a large model is a good part of a CPU step). One attribute read per step otherwise. Kept a bound
+    method, as torch's LR schedulers expect of `optimizer.step` (they wrap it through `__func__`)."""
+    step = optimizer.step
+
+    def guarded(self, *args, **kwargs):
+        if train.failed is not None:
+            return None
+        return step(*args, **kwargs)
+
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        guarded._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # a scheduler's wrapper is inside
+    optimizer.step = types.MethodType(guarded, optimizer)
+
+
 @dataclass
 class Rendezvous:
     """What a waiting rank needs to join the next attempt (sent by the gang)."""
@@ -206,6 +269,7 @@ class Groups:
     vote: Any = None
     memory: Any = None
     train: Any = None
+    check: Any = None  # the bucket layout checks of `train` (a queue of their own: not behind a bucket's sum)
 
 
 def form_groups(backend: str, rank: int, world_size: int, timeout: datetime.timedelta, memory: bool,
@@ -223,6 +287,7 @@ def form_groups(backend: str, rank: int, world_size: int, timeout: datetime.time
             groups.memory = dist.new_group(backend="gloo", timeout=timeout)
         if train:
             groups.train = dist.new_group(backend="gloo", timeout=timeout)
+            groups.check = dist.new_group(backend="gloo", timeout=timeout)
     return groups
 
 

@@ -126,7 +126,7 @@ def run_rank(worker, payload: dict) -> dict:
 
             ctx = context_module._CURRENT = make_context(
                 groups.checkpoint, vote_group=groups.vote, memory=tier,
-                train=rejoin.TrainGroup(groups.train, world) if live else None,
+                train=rejoin.TrainGroup(groups.train, world, groups.check) if live else None,
                 rejoin_with=rejoin_with if live else None, standby=standby)
             func = import_entrypoint(spec.entrypoint, spec.workdir)
             result = func(ctx, dict(spec.config))

@@ -130,9 +130,11 @@ class DDPStrategy(Strategy):
         train = getattr(ctx, "_train", None)
         if ctx.world_size > 1 and train is not None:
             # Gradients averaged by stalwart's hook: a peer's death does not raise through the loop.
-            from stalwart.launchers.rejoin import wrap_ddp
+            from stalwart.launchers.rejoin import skip_failed_steps, wrap_ddp
 
             model = wrap_ddp(model, train, self.options, sync=not (ctx._plan.live_ranks or ctx._standby))
+            if optimizer is not None:
+                skip_failed_steps(optimizer, train)
         elif ctx.world_size > 1 and dist.is_initialized():
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **self.options)

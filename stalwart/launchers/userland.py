@@ -106,7 +106,9 @@ def format_user_error(rank: int, exc: BaseException) -> UserCodeError:
 def _is_communication_error(exc: BaseException) -> bool:
     import torch.distributed as dist
 
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    from stalwart.launchers.rejoin import PeerLost
+
+    if isinstance(exc, (getattr(dist, "DistError", ()), PeerLost)):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(

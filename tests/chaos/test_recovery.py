@@ -89,6 +89,7 @@ def test_sigkill_of_a_rank_mid_run(client, undisturbed):
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+@pytest.mark.slow  # 17 s; the spares' own path is covered by every restart that adopts them
 def test_dead_spares_are_replaced_by_new_workers(client, undisturbed):
     job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT))
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
@@ -150,11 +151,10 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
     assert after[1] != before[1]
     started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
     assert started[1]["kept_ranks"] == [0]
-    # Rank 0 never left its training loop: no second run of the function, the rejoin said so.
-    assert started[1]["live_ranks"] == [0]
+    # Without checkpoint.memory_in_loop, rank 0's call ended and ran the function again in its process.
+    assert started[1]["live_ranks"] == []
     assert _tiers(job, "restored") == ["memory"] and _tiers(job, "recovered") == ["memory"]
-    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
-    assert "rejoined attempt 2 in this process" in job.logs()
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
     restored = next(e for e in job.events() if e["kind"] == "restored")
     assert restored["data"]["step"] >= 13  # the last snapshot every rank had, not the last checkpoint (10)
     assert_bitwise_equal(final_state(status), undisturbed)
@@ -163,7 +163,8 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
 def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, undisturbed):
     # Rank 0 slow in the first attempt: time for the spares to build the model and wait at their restore.
     slow = [{**SLOW_FIRST_ATTEMPT[0], "factor": 10}]
-    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1}, faults=slow)
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                      "memory_in_loop": True}, faults=slow)
     job = client.submit(spec)
     wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
              what="spares waiting at their restore", timeout=300)
@@ -177,6 +178,45 @@ def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, 
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
     assert _tiers(job, "restored") == ["memory"]
     assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_two_kills_in_a_row_with_ranks_in_their_loop(client, undisturbed):
+    # Rank 0 first (rank 1 stays in its loop and rank 0's place, the rendezvous's host, is new), then in
+    # the next attempt the survivor of the first fault.
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                               "memory_in_loop": True},
+                         faults=[{"kind": "kill", "rank": 0, "step": 15, "attempt": 1},
+                                 {"kind": "kill", "rank": 1, "step": 25, "attempt": 2}])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 2}
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert [s["live_ranks"] for s in started[1:]] == [[1], [0]]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop", "in_loop"]
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
+@pytest.mark.slow  # 25 s; the SIGSTOP test of test_detection covers hang detection, this one the memory tier's fallback
+def test_sigstop_with_ranks_that_stay_in_their_loop_restarts_every_rank(client, undisturbed):
+    # A stopped peer breaks no connection: rank 0 waits in its all-reduce, the hang detector stops the
+    # gang, and the restart takes the usual path (no rank is kept).
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                               "memory_in_loop": True},
+                         fault_tolerance={"hang_timeout_s": 4})
+    job = client.submit(spec)
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s, timeout=300)
+    victim = status["ranks"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        final = job.wait(timeout=300)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert final["state"] == "SUCCEEDED" and final["restarts"] == {"hang": 1}
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
+    assert_bitwise_equal(final_state(final), undisturbed)
 
 
 @pytest.mark.slow  # memory.choose's unit tests cover the rule; the SIGKILL test above covers the tier end to end

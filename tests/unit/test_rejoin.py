@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,27 +14,64 @@ from stalwart._net import free_port
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, 4))
+    # Small gradients (packed together) and a 1 MiB one (summed in place).
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
 
 
 def _batch(rank: int) -> torch.Tensor:
     return torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
 
 
-def _averaged(rank: int, world: int, port: int, out: str) -> None:
-    from stalwart.launchers.rejoin import TrainGroup, wrap_ddp
+class _Bucket:
+    """What DDP hands a communication hook: a flat buffer, its parameters and views of their gradients."""
+
+    def __init__(self, params, grads, index, last):
+        self._buffer = torch.cat([g.reshape(-1) for g in grads])
+        self._params, self._index, self._last = params, index, last
+        self._views, offset = [], 0
+        for g in grads:
+            self._views.append(self._buffer[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def buffer(self):
+        return self._buffer
+
+    def parameters(self):
+        return self._params
+
+    def gradients(self):
+        return self._views
+
+    def index(self):
+        return self._index
+
+    def is_last(self):
+        return self._last
+
+
+def _averaged(rank: int, world: int, port: int, out: str, same: bool) -> None:
+    from stalwart.launchers.rejoin import TrainGroup, average_gradients
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = _model()
-    train = TrainGroup(dist.new_group(backend="gloo"), world)
-    # Each rank lays DDP's buckets out differently, as a rank that joined running peers does for a step.
-    ddp = wrap_ddp(model, train, {"bucket_cap_mb": 0.001 * (rank + 1)}, sync=True)
-    ddp(_batch(rank)).pow(2).mean().backward()
-    torch.save({"grads": [p.grad.clone() for p in model.parameters()], "failed": train.failed is not None},
-               f"{out}/rank{rank}.pt")
+    model(_batch(rank)).pow(2).mean().backward()
+    train = TrainGroup(dist.new_group(backend="gloo"), world, dist.new_group(backend="gloo"))
+    train.register(model)
+    params = list(model.parameters())[::-1]  # DDP's order: the last layer's first
+    # Two buckets on every rank, or (rank 1, unless `same`) other ones: 3 parameters, then the rest, in
+    # another order, as a rank that joined running peers lays them out for a step.
+    cut = 2 if same or rank == 0 else 3
+    parts = [params[:cut], params[cut:]] if same or rank == 0 else [params[:cut][::-1], params[cut:]]
+    buckets = [_Bucket(ps, [p.grad for p in ps], i, i == len(parts) - 1) for i, ps in enumerate(parts)]
+    futures = [average_gradients(train, b) for b in buckets]
+    for fut in futures:
+        fut.wait()
+    got = {id(p): v.clone() for b in buckets for p, v in zip(b.parameters(), b.gradients())}
+    torch.save({"grads": [got[id(p)] for p in model.parameters()], "failed": train.failed is not None,
+                "unmatched": train.unmatched}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -43,12 +81,15 @@ def _local_grads(rank: int) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_gradients_are_averaged_whatever_the_bucket_layout_of_each_rank(tmp_path):
-    mp.spawn(_averaged, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("same", [True, False], ids=["same-layout", "other-layout"])
+def test_gradients_are_averaged_whatever_the_bucket_layout_of_each_rank(tmp_path, same):
+    mp.spawn(_averaged, args=(2, free_port(), str(tmp_path), same), nprocs=2, join=True)
     expected = [(a / 2 + b / 2) for a, b in zip(_local_grads(0), _local_grads(1))]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert not got["failed"]
+        # Bucket by bucket where the layouts agree; all together, in parameter order, where they do not.
+        assert got["unmatched"] == (0 if same else 1)
         for g, e in zip(got["grads"], expected):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-7)
 
@@ -59,7 +100,7 @@ def _survives(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = _model()
-    train = TrainGroup(dist.new_group(backend="gloo"), world)
+    train = TrainGroup(dist.new_group(backend="gloo"), world, dist.new_group(backend="gloo"))
     ddp = wrap_ddp(model, train, {}, sync=True)
     ddp(_batch(rank)).sum().backward()  # both ranks
     if rank == 1:
@@ -75,3 +116,24 @@ def test_a_dead_peer_marks_the_group_failed_instead_of_raising_through_backward(
     for p in ctx.processes:
         p.join(120)
     assert "Error" in torch.load(tmp_path / "survivor.pt")["failed"]
+
+
+def test_a_failed_step_takes_no_optimizer_step_and_schedulers_still_wrap_it():
+    from stalwart.launchers.rejoin import TrainGroup, skip_failed_steps
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # wraps optimizer.step first
+    train = TrainGroup(None, 2)
+    skip_failed_steps(optimizer, train)
+    after = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)  # and one built after prepare
+    weights = [p.detach().clone() for p in model.parameters()]
+    model(_batch(0)).sum().backward()
+    train.fail(RuntimeError("Connection closed by peer"))
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    train.replace(None, 2)
+    optimizer.step()
+    before.step()
+    after.step()
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
