@@ -1,5 +1,8 @@
 """Spec builders shared by the integration tests."""
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +51,14 @@ def lose_node(cluster, nodes, node_id: str, ranks: list[dict]) -> None:
                 os.kill(rank["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass  # it went with its raylet already
+
+
+@contextlib.contextmanager
+def stopped(pid: int):
+    """SIGSTOP `pid` for the block (a hung process: alive, its connections open), SIGCONT after."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

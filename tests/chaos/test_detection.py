@@ -1,12 +1,9 @@
 """NaN, loss spikes, hangs and a killed controller, caused for real in running jobs."""
 
-import os
-import signal
-
 import pytest
 import ray
 
-from jobspecs import tiny_gpt_spec
+from jobspecs import stopped, tiny_gpt_spec
 from jobspecs import wait_for
 from test_recovery import assert_bitwise_equal, final_state
 
@@ -63,15 +60,8 @@ def test_sigstop_of_a_rank_is_a_hang_with_stacks(client):
     spec = tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}, fault_tolerance={"hang_timeout_s": 4})
     job = client.submit(spec)
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
-    victim = status["ranks"][1]["pid"]
-    os.kill(victim, signal.SIGSTOP)
-    try:
+    with stopped(status["ranks"][1]["pid"]):
         final = job.wait(timeout=300)
-    finally:
-        try:
-            os.kill(victim, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
     assert final["state"] == "SUCCEEDED"
     assert final["restarts"] == {"hang": 1}
     (event,) = faults(job)

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from jobspecs import tiny_gpt_spec, wait_for
+from jobspecs import stopped, tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.storage import open_storage
 
@@ -205,15 +205,8 @@ def test_sigstop_with_ranks_that_stay_in_their_loop_restarts_every_rank(client, 
                          fault_tolerance={"hang_timeout_s": 4})
     job = client.submit(spec)
     status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s, timeout=300)
-    victim = status["ranks"][1]["pid"]
-    os.kill(victim, signal.SIGSTOP)
-    try:
+    with stopped(status["ranks"][1]["pid"]):
         final = job.wait(timeout=300)
-    finally:
-        try:
-            os.kill(victim, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
     assert final["state"] == "SUCCEEDED" and final["restarts"] == {"hang": 1}
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
     assert_bitwise_equal(final_state(final), undisturbed)
