@@ -62,3 +62,14 @@ def stopped(pid: int):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def deepspeed_mark():
+    """A skip mark for tests that need DeepSpeed, naming why it cannot be imported."""
+    import pytest
+
+    from stalwart.launchers.strategies import deepspeed_missing
+
+    missing = deepspeed_missing()
+    return pytest.mark.skipif(missing is not None, reason=f"deepspeed is not importable ({missing}); "
+                              "pip install 'stalwart[deepspeed]'")

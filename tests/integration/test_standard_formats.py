@@ -14,21 +14,18 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from typer.testing import CliRunner
 
-from jobspecs import JOBS, REPO, tiny_gpt_spec
+from jobspecs import JOBS, REPO, deepspeed_mark, tiny_gpt_spec
 from stalwart.checkpointing import engine, formats
 from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import open_storage
 from stalwart.cli import app
 from stalwart.errors import SpecError
-from stalwart.launchers.strategies import deepspeed_missing
 
 sys.path.insert(0, str(REPO / "examples" / "tiny_gpt"))
 from model import GPT  # noqa: E402
 
 STEPS = 20
-_DS_MISSING = deepspeed_missing()
-needs_deepspeed = pytest.mark.skipif(
-    _DS_MISSING is not None, reason=f"deepspeed is not importable ({_DS_MISSING}); pip install 'stalwart[deepspeed]'")
+needs_deepspeed = deepspeed_mark()
 STRATEGIES = {
     "ddp": "ddp",
     "fsdp": {"name": "fsdp"},

@@ -6,18 +6,15 @@ import pytest
 import torch
 import yaml
 
-from jobspecs import JOBS, REPO, tiny_gpt_spec
+from jobspecs import JOBS, REPO, deepspeed_mark, tiny_gpt_spec
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import open_storage
-from stalwart.launchers.strategies import deepspeed_missing
 
 STEPS = 40
 KILL = [{"kind": "kill", "rank": 1, "step": 25}]
 
-_DS_MISSING = deepspeed_missing()
-needs_deepspeed = pytest.mark.skipif(
-    _DS_MISSING is not None, reason=f"deepspeed is not importable ({_DS_MISSING}); pip install 'stalwart[deepspeed]'")
+needs_deepspeed = deepspeed_mark()
 
 STRATEGIES = {
     "ddp": "ddp",
