@@ -34,8 +34,6 @@ import torch.distributed as dist
 
 REJOIN_WAIT_ENV = "STALWART_REJOIN_WAIT_S"
 DEFAULT_REJOIN_WAIT_S = 60.0
-# A gradient at least this large is summed in place; smaller ones are packed into one buffer first.
-IN_PLACE_BYTES = 1 << 20
 
 
 _DDP_PARAMETERS = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
@@ -146,17 +144,14 @@ class TrainGroup:
         return int(self._layout[0]) == -int(self._layout[1])
 
     def _sum(self, items: list) -> None:
-        """Sum the gradients over the group in parameter order: a large one in place (no copy), the small
-        ones packed together by dtype (one all-reduce for many)."""
+        """Sum the gradients over the group in parameter order, packed by dtype (one all-reduce each).
+        Only for a backward whose bucket layouts differ between ranks: the first after a rank joins."""
         items.sort(key=lambda item: item[0])
-        small: dict = {}
+        by_dtype: dict = {}
+        for _, grad in items:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
         try:
-            for _, grad in items:
-                if grad.numel() * grad.element_size() >= IN_PLACE_BYTES and grad.is_contiguous():
-                    dist.all_reduce(grad, group=self.group)
-                else:
-                    small.setdefault(grad.dtype, []).append(grad)
-            for grads in small.values():
+            for grads in by_dtype.values():
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 dist.all_reduce(flat, group=self.group)
                 offset = 0

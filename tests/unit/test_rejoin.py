@@ -14,7 +14,6 @@ from stalwart._net import free_port
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    # Small gradients (packed together) and a 1 MiB one (summed in place).
     return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 512), torch.nn.ReLU(),
                                torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
 
