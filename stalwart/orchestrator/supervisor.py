@@ -611,11 +611,17 @@ class JobSupervisor:
 
     # ---- the report stream --------------------------------------------------------------
     def on_report(self, attempt: int, rank: int, batch: dict) -> None:
-        """Called on the controller's threads. Reports from an older attempt add their logs and the
-        outcome of their saves (a gang being torn down still flushes what it committed)."""
+        """Called on the controller's threads. Reports from an older attempt add their logs, the
+        outcome of their saves (a gang being torn down still flushes what it committed) and, while the
+        current attempt has reported nothing yet, rank 0's records to the job's history: a dying gang's
+        last batch often lands after the next attempt began, and its steps are part of the curve."""
         if batch.get("logs"):
             self.record.logs(batch["logs"])
         if attempt != self.attempt:
+            records = batch.get("records") or []
+            with self._lock:
+                if rank == 0 and records and attempt < self.attempt and self.live.last_report_at is None:
+                    self.record.metrics([{**r, "attempt": attempt} for r in records])
             for ev in batch.get("events") or []:
                 if ev.get("kind") in ("checkpoint_committed", "checkpoint_failed"):
                     self._on_worker_event(attempt, rank, ev)

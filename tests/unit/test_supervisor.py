@@ -115,6 +115,21 @@ def test_a_commit_flushed_by_an_ending_attempt_is_kept(tmp_path):
     assert sup.commits == [20]
 
 
+def test_the_last_batch_of_an_ending_attempt_stays_in_the_history(tmp_path):
+    died = GangOutcome(False, "node_failure", 0, "died")
+    sup = supervisor(tmp_path, [None, died, None], {"fault_tolerance": {"budgets": {"node_failure": 1}}})
+    t = run(sup, "RESTARTING")
+    run(sup, "RUNNING", start=t + 1)
+    assert sup.attempt == 2
+    # Rank 0 of attempt 1 flushed its steps 1-3 as it ended; they land after attempt 2 started.
+    sup.on_report(1, 0, {"records": [{"step": s, "ts": float(s), "loss": 1.0 / s} for s in (1, 2, 3)]})
+    assert [(m["step"], m["attempt"]) for m in sup.store.read_metrics("t-1")] == [(1, 1), (2, 1), (3, 1)]
+    assert sup.live.step == 0  # the history only: not what the current attempt shows
+    sup.on_report(2, 0, {"records": [{"step": 1, "ts": 10.0, "loss": 1.0}]})
+    sup.on_report(1, 0, {"records": [{"step": 4, "ts": 4.0, "loss": 0.25}]})  # once attempt 2 reported: too late
+    assert [(m["step"], m["attempt"]) for m in sup.store.read_metrics("t-1")][3:] == [(1, 2)]
+
+
 def test_failing_saves_say_since_when(tmp_path):
     sup = supervisor(tmp_path, [None] * 10)
     run(sup, "RUNNING")
