@@ -153,7 +153,8 @@ class S3Options(_Section):
 
 
 class CheckpointSpec(_Section):
-    uri: str | None = Field(None, description="file:///dir, a plain path, or s3://bucket/prefix")
+    uri: str | None = Field(None, description="file:///dir, a plain path, s3://bucket/prefix, or a "
+                                  "URI fsspec opens (gs://, az://, hf://, ...; fsspec+s3:// for S3 through s3fs)")
     every_steps: int = Field(100, ge=1, description="ctx.checkpoint(step) saves when step % every_steps == 0")
     keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
     memory_every_steps: int | None = Field(
@@ -179,7 +180,13 @@ class CheckpointSpec(_Section):
         if uri is None:
             return None
         if "://" in uri and not uri.startswith(("file://", "s3://")):
-            raise ValueError(f"unsupported URI scheme in {uri!r}; use file:///path, a plain path or s3://bucket/prefix")
+            # gs://, az://, hf://, memory://, fsspec+s3://, ...: refused when this fsspec does not know the
+            # protocol or its package is missing, as a tracker or deepspeed is (see _needs_extra).
+            from stalwart.checkpointing.fsspec_storage import uri_problem
+
+            problem = uri_problem(uri)
+            if problem:
+                raise ValueError(problem)
         if uri.startswith("s3://") and not uri[5:].split("/", 1)[0]:
             raise ValueError(f"{uri!r} names no bucket; use s3://bucket/prefix")
         return uri

@@ -2,13 +2,15 @@
 
 Keys are '/'-separated paths relative to the storage's root URI. An object is either wholly
 visible or absent: a reader never sees half of a write (the file backend renames into place,
-S3 publishes an object only when its upload completes). The commit protocol builds on that.
+S3 publishes an object only when its upload completes; fsspec_storage.py says how it does so on each
+filesystem). The commit protocol builds on that.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import io
 import mmap
 import os
@@ -332,9 +334,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def open_storage(uri: str, s3_options=None) -> Storage:
-    """Open the backend that serves `uri`: `file:///dir`, a plain path, or `s3://bucket/prefix`.
+    """Open the backend that serves `uri`.
 
-    `s3_options` is a `stalwart.spec.S3Options` (endpoint, region, credentials) or None.
+    `s3://bucket/prefix`: boto3 (S3Storage). `file:///dir` or a plain path: FileStorage. Any other
+    `protocol://...` that the installed fsspec knows (gs://, az://, abfs://, hf://, memory://, ...), and
+    any `fsspec+protocol://...` (e.g. `fsspec+s3://bucket/prefix` for S3 through s3fs): FsspecStorage.
+    `s3_options` is a `stalwart.spec.S3Options` (endpoint, region, credentials) or None; it configures
+    `s3://` and `fsspec+s3://`.
     """
     if uri.startswith("s3://"):
         from stalwart.checkpointing.s3 import S3Storage
@@ -344,8 +350,20 @@ def open_storage(uri: str, s3_options=None) -> Storage:
     if uri.startswith("file://"):
         return FileStorage(uri[len("file://"):])
     if "://" in uri:
-        raise StorageError(f"unsupported storage URI {uri!r}; use file:///path, a plain path or s3://bucket/prefix",
-                           uri=uri)
+        from stalwart.checkpointing import fsspec_storage
+
+        protocol = uri.removeprefix(fsspec_storage.PREFIX).partition("://")[0]
+        if protocol and fsspec_storage.known_protocol(protocol):
+            options, deadline = {}, None
+            if protocol in ("s3", "s3a"):
+                options = fsspec_storage.s3fs_options(s3_options)
+                deadline = getattr(s3_options, "retry_deadline_s", None)
+            return fsspec_storage.FsspecStorage(uri, options, **({"retry_deadline_s": deadline} if deadline else {}))
+        why = ("fsspec knows no such protocol" if importlib.util.find_spec("fsspec") is not None
+               else "other protocols go through fsspec, which is not installed: pip install 'stalwart[fsspec]'")
+        raise StorageError(f"unsupported storage URI {uri!r} ({why}); use file:///path, a plain path, "
+                           "s3://bucket/prefix, or a protocol fsspec knows (gs://, az://, hf://, memory://, "
+                           "fsspec+s3://bucket/prefix for S3 through s3fs)", uri=uri)
     return FileStorage(uri)
 
 

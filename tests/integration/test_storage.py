@@ -1,7 +1,9 @@
 """The Storage contract, checked on every backend, plus S3's error messages and fault behaviour.
 
 The S3 backend runs against a real server (`rclone serve s3`, see tests/s3server.py); those tests
-skip only when rclone is not installed.
+skip only when rclone is not installed. The fsspec backend runs the contract on fsspec's memory and
+local filesystems, and through s3fs on the same server when s3fs is installed
+(tests/integration/test_fsspec_storage.py has its own tests).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import os
 import pickle
 import threading
 import time
+import uuid
 
 import pytest
 from botocore.stub import Stubber
 from pydantic import SecretStr
 from s3server import S3Server, free_port
 
+from stalwart.checkpointing.fsspec_storage import FsspecStorage
 from stalwart.checkpointing.s3 import S3Storage
 from stalwart.checkpointing.storage import FileStorage, Storage
 from stalwart.errors import StorageError
@@ -31,12 +35,29 @@ def _s3(uri: str, options: S3Options, **kw) -> S3Storage:
     return S3Storage(uri, opts, **{"retry_deadline_s": 10, **kw})
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "fsspec-memory", "fsspec-file", "fsspec-s3"])
 def storage(request, tmp_path) -> Storage:
     if request.param == "file":
         return FileStorage(tmp_path / "store")
+    if request.param == "fsspec-memory":  # fsspec's in-process filesystem, under a root of its own
+        return FsspecStorage(f"memory://t-{uuid.uuid4().hex[:12]}/store")
+    if request.param == "fsspec-file":  # fsspec's local filesystem, asked for explicitly
+        return FsspecStorage(f"fsspec+file://{tmp_path}/store")
+    if request.param == "fsspec-s3":
+        pytest.importorskip("s3fs", reason="s3fs is not installed (see pyproject.toml's fsspec extra)")
     server = request.getfixturevalue("s3_server")
+    if request.param == "fsspec-s3":  # S3 through s3fs, on the same rclone server
+        uri = request.getfixturevalue("s3_uri").replace("s3://", "fsspec+s3://", 1)
+        return FsspecStorage(uri, s3fs_test_options(server), retry_deadline_s=10)
     return _s3(request.getfixturevalue("s3_uri"), server.options)
+
+
+def s3fs_test_options(server) -> dict:
+    """s3fs storage options that reach `server` (an S3Server), with parts of CHUNK_MB so 40 MB goes multipart."""
+    return {"endpoint_url": server.endpoint_url, "key": server.access_key, "secret": server.secret_key,
+            "client_kwargs": {"region_name": "us-east-1"}, "default_block_size": CHUNK_MB * MB,
+            "config_kwargs": {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required",
+                              "response_checksum_validation": "when_required"}}
 
 
 @pytest.fixture
