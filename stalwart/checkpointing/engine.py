@@ -467,6 +467,60 @@ def load(storage: Storage, step: int, rank: int, *, verify: bool = True, threads
     return Loaded(step, manifest, shards.unflatten(skeleton, tensors), local, uri, len(local_hits))
 
 
+VERIFY_CHUNK = 16 << 20
+
+
+def verify(storage: Storage, step: int, manifest: dict | None = None,
+           on_bytes: Callable[[int], None] | None = None) -> None:
+    """Check every shard of checkpoint `step` against its manifest by streaming it through its checksum
+    in chunks (one reused buffer: memory stays at VERIFY_CHUNK whatever the shard's size; no tensor is
+    built). Raises CheckpointCorrupt naming the first shard that is missing, has another size, or fails
+    its checksum or its index's; StorageError when the storage itself fails. `on_bytes(n)` is called
+    after each chunk (a progress bar)."""
+    manifest = manifest if manifest is not None else read_manifest(storage, step)
+    uri = f"{storage.uri}/{step_dir(step)}"
+    buf = memoryview(bytearray(VERIFY_CHUNK))
+    for record in manifest["shards"]:
+        key, size = f"{step_dir(step)}/{record['file']}", int(record["size"])
+        algorithm, digest = checksum.of_record(record)
+        try:
+            whole = checksum.new(algorithm)
+        except ValueError as exc:
+            raise CheckpointCorrupt(uri, f"{record['file']}: {exc}") from None
+        index = record.get("index")
+        part = checksum.new(checksum.of_record(index)[0]) if index else None
+        lo, hi = (index["at"], index["at"] + index["nbytes"]) if index else (0, 0)
+        if size == 0 and not storage.exists(key):
+            raise CheckpointCorrupt(uri, f"{record['file']} is missing")
+        for done in range(0, size, VERIFY_CHUNK):
+            n = min(VERIFY_CHUNK, size - done)
+            try:
+                storage.read_into(key, done, buf[:n])
+            except StorageError as exc:
+                if exc.transient:
+                    raise
+                raise CheckpointCorrupt(uri, f"{record['file']} is missing or shorter than the manifest's "
+                                        f"{size} bytes ({exc})") from None
+            whole.update(buf[:n])
+            if part is not None and done < hi and done + n > lo:
+                part.update(buf[max(lo, done) - done:min(hi, done + n) - done])
+            if on_bytes is not None:
+                on_bytes(n)
+        try:  # one byte past the end must not exist
+            storage.read_into(key, size, buf[:1])
+            longer = True
+        except StorageError as exc:
+            if exc.transient:
+                raise
+            longer = False
+        if longer:
+            raise CheckpointCorrupt(uri, f"{record['file']} is longer than the manifest's {size} bytes")
+        if whole.hexdigest() != digest:
+            raise CheckpointCorrupt(uri, f"{record['file']} fails its checksum")
+        if part is not None and part.hexdigest() != checksum.of_record(index)[1]:
+            raise CheckpointCorrupt(uri, f"{record['file']}: its index fails its checksum")
+
+
 def delete_checkpoint(storage: Storage, step: int) -> int:
     """Delete one checkpoint, manifest first (so it is never committed without its shards). Returns keys deleted."""
     keys = [k for k in storage.list(step_dir(step) + "/")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, fail, fmt, job_handle, print_json, reader
+from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, err, fail, fmt, job_handle, print_json, reader
 from stalwart.errors import StalwartError
 
 ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify, delete and export committed checkpoints.")
@@ -50,11 +51,12 @@ def checkpoints_list(where: str = WhereArg, address: Optional[str] = AddressOpt,
     from stalwart.checkpointing.engine import describe
 
     try:
-        if _is_job_id(where) and endpoint_url is None:
-            # Through the client: over --server the storage may be reachable from the cluster only.
-            rows = job_handle(reader(address), where).client.checkpoints(where)
-        else:
-            rows = describe(_storage(where, address, endpoint_url)[0])
+        with err.status("reading the checkpoints' manifests...") if not as_json and err.is_terminal else nullcontext():
+            if _is_job_id(where) and endpoint_url is None:
+                # Through the client: over --server the storage may be reachable from the cluster only.
+                rows = job_handle(reader(address), where).client.checkpoints(where)
+            else:
+                rows = describe(_storage(where, address, endpoint_url)[0])
     except StalwartError as exc:
         fail(str(exc))
     if as_json:
@@ -88,25 +90,48 @@ def checkpoints_show(where: str = WhereArg, step: Optional[int] = typer.Argument
 def checkpoints_verify(where: str = WhereArg, step: Optional[int] = typer.Argument(None, help="default: all"),
                        address: Optional[str] = AddressOpt, endpoint_url: Optional[str] = EndpointOpt,
                        as_json: bool = JsonOpt):
-    """Read every shard and check sizes and checksums against the manifest. Exit 1 if any fails."""
-    from stalwart.checkpointing.engine import committed_steps, load, step_dir
+    """Stream every shard through its checksum (sizes and the index's too), with a bytes progress bar on
+    a terminal; nothing is loaded into tensors. Exit 1 if any checkpoint fails."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from stalwart.checkpointing.engine import committed_steps, read_manifest, step_dir, verify
     from stalwart.errors import CheckpointCorrupt
 
     storage, named = _storage(where, address, endpoint_url)
-    steps = [step] if step is not None else [named] if named is not None else committed_steps(storage)
-    results = []
+    try:
+        steps = [step] if step is not None else [named] if named is not None else committed_steps(storage)
+    except StalwartError as exc:
+        fail(str(exc))
+    manifests: dict[int, dict | CheckpointCorrupt] = {}
     for s in steps:
         try:
-            load(storage, s, 0)
-            results.append({"step": s, "ok": True, "uri": f"{storage.uri}/{step_dir(s)}"})
-            if not as_json:
-                console.print(f"[green]ok[/]      step {s}")
+            manifests[s] = read_manifest(storage, s)
         except CheckpointCorrupt as exc:
-            results.append({"step": s, "ok": False, "uri": f"{storage.uri}/{step_dir(s)}", "problem": str(exc.reason)})
-            if not as_json:
-                console.print(f"[red]corrupt[/] step {s}: {escape(str(exc.reason))}")
-        except StalwartError as exc:
-            fail(str(exc))
+            manifests[s] = exc
+    total = sum(sum(int(r["size"]) for r in m["shards"]) for m in manifests.values() if isinstance(m, dict))
+    show = not as_json and err.is_terminal
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True, disable=not show)
+    results = []
+    with progress:
+        task = progress.add_task("verifying", total=total)
+        for s, manifest in manifests.items():
+            uri = f"{storage.uri}/{step_dir(s)}"
+            progress.update(task, description=f"step {s}")
+            try:
+                if isinstance(manifest, CheckpointCorrupt):
+                    raise manifest
+                verify(storage, s, manifest, on_bytes=lambda n: progress.advance(task, n))
+                results.append({"step": s, "ok": True, "uri": uri})
+                if not as_json:
+                    progress.console.print(f"[green]ok[/]      step {s}")
+            except CheckpointCorrupt as exc:
+                results.append({"step": s, "ok": False, "uri": uri, "problem": str(exc.reason)})
+                if not as_json:
+                    progress.console.print(f"[red]corrupt[/] step {s}: {escape(str(exc.reason))}")
+            except StalwartError as exc:
+                fail(str(exc))
     if as_json:
         print_json(results)
     elif not steps:

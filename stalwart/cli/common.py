@@ -172,6 +172,33 @@ def fmt_time(seconds) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def fmt_bytes(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def restore_line(r: dict | None) -> str | None:
+    """'step 20: 45.1 MB of 96.2 MB read (12.0 MB/s), ranks 0, 1' from status()["restore"]."""
+    if not r:
+        return None
+    total = f" of {fmt_bytes(r['bytes_total'])}" if r.get("bytes_total") else ""
+    rate = f" ({fmt_bytes(r['bytes_per_s'])}/s)" if r.get("bytes_per_s") else ""
+    ranks = ", ".join(str(x) for x in r.get("ranks_reading") or [])
+    return f"step {r.get('step')}: {fmt_bytes(r.get('bytes_read'))}{total} read{rate}, rank(s) {ranks}"
+
+
+def goodput_line(g: dict | None) -> str | None:
+    """'96.2%  (lost: restart 5.2 s, restore 2.1 s)' from status()["goodput"] (monitoring.goodput)."""
+    if not g or g.get("ratio") is None:
+        return None
+    lost = ", ".join(f"{k} {v:.1f} s" for k, v in (g.get("lost_s") or {}).items() if v >= 0.05)
+    return f"{g['ratio']:.1%}" + (f"  (lost: {lost})" if lost else "") + ("  [in a restart now]" if g.get("in_gap") else "")
+
+
 def fmt(x, spec: str = ".3f") -> str:
     if x is None:
         return "-"

@@ -18,7 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, JsonOpt, app, clock, connect, console, err, fail,
-                                 fmt, fmt_time, job_handle, load_spec, print_json, reader, stale_note, styled_state)
+                                 fmt, fmt_time, goodput_line, job_handle, load_spec, print_json, reader, restore_line,
+                                 stale_note, styled_state)
 from stalwart.errors import StalwartError
 
 InitFromOpt = typer.Option(None, "--init-from", help="start from these weights (a torch.distributed.checkpoint folder "
@@ -153,6 +154,10 @@ def _progress_view(job_id: str, s: dict, events: list[dict], cancelling: bool):
     grid.add_row("checkpoint", f"step {ck}" if ck is not None else "-")
     if s.get("checkpoint_warning"):
         grid.add_row("", Text(s["checkpoint_warning"], style="bold yellow"))
+    if restore := restore_line(s.get("restore")):
+        grid.add_row("restoring", restore)
+    if goodput := goodput_line(s.get("goodput")):
+        grid.add_row("goodput", goodput)
     lines = [Text(f"{clock(e['ts'])} {e['message']}", style="dim") for e in events]
     return Panel(Group(grid, Text(""), *lines), title=f"stalwart · {job_id}", border_style="blue")
 
@@ -174,6 +179,8 @@ def _summary(job, s: dict) -> None:
         table.add_row("restarts", ", ".join(f"{k}: {v}" for k, v in s["restarts"].items()))
     if s.get("last_checkpoint"):
         table.add_row("last checkpoint", s["last_checkpoint"])
+    if goodput := goodput_line(s.get("goodput")):
+        table.add_row("goodput", goodput)
     table.add_row("logs", s.get("log_path", "-"))
     console.print(Panel(table, title="summary", border_style=STATE_STYLE.get(state, "white")))
     if state == "FAILED" and s.get("traceback"):

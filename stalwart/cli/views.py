@@ -13,9 +13,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from stalwart.cli.common import (TERMINAL, AddressOpt, JsonOpt, app, clock, console, fmt, fmt_time, job_handle,
-                                 print_json, reader, styled_state)
+from stalwart.cli.common import (TERMINAL, AddressOpt, JsonOpt, app, clock, console, fmt, fmt_time, goodput_line,
+                                 job_handle, print_json, reader, restore_line, styled_state)
 from stalwart.errors import StalwartError
+from stalwart.monitoring.goodput import Ledger
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -245,6 +246,10 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
                  f"step {ck}, {_ago(s.get('last_checkpoint_at'))} ago" if ck is not None else "-")
     if s.get("checkpoint_warning"):
         grid.add_row("", "", "", Text(s["checkpoint_warning"], style="bold yellow"))
+    restore, goodput = restore_line(s.get("restore")), goodput_line(s.get("goodput"))
+    if restore or goodput:
+        grid.add_row(Text("goodput", style="bold"), goodput or "-", Text("restoring", style="bold") if restore else "",
+                     restore or "")
     fc = s.get("forecast") or {}
     if fc.get("final_loss") is not None:
         where = {"above": Text("ABOVE the band", style="bold red"), "below": Text("below the band", style="green"),
@@ -309,7 +314,10 @@ def report(job_id: str, out: Path = typer.Option(Path("report.png"), "--out", "-
            address: Optional[str] = AddressOpt, as_json: bool = JsonOpt):
     """Draw the run's story to a PNG: loss and grad norm over steps, with attempts, checkpoints and faults."""
     job = job_handle(reader(address), job_id)
-    path = _draw_report(job_id, job.status(), job.metrics(), job.events(), out)
+    evs: list[dict] = []
+    while batch := job.events(evs[-1]["seq"] if evs else 0):  # all of them: a page holds 1,000
+        evs += batch
+    path = _draw_report(job_id, job.status(), job.metrics(), evs, out)
     if as_json:
         print_json({"id": job_id, "path": str(path)})
     else:
@@ -325,9 +333,12 @@ def _draw_report(job_id: str, s: dict, metrics: list[dict], evs: list[dict], out
     from matplotlib.patches import Patch
 
     has_gn = any(_as_float(m.get("grad_norm")) is not None for m in metrics)
-    fig, axes = plt.subplots(2 if has_gn else 1, 1, sharex=True, figsize=(12, 7.5 if has_gn else 5),
-                             gridspec_kw={"height_ratios": [3, 2]} if has_gn else None, squeeze=False)
-    ax, gax = axes[0][0], (axes[1][0] if has_gn else None)
+    ledger = Ledger.replay(evs, metrics)
+    fig = plt.figure(figsize=(12, (7.5 if has_gn else 5) + 1.6))
+    grid = fig.add_gridspec(3 if has_gn else 2, 1, height_ratios=[3, 2, 1] if has_gn else [3, 1])
+    ax = fig.add_subplot(grid[0])
+    gax = fig.add_subplot(grid[1], sharex=ax) if has_gn else None
+    _draw_time_lost(fig.add_subplot(grid[-1]), ledger, s)
     colors = plt.get_cmap("tab10").colors
 
     by_attempt: dict = {}
@@ -447,3 +458,48 @@ def _draw_report(job_id: str, s: dict, metrics: list[dict], evs: list[dict], out
     plt.close(fig)
     return out
 
+
+# Where the time went, as `stalwart report` draws it (stalwart.monitoring.goodput names the kinds).
+_TIME_COLORS = {"startup": "#b0b0b0", "productive": "#2ca02c", "recomputed": "#ff7f0e", "detection": "#d62728",
+                "restart": "#9467bd", "restore": "#1f77b4"}
+
+
+def _draw_time_lost(ax, ledger: Ledger, s: dict) -> None:
+    """One bar along wall-clock time: start-up, training, and each fault's detection, restart, restore
+    and recomputed steps, in colour; the goodput and the seconds lost by cause in the title."""
+    from matplotlib.patches import Patch
+
+    ended = s.get("state") in TERMINAL
+    now = (s.get("updated") or time.time()) if ended else time.time()
+    segments = ledger.timeline(now)
+    summary = ledger.summary(now)
+    if not segments or summary is None:
+        ax.set_axis_off()
+        ax.set_title("where the time went: no step reported yet", fontsize=9, loc="left")
+        return
+    t0 = segments[0][1]
+    for kind, start, end, _ in segments:
+        ax.broken_barh([(start - t0, end - start)], (0, 1), color=_TIME_COLORS.get(kind, "black"), lw=0)
+    starts: dict[int, float] = {}
+    for _, start, _, attempt in segments:
+        starts.setdefault(attempt, start)
+    for attempt, start in sorted(starts.items()):
+        ax.annotate(f"attempt {attempt}", xy=(start - t0, 1.0), xytext=(2, 2), textcoords="offset points",
+                    fontsize=7, va="bottom")
+    ax.set_ylim(0, 1.5)
+    ax.set_yticks([])
+    ax.set_xlabel("seconds since submitted")
+    lost = summary["lost_s"]
+    parts = ", ".join(f"{k} {_seconds(v)}" for k, v in lost.items() if v >= 0.05) or "nothing"
+    ratio = summary["ratio"]
+    ax.set_title(f"where the time went: goodput {ratio:.1%}" if ratio is not None else "where the time went",
+                 fontsize=9, loc="left")
+    ax.text(1.0, 1.02, f"lost since the first step: {parts}; start-up {_seconds(summary['startup_s'])}",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+    shown = {k for k, *_ in segments}
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in _TIME_COLORS.items() if k in shown],
+              loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=6, fontsize=8, frameon=False)
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f} s" if x < 60 else fmt_time(x)

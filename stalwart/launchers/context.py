@@ -504,7 +504,8 @@ class TrainContext:
                                     f"runs {self._strategy.name!r}, whose state has another form")
             share.group = self._engine.group
             try:
-                return share, self._strategy.restore(share)
+                with _RestoreProgress(self._reporter, share):
+                    return share, self._strategy.restore(share)
             except CheckpointCorrupt as exc:
                 if exact:  # exactly this one was asked for: a corrupt copy is an error, not a fallback
                     raise
@@ -628,6 +629,37 @@ class TrainContext:
         self._engine.wait()
         if self._memory is not None:
             self._memory.wait()
+
+
+class _RestoreProgress:
+    """While a rank reads its share of a checkpoint: every `RESTORE_PROGRESS_S` seconds, an event with
+    the bytes it read so far and the checkpoint's size, for `status` and `watch` (the supervisor keeps the
+    latest per rank; they are not stored as events). A daemon thread; nothing when the read is quick."""
+
+    def __init__(self, reporter: Reporter, share: Any):
+        self._reporter, self._share = reporter, share
+        self._done = threading.Event()
+        shards = (getattr(share, "manifest", None) or {}).get("shards") or []
+        self._total = sum(int(r.get("size") or 0) for r in shards)
+        self._thread = threading.Thread(target=self._run, name="stalwart-restore-progress", daemon=True)
+
+    def __enter__(self) -> "_RestoreProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        sent = -1
+        while not self._done.wait(RESTORE_PROGRESS_S):
+            n = int(getattr(self._share, "bytes_read", 0) or 0)
+            if n != sent:
+                self._reporter.event("restore_progress", step=self._share.step, bytes_read=n, bytes_total=self._total)
+                sent = n
+
+
+RESTORE_PROGRESS_S = 0.5
 
 
 class _Prefetch:

@@ -25,10 +25,11 @@ The snapshot dict of one job (missing keys and None values are simply not export
     forecast                 {loss, low, high: the live forecast band at the newest judged step;
                              final_loss, final_low, final_high: the forecast at the run's last step;
                              outside: "above"/"below"/None} (stalwart.orchestrator.live_forecast)
+    goodput                  {ratio, lost_s: {cause: seconds}, ...} (stalwart.monitoring.goodput)
 
 Conventions: every name starts with `stalwart_`, carries its base unit (seconds, bytes), counters
 end in `_total`. Labels are bounded: job_id and job_name on everything, plus `state` (six values),
-`cause` (the fault causes), `rank` (per-rank figures only) and `bound` (mid, low, high: the forecast).
+`cause` (the fault causes; on lost seconds, where the time went), `rank` (per-rank figures only) and `bound` (mid, low, high: the forecast).
 Never the step.
 """
 
@@ -45,6 +46,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from stalwart.monitoring.goodput import LOST
 from stalwart.spec import Cause
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,11 @@ class JobsCollector(Collector):
         _gauge(f["ckpt_write"], labels, job.get("checkpoint_write_s"))
         _gauge(f["ckpt_bytes"], labels, job.get("checkpoint_bytes"))
 
+        gp = job.get("goodput") or {}
+        _gauge(f["goodput"], labels, gp.get("ratio"))
+        for cause in LOST:
+            _gauge(f["lost"], labels + [cause], (gp.get("lost_s") or {}).get(cause, 0.0 if gp else None))
+
         fc = job.get("forecast") or {}
         for bound, key in (("mid", "loss"), ("low", "low"), ("high", "high")):
             _gauge(f["forecast"], labels + [bound], fc.get(key))
@@ -224,6 +231,11 @@ def _families() -> dict[str, Metric]:
                         "Seconds the last committed save took to write in the background.", labels=JOB),
         "ckpt_bytes": g("stalwart_checkpoint_size_bytes",
                         "Bytes rank 0 wrote for the last committed checkpoint (its shard).", labels=JOB),
+        "goodput": g("stalwart_job_goodput_ratio", "Goodput since the first step: the share of the time spent "
+                     "training steps not trained before, net of checkpoint stalls.", labels=JOB),
+        "lost": g("stalwart_job_lost_seconds", "Seconds the job lost since its first step, by cause: detection, "
+                  "restart, restore (faults), recomputed (steps trained again), checkpoint (save stalls).",
+                  labels=JOB + ["cause"]),
         "forecast": g("stalwart_job_forecast_loss", "The live forecast of the loss at the current step (fitted "
                       "on the run's first steps), and its band: bound is mid, low or high.", labels=JOB + ["bound"]),
         "forecast_final": g("stalwart_job_forecast_final_loss", "The live forecast of the loss at the run's last "

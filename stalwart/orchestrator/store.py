@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stalwart.errors import JobNotFound
+from stalwart.monitoring.goodput import Ledger
 from stalwart.orchestrator.states import TERMINAL_STATES
 
 if TYPE_CHECKING:
@@ -155,6 +156,14 @@ class Store:
         return [{"seq": s, "ts": ts, "kind": k, "attempt": a, "message": m, "data": json.loads(d)}
                 for s, ts, k, a, m, d in rows]
 
+    def all_events(self, job_id: str, page: int = 1000) -> list[dict]:
+        out: list[dict] = []
+        while batch := self.events(job_id, out[-1]["seq"] if out else 0, page):
+            out += batch
+            if len(batch) < page:
+                break
+        return out
+
     # ---- files ------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
         path = self.home / "jobs" / job_id
@@ -242,6 +251,14 @@ class JobRecord:
         self.store = store
         self.job_id = job_id
         self.trackers = trackers
+        # Where the job's time went (monitoring.goodput), fed what is recorded here; a job resumed by a
+        # new controller carries on from its stored history.
+        self._ledger = Ledger.replay(store.all_events(job_id), store.read_metrics(job_id))
+        self._ledger_lock = threading.Lock()
+
+    def goodput(self, now: float | None = None) -> dict | None:
+        with self._ledger_lock:
+            return self._ledger.summary(time.time() if now is None else now)
 
     def saved(self) -> dict:
         """What an earlier controller saved of this job: its detail (with "stats") and attempts."""
@@ -250,6 +267,8 @@ class JobRecord:
 
     def event(self, kind: str, message: str, attempt: int | None, **data: Any) -> dict:
         event = self.store.add_event(self.job_id, kind, message, attempt, **data)
+        with self._ledger_lock:
+            self._ledger.event(event)
         if self.trackers is not None:
             self.trackers.event(event)
         return event
@@ -279,6 +298,8 @@ class JobRecord:
 
     def metrics(self, records: list[dict]) -> None:
         self.store.append_metrics(self.job_id, records)
+        with self._ledger_lock:
+            self._ledger.records(records)
         if self.trackers is not None and records:
             self.trackers.metrics(records, records[0].get("attempt", 0))
 

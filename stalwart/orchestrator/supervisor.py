@@ -72,6 +72,19 @@ class LiveStats:
     step_times: deque = field(default_factory=lambda: deque(maxlen=256))  # (ts of rank-0 records)
     rank_last: dict = field(default_factory=dict)  # rank -> (ts, step)
     rank_step_s: dict = field(default_factory=dict)  # rank -> recent seconds per step
+    restoring: dict = field(default_factory=dict)  # rank -> its last restore_progress event, while it reads
+
+    def restore(self) -> dict | None:
+        """The checkpoint read in progress, over the ranks still reading: bytes read, of the checkpoint's
+        size (each rank reads about its share of it), and the rate since the first progress report."""
+        reading = list(self.restoring.values())
+        if not reading:
+            return None
+        read = sum(int(e.get("bytes_read") or 0) for e in reading)
+        first = min(e["first_ts"] for e in reading)
+        last = max(e.get("ts") or first for e in reading)
+        return {"step": reading[0].get("step"), "bytes_read": read, "bytes_total": reading[0].get("bytes_total"),
+                "ranks_reading": sorted(self.restoring), "bytes_per_s": read / (last - first) if last > first else None}
 
     @classmethod
     def resumed(cls, saved: dict) -> LiveStats:
@@ -636,6 +649,7 @@ class JobSupervisor:
             if records:
                 self._trained = True
                 live.last_report_at = time.time()
+                live.restoring.pop(rank, None)
                 ref = live.rank_last.get(rank) or (records[0]["ts"], records[0]["step"])
                 if records[-1]["step"] > ref[1]:
                     live.rank_step_s[rank] = (records[-1]["ts"] - ref[0]) / (records[-1]["step"] - ref[1])
@@ -756,6 +770,7 @@ class JobSupervisor:
         elif kind == "checkpoint_skipped":
             msg = f"checkpoint step {ev.get('step')} skipped on restore: {ev.get('reason')}"
         elif kind == "restored":
+            self.live.restoring.pop(rank, None)
             if rank != 0:
                 return
             msg = f"restored from step {ev.get('step')} ({ev.get('uri')})"
@@ -765,6 +780,10 @@ class JobSupervisor:
             msg = f"weights initialized from {ev.get('uri')} ({ev.get('tensors')} tensors, {ev.get('format')})"
         elif kind == "progress":
             self.live.max_steps = ev.get("max_steps")
+            return
+        elif kind == "restore_progress":  # every half second of a read: shown by status, not stored
+            before = self.live.restoring.get(rank)
+            self.live.restoring[rank] = {**ev, "first_ts": before["first_ts"] if before else ev.get("ts") or time.time()}
             return
         elif kind == "lr_schedule":
             if rank == 0 and self.forecast is not None:
@@ -806,6 +825,7 @@ class JobSupervisor:
             "checkpoint_warning": self._checkpoint_warning(),
             "forecast": self.forecast.status() if self.forecast is not None else None,
             "forecast_band": self.forecast.band_json() if self.forecast is not None else None,
+            "goodput": self.record.goodput(),
         }
 
     def _save_stats(self) -> None:
@@ -835,6 +855,7 @@ class JobSupervisor:
             "stragglers": sorted(self.stragglers.stragglers),
             # For the metrics exporter (stalwart.monitoring.metrics documents these keys).
             "rank_step_time_s": dict(live.rank_step_s),
+            "restore": live.restore(),
             **self.saves,
         }
 

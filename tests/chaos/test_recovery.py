@@ -9,6 +9,7 @@ import torch
 from jobspecs import stopped, tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.storage import open_storage
+from stalwart.monitoring.goodput import Ledger
 
 STEPS = 40
 
@@ -87,6 +88,16 @@ def test_sigkill_of_a_rank_mid_run(client, undisturbed):
     assert "died" in faults[0]["message"]
     assert warm_ranks(job) == [0, 2]  # the restart's ranks were the spares, torch already imported
     assert_bitwise_equal(final_state(status), undisturbed)
+    # Where the time went: the kill cost a restart, a restore and the steps since step 10 again, and
+    # the stored history replayed gives the figures the live ledger gave.
+    goodput = status["goodput"]
+    assert 0 < goodput["ratio"] < 1 and not goodput["in_gap"]
+    assert goodput["lost_s"]["restart"] > 0 and goodput["lost_s"]["restore"] > 0
+    assert goodput["lost_s"]["recomputed"] > 0
+    assert goodput["productive_s"] + sum(goodput["lost_s"].values()) == pytest.approx(goodput["wall_s"], abs=0.01)
+    replayed = Ledger.replay(job.events(), job.metrics()).summary(0.0)
+    assert replayed["ratio"] == pytest.approx(goodput["ratio"], abs=0.01)
+    assert replayed["lost_s"] == pytest.approx(goodput["lost_s"], abs=0.05)
 
 
 @pytest.mark.slow  # 17 s; the spares' own path is covered by every restart that adopts them

@@ -243,3 +243,40 @@ def test_file_writes_are_exact_from_every_kind_of_source(tmp_path, monkeypatch):
     assert store.read("a") == data and store.read("b") == data
     assert store.read("c") == data[:10] + floats.numpy().tobytes()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_verify_streams_each_shard_in_chunks_and_finds_every_kind_of_damage(storage, monkeypatch):
+    import json
+
+    model, opt = make_state()
+    eng = engine.CheckpointEngine(storage, rank=0, world_size=1)
+    save(eng, 4, model, opt)
+    monkeypatch.setattr(engine, "VERIFY_CHUNK", 1000)  # many chunks, one of them across the index's range
+    seen = []
+    engine.verify(storage, 4, on_bytes=seen.append)
+    shard = next((storage.root / "step-000000004").glob("shard-*"))
+    assert sum(seen) == shard.stat().st_size and len(seen) > 3 and max(seen) <= 1000
+    good = shard.read_bytes()
+    manifest_path = storage.root / "step-000000004" / "manifest.json"
+    index = json.loads(manifest_path.read_text())["shards"][0]["index"]
+
+    def damaged(blob: bytes, match: str) -> None:
+        shard.write_bytes(blob)
+        with pytest.raises(CheckpointCorrupt, match=match):
+            engine.verify(storage, 4)
+        shard.write_bytes(good)
+
+    flipped = bytearray(good)
+    flipped[len(good) // 3] ^= 1
+    damaged(bytes(flipped), "fails its checksum")
+    damaged(good[:-1], "shorter")
+    damaged(good + b"x", "longer")
+    # A shard whose bytes match but whose index the manifest no longer agrees with.
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["index"]["checksum"] = "xxh3-128:" + "0" * 32
+    manifest_path.write_text(json.dumps(manifest))
+    damaged(good, "index fails")
+    assert index["nbytes"] > 0
+    shard.unlink()
+    with pytest.raises(CheckpointCorrupt, match="missing"):
+        engine.verify(storage, 4)

@@ -279,3 +279,22 @@ def test_a_success_takes_the_newest_commit_from_storage_when_its_report_was_lost
     run(sup, "SUCCEEDED")
     saved = sup.store.job("t-1")["detail"]["stats"]
     assert saved["last_checkpoint_step"] == 30 and saved["last_checkpoint"].endswith(step_dir(30))
+
+
+def test_a_restore_in_progress_shows_in_status_until_each_rank_restored(tmp_path):
+    sup = supervisor(tmp_path, [None] * 10)
+    run(sup, "RUNNING")
+    assert sup.status()["restore"] is None
+    for rank, (ts, n) in enumerate([(10.0, 30_000_000), (10.5, 20_000_000)]):
+        sup.on_report(1, rank, {"events": [{"kind": "restore_progress", "ts": ts - 0.5, "step": 20, "bytes_read": 0,
+                                            "bytes_total": 100_000_000}]})
+        sup.on_report(1, rank, {"events": [{"kind": "restore_progress", "ts": ts, "step": 20, "bytes_read": n,
+                                            "bytes_total": 100_000_000}]})
+    restore = sup.status()["restore"]
+    assert restore["step"] == 20 and restore["bytes_read"] == 50_000_000 and restore["bytes_total"] == 100_000_000
+    assert restore["ranks_reading"] == [0, 1] and restore["bytes_per_s"] == pytest.approx(50e6 / 1.0)  # 9.5 to 10.5
+    sup.on_report(1, 0, {"events": [{"kind": "restored", "step": 20, "uri": "u", "ts": 11.0}]})
+    assert sup.status()["restore"]["ranks_reading"] == [1]
+    sup.on_report(1, 1, {"records": [{"step": 21, "ts": 12.0, "loss": 1.0}]})  # training again: done reading
+    assert sup.status()["restore"] is None
+    assert "restore_progress" not in kinds(sup)  # shown, not stored
