@@ -172,6 +172,14 @@ def fmt_time(seconds) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def need_matplotlib(what: str) -> None:
+    """Exit with what to install when matplotlib (the `plot` extra) is missing; `what` names the command."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        fail(f"{what} draws with matplotlib, which is not installed: pip install 'stalwart[plot]'")
+
+
 def fmt_bytes(n) -> str:
     n = float(n or 0)
     for unit in ("B", "KB", "MB", "GB"):

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from stalwart.cli.common import JsonOpt, app, console, err, fail
+from stalwart.cli.common import JsonOpt, app, console, err, fail, need_matplotlib
 
 forecast_app = typer.Typer(no_args_is_help=True,
                             help="Forecast a big run's loss from small runs (predictable scaling).")
@@ -39,6 +39,8 @@ def forecast_fit(
     and tokens uses L(N, D) = E + A/N^alpha + B/D^beta on every run."""
     from stalwart.forecast import ForecastError, forecast_compute, forecast_size, read_runs, resolve_target
 
+    if plot is not None:
+        need_matplotlib("stalwart forecast fit --plot")
     try:
         target = resolve_target(target_compute, target_params, target_tokens)
     except ValueError as exc:

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (TERMINAL, AddressOpt, JsonOpt, app, clock, console, fmt, fmt_time, goodput_line,
-                                 job_handle, print_json, reader, restore_line, styled_state)
+                                 job_handle, need_matplotlib, print_json, reader, restore_line, styled_state)
 from stalwart.errors import StalwartError
 from stalwart.monitoring.goodput import Ledger
 
@@ -313,6 +313,7 @@ def watch(job_id: str, address: Optional[str] = AddressOpt,
 def report(job_id: str, out: Path = typer.Option(Path("report.png"), "--out", "-o", help="PNG to write"),
            address: Optional[str] = AddressOpt, as_json: bool = JsonOpt):
     """Draw the run's story to a PNG: loss and grad norm over steps, with attempts, checkpoints and faults."""
+    need_matplotlib("stalwart report")
     job = job_handle(reader(address), job_id)
     evs: list[dict] = []
     while batch := job.events(evs[-1]["seq"] if evs else 0):  # all of them: a page holds 1,000
