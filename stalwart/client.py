@@ -165,9 +165,11 @@ class Client(_JobsSource):
         return _checkpoints(self.status(job_id), stored, s3)
 
     def close(self) -> None:
+        """Disconnect from Ray (stopping an in-process cluster this client started); a Ray connection the
+        process had before this client was made is left as it was."""
         import ray
 
-        if ray.is_initialized():
+        if self.how != "connected" and ray.is_initialized():
             ray.shutdown()
 
 

@@ -47,19 +47,15 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 import warnings
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable
 
-from stalwart.checkpointing.storage import Source, Storage
+from stalwart.checkpointing.storage import RemoteStorage, Source
 from stalwart.errors import StorageError
-
-T = TypeVar("T")
 
 PREFIX = "fsspec+"  # `fsspec+<protocol>://...` sends any protocol through fsspec
 
@@ -161,7 +157,7 @@ def s3fs_options(s3_options) -> dict:
     return opts
 
 
-class FsspecStorage(Storage):
+class FsspecStorage(RemoteStorage):
     """Objects under `<protocol>://<path>` (or `fsspec+<protocol>://<path>`), through fsspec.
 
     Lifecycle: construction does no I/O and imports no backend; the filesystem is made on first use
@@ -182,15 +178,7 @@ class FsspecStorage(Storage):
         self._root: str | None = None
         self._in_place = False  # writes go straight to their key (see the module docstring)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fs"] = None  # it holds sessions, sockets and event loops; each process makes its own
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    _dropped = ("_fs",)  # it holds sessions, sockets and event loops; each process makes its own
 
     # ---- the filesystem ----------------------------------------------------------------------
 
@@ -257,28 +245,11 @@ class FsspecStorage(Storage):
 
     # ---- errors and retries ------------------------------------------------------------------
 
-    def _retrying(self, what: str, op: Callable[[], T], deadline_s: float | None = None) -> T:
-        """Run `op`, retrying transient failures until the deadline; map errors to StorageError."""
-        budget = self.retry_deadline_s if deadline_s is None else deadline_s
-        first_failure = None
-        attempt = 0
-        while True:
-            try:
-                return op()
-            except StorageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - each backend has its own exception types
-                if not _is_transient(exc):
-                    raise StorageError(f"{what} failed: {_describe(exc)}", uri=self.uri) from exc
-                error = exc
-            attempt += 1
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            left = first_failure + budget - now
-            if left <= 0:
-                raise StorageError(f"{what} failed {attempt} time(s), retried for {now - first_failure:.1f}s: "
-                                   f"{_describe(error)}", uri=self.uri, transient=True) from error
-            time.sleep(min(left, random.uniform(0, min(10.0, 0.25 * 2 ** attempt))))
+    def _transient(self, exc: BaseException) -> bool:
+        return _is_transient(exc)  # every backend's exceptions are its own: all are storage failures here
+
+    def _describe(self, exc: BaseException) -> str:
+        return _describe(exc)
 
     def _missing(self, key: str, exc: StorageError) -> StorageError:
         if isinstance(exc.__cause__, FileNotFoundError):

@@ -11,13 +11,11 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 import uuid
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -26,10 +24,9 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HT
                                  NoCredentialsError, SSLError)
 from s3transfer.exceptions import RetriesExceededError
 
-from stalwart.checkpointing.storage import Source, Storage
+from stalwart.checkpointing.storage import RemoteStorage, Source
 from stalwart.errors import StorageError
 
-T = TypeVar("T")
 
 # Errors where the same request may succeed later. Everything else (auth, missing bucket, bad
 # request) fails the same way every time, so it is raised at once.
@@ -42,7 +39,7 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _DELETE_BATCH = 1000  # the DeleteObjects limit
 
 
-class S3Storage(Storage):
+class S3Storage(RemoteStorage):
     """Objects under `s3://bucket/prefix`.
 
     Lifecycle: construction does no I/O; the boto3 client is made on first use and shared by all
@@ -55,6 +52,8 @@ class S3Storage(Storage):
     another attempt starts; an attempt in progress is bounded by the timeouts (and botocore's own
     3 tries per request, which save a large upload from restarting because one part failed).
     """
+
+    _dropped = ("_client", "_probe")  # they hold sockets and locks; each process makes its own
 
     def __init__(self, uri: str, options=None, *, retry_deadline_s: float | None = None,
                  connect_timeout_s: float = 5.0, read_timeout_s: float = 10.0):
@@ -77,16 +76,6 @@ class S3Storage(Storage):
         self.read_timeout_s = read_timeout_s
         self._lock = threading.Lock()
         self._client = self._probe = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_client"] = state["_probe"] = None  # they hold sockets and locks; each process makes its own
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     @property
     def client(self):
@@ -135,36 +124,19 @@ class S3Storage(Storage):
             raise StorageError(f"invalid key {key!r}: keys are non-empty relative paths", uri=self.uri)
         return self.prefix + key
 
-    def _retrying(self, what: str, op: Callable[[], T], deadline_s: float | None = None) -> T:
-        """Run `op`, retrying transient failures until the deadline; map errors to StorageError."""
-        budget = self.retry_deadline_s if deadline_s is None else deadline_s
-        # The clock starts at the first failure, so that a long upload that fails late still
-        # gets its full retry budget.
-        first_failure = None
-        attempt = 0
-        while True:
-            try:
-                return op()
-            except SSLError as exc:  # a certificate problem does not heal by itself
-                raise self._error(what, exc) from exc
-            except _TRANSIENT_EXC as exc:
-                error = exc
-            except ClientError as exc:
-                if not _is_transient(exc):
-                    raise self._error(what, exc) from exc
-                error = exc
-            except BotoCoreError as exc:  # e.g. NoCredentialsError, ParamValidationError
-                raise self._error(what, exc) from exc
-            attempt += 1
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            left = first_failure + budget - now
-            if left <= 0:
-                raise StorageError(f"{what} failed {attempt} time(s), retried for {now - first_failure:.1f}s: "
-                                   f"{_describe(error)}", uri=self.uri, transient=True) from error
-            # Full jitter, so that ranks hitting the same outage spread their retries out; the
-            # last sleep is cut short so that one attempt is made right at the deadline.
-            time.sleep(min(left, random.uniform(0, min(10.0, 0.25 * 2 ** attempt))))
+    def _transient(self, exc: BaseException) -> bool | None:
+        if isinstance(exc, SSLError):  # a certificate problem does not heal by itself
+            return False
+        if isinstance(exc, _TRANSIENT_EXC):
+            return True
+        if isinstance(exc, ClientError):
+            return _is_transient(exc)
+        if isinstance(exc, BotoCoreError):  # e.g. NoCredentialsError, ParamValidationError
+            return False
+        return None  # not the service's: raised as it is
+
+    def _describe(self, exc: BaseException) -> str:
+        return _describe(exc)
 
     def _error(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"{what} failed: {_describe(exc)}", uri=self.uri, transient=False)

@@ -14,9 +14,11 @@ import importlib.util
 import io
 import mmap
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -96,6 +98,65 @@ class Storage(ABC):
 
 
 _COUNT_LOCK = threading.Lock()  # bytes_read is bumped from the loaders' threads
+
+
+class RemoteStorage(Storage):
+    """What the backends that talk to a service share: a client made lazily and dropped on pickling
+    (storages travel to Ray actors, which make their own), and retries until a deadline.
+
+    Subclasses set `uri`, `retry_deadline_s` and `_dropped` (the attributes holding clients, sessions
+    or sockets), create `self._lock` in `__init__`, and implement `_transient(exc)`: True (retry),
+    False (permanent: a StorageError at once), or None (not a storage failure: raised as it is)."""
+
+    retry_deadline_s: float = 60.0
+    _dropped: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._dropped:
+            state[name] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _transient(self, exc: BaseException) -> bool | None:
+        return False
+
+    def _describe(self, exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {exc}"
+
+    def _retrying(self, what: str, op, deadline_s: float | None = None):
+        """Run `op`, retrying transient failures with jittered exponential backoff until `deadline_s`
+        (default `retry_deadline_s`) from the first failure, so that a long transfer failing late still
+        gets its whole budget; map failures to StorageError (transient=True once the budget is spent)."""
+        budget = self.retry_deadline_s if deadline_s is None else deadline_s
+        first_failure = None
+        attempt = 0
+        while True:
+            try:
+                return op()
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - each backend classifies its own exceptions
+                transient = self._transient(exc)
+                if transient is None:
+                    raise
+                if not transient:
+                    raise StorageError(f"{what} failed: {self._describe(exc)}", uri=self.uri) from exc
+                error = exc
+            attempt += 1
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left = first_failure + budget - now
+            if left <= 0:
+                raise StorageError(f"{what} failed {attempt} time(s), retried for {now - first_failure:.1f}s: "
+                                   f"{self._describe(error)}", uri=self.uri, transient=True) from error
+            # Full jitter, so that ranks hitting the same outage spread their retries out; the last
+            # sleep is cut short so that one attempt is made right at the deadline.
+            time.sleep(min(left, random.uniform(0, min(10.0, 0.25 * 2 ** attempt))))
 
 
 def map_private(path: str | os.PathLike) -> memoryview | None:

@@ -14,7 +14,7 @@ import threading
 from rich.markup import escape
 
 from stalwart.cli import checkpoints, cluster, jobs, monitoring, serve, views  # noqa: F401 - they register commands
-from stalwart.cli import forecast  # noqa: F401 - registers `stalwart forecast`
+from stalwart.cli import forecast, sweep  # noqa: F401 - register `stalwart forecast` and `stalwart sweep`
 from stalwart.cli.common import app, console, err
 from stalwart.errors import StalwartError
 

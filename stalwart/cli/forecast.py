@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from stalwart.cli.common import JsonOpt, app, console, err, fail, need_matplotlib
+from stalwart.cli.common import AddressOpt, JsonOpt, app, console, err, fail, need_matplotlib, reader
 
 forecast_app = typer.Typer(no_args_is_help=True,
                             help="Forecast a big run's loss from small runs (predictable scaling).")
@@ -21,8 +21,13 @@ app.add_typer(forecast_app, name="forecast")
 
 @forecast_app.command("fit")
 def forecast_fit(
-    runs_file: Path = typer.Argument(..., help="runs: .csv or .json, one row per run, columns compute,loss or "
-                                               "params,tokens,loss (compute = 6*params*tokens)"),
+    runs_file: Optional[Path] = typer.Argument(None, help="runs: .csv or .json, one row per run, columns compute,"
+                                                          "loss or params,tokens,loss (compute = 6*params*tokens)"),
+    jobs: Optional[list[str]] = typer.Option(None, "--jobs", help="instead of a file, finished stalwart jobs: ids or "
+                                             "patterns ('tiny-gpt-ladder-*'), repeated or comma-separated; N from "
+                                             "the parameters they reported, D from their steps and tokens"),
+    last: int = typer.Option(20, "--last", min=1, help="with --jobs: a job's loss is the mean of its last N steps"),
+    address: Optional[str] = AddressOpt,
     target_compute: Optional[float] = typer.Option(None, "--target-compute", help="FLOPs of the run to forecast"),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="its parameters (with --target-tokens "
                                                                                 "or --target-compute)"),
@@ -45,8 +50,11 @@ def forecast_fit(
         target = resolve_target(target_compute, target_params, target_tokens)
     except ValueError as exc:
         fail(str(exc), 2)
+    if (runs_file is None) == (not jobs):
+        fail("give a runs file or --jobs (one of them)", 2)
     try:
-        runs = read_runs(runs_file, loss_column=loss_column)
+        runs = read_runs(runs_file, loss_column=loss_column) if runs_file is not None else _job_runs(jobs, loss_column,
+                                                                                                    last, address)
         if target["law"] == "compute":
             result = forecast_compute(runs, target["compute"], level=level, force=force)
         else:
@@ -64,6 +72,31 @@ def forecast_fit(
         console.print_json(json.dumps(_finite(result.to_json())))
         return
     _show(result, plot)
+
+
+def _job_runs(patterns: list[str], metric: str, last: int, address: Optional[str]):
+    """The runs of finished jobs matching `patterns` (ids or fnmatch patterns over ids and names): a job
+    that did not succeed, or did not report its parameters and tokens, is left out with a note."""
+    import fnmatch
+
+    from stalwart.forecast import runs_from_rows
+    from stalwart.forecast.sweep import SweepError, SweepLoss, run_result
+
+    wanted = [p.strip() for arg in patterns for p in arg.split(",") if p.strip()]
+    client = reader(address)
+    known = client.jobs()
+    picked = [j for j in known if any(fnmatch.fnmatchcase(j["id"], p) or fnmatch.fnmatchcase(j["name"], p)
+                                      for p in wanted)]
+    if not picked:
+        fail(f"no job matches {', '.join(wanted)} (`stalwart list` shows the jobs)")
+    rows = []
+    for j in picked:
+        try:
+            rows.append({"job": j["id"], **run_result(client.status(j["id"]), client.metrics(j["id"]),
+                                                      SweepLoss(metric=metric, last=last))})
+        except SweepError as exc:
+            err.print(f"[yellow]left out[/] {escape(str(exc))}")
+    return runs_from_rows(rows, ["params", "tokens", "loss"], source="jobs " + ", ".join(wanted), row_label="job")
 
 
 def _show(f, plot: Optional[Path]) -> None:

@@ -12,9 +12,11 @@ from stalwart.forecast.predict import Forecast
 from stalwart.forecast.runs import Runs
 
 
-def plot_forecast(forecast: Forecast, runs: Runs, path: str | Path) -> Path:
+def plot_forecast(forecast: Forecast, runs: Runs, path: str | Path, actual: float | None = None,
+                  title: str | None = None) -> Path:
     """Write the picture of `forecast` (made from `runs`) to `path` (format from its suffix: .png,
-    .svg, .pdf). Returns the path. Raises OSError if it cannot be written."""
+    .svg, .pdf). `actual`: the target's loss when it was run (a held-out run), drawn beside the
+    forecast. Returns the path. Raises OSError if it cannot be written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -49,6 +51,10 @@ def plot_forecast(forecast: Forecast, runs: Runs, path: str | Path) -> Path:
                     yerr=[[forecast.prediction - forecast.low], [forecast.high - forecast.prediction]],
                     fmt="*", color="tab:red", markersize=12, capsize=4,
                     label=f"forecast {forecast.prediction:.3f} [{forecast.low:.3f}, {forecast.high:.3f}]", zorder=4)
+        if actual is not None:
+            err = (forecast.prediction - actual) / actual
+            ax.scatter([target], [actual], marker="o", s=70, facecolors="none", edgecolors="tab:green", linewidths=2,
+                       label=f"held-out run {actual:.3f} (forecast off by {err:+.1%})", zorder=5)
         ax.axvline(fitted_max, color="0.5", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -58,7 +64,8 @@ def plot_forecast(forecast: Forecast, runs: Runs, path: str | Path) -> Path:
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
         ax.set_xlabel("training compute (FLOPs)")
         ax.set_ylabel("loss")
-        title = "forecast from L(C) on the frontier" if forecast.law == "compute" else "forecast from L(N, D)"
+        title = (title + ": " if title else "") + ("forecast from L(C) on the frontier" if forecast.law == "compute"
+                                                   else "forecast from L(N, D)")
         if forecast.warnings:
             title += " (forced: " + ", ".join(p.code for p in forecast.warnings) + ")"
         ax.set_title(title, fontsize=10)

@@ -145,6 +145,7 @@ class TrainContext:
         optimizer on `model.parameters()` before calling, and take no step before.
         """
         self._strategy = strategies.make(self.strategy, self.strategy_options)
+        self._report_model(model)  # before wrapping: FSDP and ZeRO-3 then hold only a shard of each
         model, optimizer = self._strategy.wrap(model, optimizer, self)
         self._register(scheduler)
         return model, optimizer
@@ -153,7 +154,21 @@ class TrainContext:
         """Register a model your own code already wrapped (DDP, FSDP2 or a DeepSpeed engine) for
         checkpoints and restores, instead of `prepare` (script mode)."""
         self._strategy = strategies.adopt(model, optimizer)
+        self._report_model(getattr(model, "module", model))
         self._register(scheduler)
+
+    def _report_model(self, model: Any) -> None:
+        """Rank 0 tells the controller the model's size (`status()["params"]`: what a scaling sweep and
+        `forecast fit --jobs` take for N). A sharded parameter counts whole (DTensor, ZeRO-3's ds_numel)."""
+        if self.rank != 0:
+            return
+        try:
+            params = [p for p in model.parameters()]
+            total = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in params)
+            trainable = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in params if p.requires_grad)
+        except Exception:  # noqa: BLE001 - a model without parameters() says nothing
+            return
+        self._reporter.event("model", params=total, trainable_params=trainable)
 
     def _register(self, scheduler: Any) -> None:
         self._model = self._strategy.model

@@ -179,6 +179,7 @@ class JobSupervisor:
         self.stragglers = StragglerDetector(factor=ft.straggler_factor)
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []
+        self.params: int | None = (saved["detail"].get("stats") or {}).get("params")  # the model's, from rank 0
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
         self._restored_tier: str | None = None  # memory | local | storage: how the current attempt restored
         self._detected: Detection | None = None
@@ -781,6 +782,11 @@ class JobSupervisor:
         elif kind == "progress":
             self.live.max_steps = ev.get("max_steps")
             return
+        elif kind == "model":
+            if rank != 0 or ev.get("params") == self.params:
+                return  # said once: a restart reports the same model again
+            self.params = ev.get("params")
+            msg = f"model: {_count(ev.get('params'))} parameters ({_count(ev.get('trainable_params'))} trainable)"
         elif kind == "restore_progress":  # every half second of a read: shown by status, not stored
             before = self.live.restoring.get(rank)
             self.live.restoring[rank] = {**ev, "first_ts": before["first_ts"] if before else ev.get("ts") or time.time()}
@@ -826,6 +832,7 @@ class JobSupervisor:
             "forecast": self.forecast.status() if self.forecast is not None else None,
             "forecast_band": self.forecast.band_json() if self.forecast is not None else None,
             "goodput": self.record.goodput(),
+            "params": self.params,
         }
 
     def _save_stats(self) -> None:
@@ -925,6 +932,12 @@ def _finite(x):
 
 def _ms(x) -> str:
     return f"{x * 1000:.0f} ms" if isinstance(x, (int, float)) else "?"
+
+
+def _count(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
 def _s(x) -> str:

@@ -39,3 +39,18 @@ def niceness(ctx, config):
     import os
 
     print(f"niceness={os.getpriority(os.PRIO_PROCESS, 0)}")
+
+
+def scaling(ctx, config):
+    """A model of `width` parameters whose reported loss follows a known law of its training compute,
+    L = 2 + 50 * (6 N D)^-0.3 (D: the tokens all ranks trained so far), for scaling sweeps."""
+    torch.manual_seed(0)
+    width, per_rank = config.get("width", 16), config.get("tokens", 1000)
+    model = torch.nn.Linear(width - 1, 1)  # width parameters: width - 1 weights and a bias
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = ctx.prepare(model, opt)
+    ctx.restore()
+    for step, _ in ctx.batches(lambda i: i, steps=config.get("steps", 10)):
+        tokens = step * per_rank * ctx.world_size
+        ctx.report(step, loss=2.0 + 50.0 * (6.0 * width * tokens) ** -0.3, tokens=per_rank)
+        ctx.checkpoint(step)
