@@ -27,6 +27,10 @@ its two runs are close in time; the figure is the median of the per-pair ratios.
 
   goodput = (steps at the end - steps at t0, with faults) / (the same, fault-free)   [same window]
 
+Beside it, `ledger_goodput`: what stalwart itself says of each run (`status()["goodput"]`, the
+accounting of stalwart.monitoring.goodput: time training new steps over the time since the first
+step), with its seconds lost by cause, so the two ways of counting can be compared on the same runs.
+
 Per fault, from job.metrics() and job.events(): recovery (kill -> first report of the next attempt)
 and the steps lost (step at the kill, as last reported - the restored step); a fault not recovered
 by the end of its window counts with the rest of the window as its recovery (a lower bound).
@@ -118,7 +122,7 @@ def run(client, server, every: int, window: float, interval: float, faults: bool
     status = job.status()
     t_end, step_end = time.time(), status.get("step") or 0
     job.cancel("benchmark window over")
-    job.wait(timeout=120, raise_on_failure=False)
+    ledger = job.wait(timeout=120, raise_on_failure=False).get("goodput") or {}
     metrics, events = job.metrics(), job.events()
     per_fault = []
     for k in kills:
@@ -137,6 +141,8 @@ def run(client, server, every: int, window: float, interval: float, faults: bool
     commit_ts = [e["ts"] for e in commits if e["attempt"] == 1]
     return {"steps": step_end - step0, "window_s": t_end - t0, "steps_per_s": (step_end - step0) / (t_end - t0),
             "faults": per_fault, "restarts": status.get("restarts"), "job": job.id,
+            # stalwart's own accounting of the same run (monitoring.goodput: first report to the last).
+            "ledger_goodput": ledger.get("ratio"), "ledger_lost_s": ledger.get("lost_s"),
             "load_avg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
             "checkpoint_interval_s": statistics.median(b - a for a, b in zip(commit_ts, commit_ts[1:]))
             if len(commit_ts) > 2 else None,
@@ -198,6 +204,12 @@ def main() -> None:
                         "fixed costs do not scale down, so a scaled figure is the harsher one"),
         "steps_per_s": {"fault_free": free_sps, "with_faults": fault_sps},
         "pairs_goodput": pairs,
+        # What `stalwart status` says of the same runs (goodput since the first step, by its own accounting),
+        # next to the figure above, which compares step counts with a fault-free run side by side.
+        "ledger_goodput": {"with_faults": median([r["ledger_goodput"] for r in runs["faults"]]),
+                           "fault_free": median([r["ledger_goodput"] for r in runs["free"]])},
+        "ledger_lost_s_per_faulty_run": {k: median([(r["ledger_lost_s"] or {}).get(k) for r in runs["faults"]])
+                                         for k in ("detection", "restart", "restore", "recomputed", "checkpoint")},
         "load_avg_1m_per_run": {side: [r["load_avg_1m"] for r in rs] for side, rs in runs.items()},
         "per_fault_s": {"recovery_s": recovery,
                         "not_recovered_in_window": sum(not f["recovered_in_window"] for f in faults),

@@ -54,8 +54,10 @@ def sweep(sweep_file: Path = typer.Argument(..., help="the sweep (YAML): base jo
     try:
         jobs = [_submit(client, r, retry_failed) for r in rungs]
         if not as_json:
+            done = sum(j.status()["state"] == "SUCCEEDED" for j in jobs)
             err.print(f"sweep [bold]{spec.name}[/]: {len(jobs)} jobs ({len(spec.sizes)} sizes x {len(spec.steps)} "
-                      f"budgets" + (" + the target, held out" if spec.target.run else "") + ")")
+                      f"budgets" + (" + the target, held out" if spec.target.run else "") + ")"
+                      + (f"; {done} finished in an earlier run of this sweep" if done else ""))
         statuses = _wait(jobs, rungs, stops, quiet=as_json)
         if stops.reason is not None:
             fail(f"sweep stopped ({stops.reason}); its finished jobs are kept: run it again to go on", 130)
@@ -148,17 +150,24 @@ def _forecast(client, spec, rungs, jobs, statuses, force: bool) -> dict:
             rows.append(row)
     if failed and not rows:
         fail("no rung of the sweep gave a result: " + "; ".join(f["problem"] for f in failed))
-    fitted = rows if spec.law == "size" else envelope(rows)
+    from stalwart.forecast.predict import MIN_TOKENS_PER_PARAM
+
+    law = spec.law_for_target()
+    least = spec.min_tokens_per_param if spec.min_tokens_per_param is not None else MIN_TOKENS_PER_PARAM
+    # L(N, D) takes every run and leaves out the under-trained ones itself; L(C) the grid's envelope.
+    fitted = [r for r in rows if r["tokens"] / r["params"] >= least] if law == "size" else envelope(rows)
+    given = rows if law == "size" else fitted
     try:
-        runs = runs_from_rows(fitted, ["params", "tokens", "loss"], source=f"sweep {spec.name}", row_label="job")
+        runs = runs_from_rows(given, ["params", "tokens", "loss"], source=f"sweep {spec.name}", row_label="job")
         if target is not None:
             t_params, t_tokens = target["params"], target["tokens"]
         else:
             t_params, t_tokens = spec.target.params, spec.target.tokens
-        if spec.law == "size":
+        if law == "size":
             if t_params is None or t_tokens is None:
                 fail("law: size needs the target's params and tokens (run it, or give both)")
-            f = forecast_size(runs, t_params, t_tokens, level=spec.level, force=force)
+            extra = {} if spec.min_tokens_per_param is None else {"min_tokens_per_param": spec.min_tokens_per_param}
+            f = forecast_size(runs, t_params, t_tokens, level=spec.level, force=force, **extra)
         else:
             compute = 6.0 * t_params * t_tokens if t_params and t_tokens else spec.target.compute
             f = forecast_compute(runs, compute, level=spec.level, force=force)
@@ -168,13 +177,40 @@ def _forecast(client, spec, rungs, jobs, statuses, force: bool) -> dict:
         fail(str(exc))
     result = {"sweep": spec.name, "prediction": f.prediction, "low": f.low, "high": f.high, "level": f.level,
               "law": f.law, "params": f.params, "quality": f.quality, "warnings": [p._asdict() for p in f.warnings],
-              "runs": rows, "fitted": [r["job"] for r in fitted], "failed": failed, "target": target, "forecast_obj": f, "runs_obj": runs}
+              "runs": rows, "fitted": [r["job"] for r in fitted], "failed": failed, "target": target, "forecast_obj": f,
+              "runs_obj": _all_runs(rows, runs, spec.name)}
+    result["notes"] = list(f.notes) + _off_frontier(fitted, target or {"params": t_params, "tokens": t_tokens}, law)
     if target is not None:
         result["error"] = (f.prediction - target["loss"]) / target["loss"]
         result["inside"] = f.low <= target["loss"] <= f.high
         compute = [r["compute"] for r in rows]
         result["compute_span"] = target["compute"] / min(compute)
     return result
+
+
+def _all_runs(rows: list[dict], fitted, name: str):
+    """Every run of the ladder, for the picture (grey under the envelope the law was fitted to)."""
+    from stalwart.forecast import ForecastError, runs_from_rows
+
+    try:
+        return runs_from_rows(rows, ["params", "tokens", "loss"], source=f"sweep {name}", row_label="job")
+    except ForecastError:
+        return fitted
+
+
+def _off_frontier(fitted: list[dict], target: dict, law: str) -> list[str]:
+    """L(C) forecasts the best loss reachable with the target's compute, which a run that splits it
+    between parameters and tokens far from the envelope's largest runs does not reach: say so."""
+    if law != "compute" or not target.get("params") or not target.get("tokens") or len(fitted) < 2:
+        return []
+    top = sorted(fitted, key=lambda r: r["compute"])[-3:]
+    ladder = sorted(r["tokens"] / r["params"] for r in top)[len(top) // 2]
+    mine = target["tokens"] / target["params"]
+    if max(mine / ladder, ladder / mine) < 3:
+        return []
+    return [f"the target trains {mine:.2g} tokens per parameter where the ladder's best runs train {ladder:.2g}: "
+            "L(C) forecasts the best loss its compute can reach, which a run this far from that split does not; "
+            "size the target near that split, or use law: size"]
 
 
 def _write(out: Path, result: dict) -> None:
@@ -209,6 +245,8 @@ def _show(name: str, r: dict, plot: Optional[Path], out: Optional[Path]) -> None
                       f"({tg['compute']:.3g} FLOPs, {r['compute_span']:.0f}x the smallest run): loss "
                       f"{tg['loss']:.4f}; forecast off by {r['error']:+.2%}, "
                       + ("inside" if r["inside"] else "[red]outside[/]") + " the interval")
+    for note in r.get("notes") or []:
+        console.print(f"[yellow]note[/] {escape(note)}")
     for w in r["warnings"]:
         console.print(f"[yellow]warning[/] {escape(w['message'])}")
     if plot is not None:

@@ -8,6 +8,7 @@ gang-scheduled and restarted like any other).
     name: tiny-gpt-ladder
     job: job.yaml                  # the base job spec, relative to this file
     steps_key: steps               # the config key that sets a run's length
+    config: {warmup: 10}           # over the base job's config, for every run
     sizes:                         # model sizes: config values laid over the base job's
       - {dim: 32, layers: 1, heads: 2}
       - {dim: 64, layers: 2, heads: 4}
@@ -68,12 +69,26 @@ class SweepSpec(_Model):
     name: str = Field(description="lower-case letters, digits and '-': the prefix of the jobs' names")
     job: str = Field(description="the base job spec (YAML), relative to the sweep file")
     steps_key: str = Field("steps", description="the config key that sets a run's length in steps")
+    config: dict[str, Any] = Field(default_factory=dict, description="config values for every run, target included, "
+                                   "over the base job's (a shorter warmup for the short runs, ...)")
     sizes: list[dict[str, Any]] = Field(min_length=2, description="model sizes: config values over the job's")
     steps: list[int] = Field(min_length=1, description="token budgets, as steps")
     target: SweepTarget
     loss: SweepLoss = SweepLoss()
     level: float = Field(0.9, gt=0.5, lt=1.0, description="the forecast interval's coverage")
-    law: Literal["compute", "size"] = Field("compute", description="L(C) on the frontier, or L(N, D)")
+    law: Optional[Literal["compute", "size"]] = Field(
+        None, description="size: L(N, D) on every run, for a target of a given size and data (the default when "
+                          "the target runs or names params and tokens); compute: L(C) on the grid's envelope, the "
+                          "best loss a compute can reach (the default for a target given as compute alone)")
+    min_tokens_per_param: Optional[float] = Field(
+        None, gt=0, description="L(N, D) leaves out runs with fewer tokens per parameter (default 10, as for "
+                                "large language models; a small ladder may need less: see the tiny GPT's sweep)")
+
+    def law_for_target(self) -> str:
+        if self.law is not None:
+            return self.law
+        t = self.target
+        return "size" if t.run or (t.params is not None and t.tokens is not None) else "compute"
 
     @field_validator("name")
     @classmethod
@@ -138,7 +153,7 @@ def plan(sweep: SweepSpec, base: dict) -> list[dict]:
         name = f"{sweep.name}-target" if is_target else f"{sweep.name}-s{i}-{steps}"
         spec = json.loads(json.dumps(base))  # a deep copy
         spec["name"] = name
-        spec["config"] = {**(base.get("config") or {}), **size, sweep.steps_key: steps}
+        spec["config"] = {**(base.get("config") or {}), **sweep.config, **size, sweep.steps_key: steps}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         jobs.append({"name": name, "size": size, "steps": steps, "target": is_target, "spec": spec,
                      "submission_id": f"sweep-{sweep.name}-{digest}"})

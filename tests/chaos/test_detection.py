@@ -83,6 +83,7 @@ def test_injected_hang_reports_where_it_hangs(client):
     assert "_inject" in stacks["0"]
 
 
+@pytest.mark.slow  # 20 s; test_secrets kills the controller mid-run too, and asserts the resumed figures
 def test_controller_killed_mid_run(client):
     job = client.submit(tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10}))
     wait_for(lambda: (s := job.status()).get("step", 0) >= 15 and (s.get("last_checkpoint_step") or 0) >= 10)
@@ -99,6 +100,7 @@ def test_controller_killed_mid_run(client):
     assert final_state(status, 40)
 
 
+@pytest.mark.slow  # 33 s (two runs); test_recovery's two kills in a row cover a fault during a recovery
 def test_two_faults_in_a_row(client):
     spec = tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10},
                          faults=[{"kind": "kill", "rank": 0, "step": 15, "attempt": 1},

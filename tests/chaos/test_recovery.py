@@ -39,6 +39,7 @@ def undisturbed(client):
     return final_state(status)
 
 
+@pytest.mark.slow  # 21 s; the SIGKILL test below kills a rank for real and asserts the same end state
 def test_injected_kill_restarts_and_matches_undisturbed_run(client, undisturbed):
     spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10},
                          faults=[{"kind": "kill", "rank": 1, "step": 25}])

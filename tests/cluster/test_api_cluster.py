@@ -85,7 +85,8 @@ def test_api_lives_with_the_cluster_and_outlives_its_own_death(cli, tmp_path):
     assert "running from the package" in http.job(job_id).logs()
 
     # The command prints the same over HTTP as over Ray.
-    for args in (["list", "--json"], ["status", job_id, "--json"], ["events", job_id], ["logs", job_id]):
+    # (tests/integration/test_api.py compares every read command; here the ones a user of the cluster runs)
+    for args in (["status", job_id, "--json"], ["logs", job_id]):
         assert cli("--server", url, *args).stdout == cli(*args).stdout, args
     assert cli("--server", url, "logs", job_id, "--follow").stdout == cli("logs", job_id).stdout
 

@@ -83,10 +83,15 @@ def test_a_restarted_controller_takes_the_keys_back_from_the_cluster(client, ray
                                                                 for e in job.events()),
              timeout=180, what="a committed checkpoint")
     ray.kill(ray.get_actor("stalwart-controller", namespace="stalwart"), no_restart=False)
+    # The new controller carries on from the figures the old one saved, not from step 0.
+    resumed = wait_for(lambda: (s := job.status())["attempts"][0]["cause"] == "controller_restart" and s,
+                       timeout=120, what="the job resumed by a new controller")
+    assert resumed["step"] >= 10 and resumed["last_checkpoint_step"] is not None
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
     causes = [a["cause"] for a in status["attempts"]]
     assert causes[0] == "controller_restart" and causes[-1] == "succeeded"
+    assert not status["restarts"]  # a controller restart spends no budget
     assert any(e["kind"] == "restored" for e in job.events())  # read back from S3 with the keys
     assert engine.committed_steps(open_storage(status["checkpoint_uri"], server.options))[0] == 40
     assert_nowhere(server, ray_local, job)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stalwart.forecast.sweep import SweepError, SweepLoss, envelope, load_sweep, plan, run_result
+from stalwart.forecast.sweep import SweepError, SweepLoss, SweepSpec, envelope, load_sweep, plan, run_result
 
 HERE = Path(__file__).resolve().parents[1] / "jobs" / "sweep"
 
@@ -69,3 +69,13 @@ def test_the_envelope_keeps_the_runs_no_cheaper_run_beats():
     rows = [{"job": j, "compute": c, "loss": lo} for j, c, lo in
             [("a", 1, 5.0), ("b", 2, 4.0), ("c", 3, 4.5), ("d", 4, 3.0), ("e", 4, 3.0), ("f", 8, 2.9)]]
     assert [r["job"] for r in envelope(rows)] == ["a", "b", "d", "f"]
+
+
+def test_the_law_follows_the_target_unless_the_file_names_one():
+    sweep, _ = load_sweep(HERE / "sweep.yaml")
+    assert sweep.law_for_target() == "compute"  # named in the file
+    for target, law in (({"size": {"w": 1}, "steps": 5}, "size"), ({"run": False, "params": 1, "tokens": 2}, "size"),
+                        ({"run": False, "compute": 1e20}, "compute")):
+        spec = SweepSpec.model_validate({"name": "s", "job": "j.yaml", "sizes": [{"w": 1}, {"w": 2}], "steps": [1],
+                                         "target": target})
+        assert spec.law_for_target() == law
