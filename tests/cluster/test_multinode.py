@@ -8,6 +8,7 @@ import json
 import signal
 
 import psutil
+import yaml
 
 from clitools import small_job, wait_for
 
@@ -33,8 +34,13 @@ def test_gang_spans_two_nodes_and_survives_losing_one(cli, tmp_path):
     assert joined.returncode == 0, joined.stderr
     head_raylet, worker_raylet = raylets(record["session_dir"])
 
-    spec = small_job(tmp_path, steps=300, resources={"workers": 2, "cpus_per_worker": 1, "placement": "spread"},
+    spec = small_job(tmp_path, steps=600, resources={"workers": 2, "cpus_per_worker": 1, "placement": "spread"},
                      fault_tolerance={"budgets": {"node_failure": 2}})
+    # Steps of tens of milliseconds (small_job's are a few): the job must still be running when the status
+    # polls (a CLI process each) have seen it spread over both nodes and the raylet is killed.
+    pace = yaml.safe_load(spec.read_text())
+    pace["config"].update(dim=96, layers=2, batch_size=16)
+    spec.write_text(yaml.safe_dump(pace))
     job_id = cli("submit", str(spec)).stdout.strip()
 
     def spread_and_training():
@@ -52,7 +58,7 @@ def test_gang_spans_two_nodes_and_survives_losing_one(cli, tmp_path):
     status = wait_for(lambda: (s := cli.json("status", job_id))["state"] in ("SUCCEEDED", "FAILED", "CANCELLED")
                       and s, 420, "the job's end")
     assert status["state"] == "SUCCEEDED", status.get("reason")
-    assert status["step"] == 300
+    assert status["step"] == 600
     assert status["restarts"].get("node_failure") == 1
     assert len(status["attempts"]) == 2 and status["attempts"][0]["cause"] == "node_failure"
     lost = {r["node_id"] for r in before["ranks"]} - {r["node_id"] for r in status["ranks"]}
