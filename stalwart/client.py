@@ -67,12 +67,12 @@ class Client(_JobsSource):
                  start: str = "background", say=lambda msg: None, server: str | None = None,
                  token: str | None = None):
         # (`server` and `token` are __new__'s: with a server, this is never reached.)
+        self.home = cluster.home_dir(home)
+        self.how = cluster.connect(address, self.home, start=start, say=say)  # NoCluster before importing Ray
         import ray
 
         from stalwart.orchestrator.controller import get_or_create_controller
 
-        self.home = cluster.home_dir(home)
-        self.how = cluster.connect(address, self.home, start=start, say=say)
         # A controller that exists keeps its own home; a new one on a cluster that this machine
         # started (or was told to use) takes the home asked for, else the head node's default.
         try:

@@ -4,8 +4,6 @@ cluster (or, to read, the state dir), errors as one line, and small formatters."
 from __future__ import annotations
 
 import json
-import os
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -115,25 +113,15 @@ def connect(address: Optional[str], start: str = "background"):
         fail(str(exc))
 
 
-def _ray_connected() -> bool:
-    """Whether this process is connected to Ray already (the CLI called in-process), without importing it."""
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
 def reader(address: Optional[str]):
     """A Client, or, when no cluster runs (and none was named), the state dir's `Records`, for the
     commands that only read: they work after `stalwart run` ended or with the cluster down. With
     --server, the server's answers (no fallback: the server was named)."""
     from stalwart.client import Client, HttpClient, Records
-    from stalwart.orchestrator import cluster
 
     try:
         if _server["url"]:
             return HttpClient(_server["url"])
-        if not address and not os.environ.get("RAY_ADDRESS") and not _ray_connected() \
-                and cluster.local_cluster(cluster.home_dir()) is None:
-            return Records()  # nothing to connect to: answer from the state dir without importing Ray (~2 s)
         return Client(address, start="never", say=say)
     except NoCluster as exc:
         if address:

@@ -324,9 +324,8 @@ def connect(address: str | None, home: Path, *, start: str = "background", say=l
     'started-inprocess'. Raises NoCluster when none runs and none may be started, ClusterError when
     one cannot be used (a refused token, a bad address).
     """
-    import ray
-
-    if ray.is_initialized():
+    loaded = sys.modules.get("ray")  # Ray is imported (about 2 s) only when there is a cluster to reach
+    if loaded is not None and loaded.is_initialized():
         return "connected"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -339,6 +338,8 @@ def connect(address: str | None, home: Path, *, start: str = "background", say=l
     if start == "never":
         raise NoCluster(f"no Ray cluster is running: {NO_CLUSTER_HINT}")
     if start == "inprocess":
+        import ray
+
         say("starting a local Ray instance in this process")
         ray.init(address="local", include_dashboard=False, **_INIT_OPTIONS)
         return "started-inprocess"
