@@ -12,7 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
@@ -152,15 +152,23 @@ class S3Options(_Section):
         return self
 
 
+Steps = Annotated[int, Field(ge=1)]
+
+
 class CheckpointSpec(_Section):
     uri: str | None = Field(None, description="file:///dir, a plain path, s3://bucket/prefix, or a "
                                   "URI fsspec opens (gs://, az://, hf://, ...; fsspec+s3:// for S3 through s3fs)")
-    every_steps: int = Field(100, ge=1, description="ctx.checkpoint(step) saves when step % every_steps == 0")
+    every_steps: Steps | Literal["auto"] = Field(
+        100, description="ctx.checkpoint(step) saves when step % every_steps == 0; auto: the interval that loses "
+        "the least time (Young/Daly) from the measured save cost and the job's failure rate, chosen as it runs")
     keep_last: int = Field(3, ge=1, description="committed checkpoints kept, besides pinned ones")
-    memory_every_steps: int | None = Field(
-        None, ge=1, description="ctx.checkpoint(step) also keeps an in-memory snapshot every this many steps, "
+    memory_every_steps: Steps | Literal["auto"] | None = Field(
+        None, description="ctx.checkpoint(step) also keeps an in-memory snapshot every this many steps, "
         "replicated to a peer rank, which a restart restores from when the ranks' processes survive; "
-        "None: off")
+        "auto: chosen as every_steps: auto is; None: off")
+    auto_mtbf_s: float = Field(
+        3600.0, gt=0, description="for the auto intervals: the mean time between failures assumed before the job "
+        "has seen a fault (its own rate takes over as faults come)")
     memory_in_loop: bool = Field(
         False, description="with memory_every_steps and DDP on CPU: the ranks that outlive a dead one stay in their "
         "training loop and spares wait at their restore, so a recovery runs none of the job's set-up; costs about "
@@ -173,6 +181,15 @@ class CheckpointSpec(_Section):
     local_cache_dir: str | None = Field(None, description="node-local copies of the newest shards (for remote "
                                         "storage), so a restart on the same node reads no network; default: "
                                         "a folder under the system temp dir")
+
+    @field_validator("every_steps", "memory_every_steps", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("give a whole number of steps (1 or more), or auto")
+        return value
 
     @field_validator("uri", "resume_from")
     @classmethod

@@ -106,7 +106,7 @@ class MemoryTier:
     buffers it sends from are the ones the copy writes); replication runs on a daemon thread."""
 
     def __init__(self, job_id: str, every_steps: int):
-        if every_steps < 1:
+        if every_steps < 0:  # 0: none due (every_steps: auto, until the ranks agree on an interval)
             raise ValueError(f"checkpoint.memory_every_steps must be at least 1, got {every_steps}")
         self.job_id = job_id
         self.every_steps = every_steps
@@ -167,7 +167,7 @@ class MemoryTier:
                 + sum(b.numel() for b in self._recv_buffers if b is not None))
 
     def due(self, step: int) -> bool:
-        return step % self.every_steps == 0
+        return self.every_steps > 0 and step % self.every_steps == 0
 
     # ---- taking a snapshot --------------------------------------------------------------
     def snapshot(self, step: int, state: Any, local: Any = None, meta: dict | None = None) -> None:

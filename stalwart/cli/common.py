@@ -199,6 +199,18 @@ def restore_line(r: dict | None) -> str | None:
     return f"step {r.get('step')}: {fmt_bytes(r.get('bytes_read'))}{total} read{rate}, rank(s) {ranks}"
 
 
+def interval_line(intervals: dict | None) -> str | None:
+    """'checkpoints every 120 steps (~2 min), snapshots every 8 (~9.6 s); auto' from
+    status()["checkpoint_interval"] (every_steps: auto; checkpointing.interval)."""
+    if not intervals:
+        return None
+    names = {"durable": "checkpoints", "memory": "snapshots"}
+    parts = [f"{names.get(tier, tier)} every {c.get('every_steps')} steps (~{c.get('interval_s', 0):.3g} s, "
+             f"cost {c.get('cost_s', 0):.3g} s, MTBF {c.get('mtbf_s', 0) / 3600:.3g} h)"
+             for tier, c in sorted(intervals.items())]
+    return "; ".join(parts)
+
+
 def goodput_line(g: dict | None) -> str | None:
     """'96.2%  (lost: restart 5.2 s, restore 2.1 s)' from status()["goodput"] (monitoring.goodput)."""
     if not g or g.get("ratio") is None:

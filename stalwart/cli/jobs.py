@@ -18,8 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, JsonOpt, app, clock, connect, console, err, fail,
-                                 fmt, fmt_time, goodput_line, job_handle, load_spec, print_json, reader, restore_line,
-                                 stale_note, styled_state)
+                                 fmt, fmt_time, goodput_line, interval_line, job_handle, load_spec, print_json, reader,
+                                 restore_line, stale_note, styled_state)
 from stalwart.errors import StalwartError
 
 InitFromOpt = typer.Option(None, "--init-from", help="start from these weights (a torch.distributed.checkpoint folder "
@@ -154,6 +154,8 @@ def _progress_view(job_id: str, s: dict, events: list[dict], cancelling: bool):
     grid.add_row("checkpoint", f"step {ck}" if ck is not None else "-")
     if s.get("checkpoint_warning"):
         grid.add_row("", Text(s["checkpoint_warning"], style="bold yellow"))
+    if auto := interval_line(s.get("checkpoint_interval")):
+        grid.add_row("auto", auto)
     if restore := restore_line(s.get("restore")):
         grid.add_row("restoring", restore)
     if goodput := goodput_line(s.get("goodput")):

@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from stalwart.cli.common import (TERMINAL, AddressOpt, JsonOpt, app, clock, console, fmt, fmt_time, goodput_line,
-                                 job_handle, need_matplotlib, print_json, reader, restore_line, styled_state)
+                                 interval_line, job_handle, need_matplotlib, print_json, reader, restore_line,
+                                 styled_state)
 from stalwart.errors import StalwartError
 from stalwart.monitoring.goodput import Ledger
 
@@ -246,6 +247,8 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
                  f"step {ck}, {_ago(s.get('last_checkpoint_at'))} ago" if ck is not None else "-")
     if s.get("checkpoint_warning"):
         grid.add_row("", "", "", Text(s["checkpoint_warning"], style="bold yellow"))
+    if auto := interval_line(s.get("checkpoint_interval")):
+        grid.add_row(Text("auto", style="bold"), auto, "", "")
     restore, goodput = restore_line(s.get("restore")), goodput_line(s.get("goodput"))
     if restore or goodput:
         grid.add_row(Text("goodput", style="bold"), goodput or "-", Text("restoring", style="bold") if restore else "",

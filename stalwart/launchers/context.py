@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpointing import engine as ckpt
+from stalwart.checkpointing import interval
 from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
 from stalwart.checkpointing.storage import Storage
@@ -60,11 +61,12 @@ class TrainContext:
     """
 
     def __init__(self, *, job_id: str, attempt: int, rank: int, world_size: int, local_rank: int,
-                 device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int,
+                 device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int | str,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
                  strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None,
                  memory: memories.MemoryTier | None = None, train: rejoin.TrainGroup | None = None,
-                 rejoin_with: Callable | None = None, standby: bool = False):
+                 rejoin_with: Callable | None = None, standby: bool = False, auto_memory: bool = False,
+                 auto_mtbf_s: float = 3600.0):
         self.job_id = job_id
         self.attempt = attempt
         self.rank = rank
@@ -78,7 +80,8 @@ class TrainContext:
         # Script mode: the script initializes torch.distributed itself, so the checkpoint group is
         # made at the first restore() or checkpoint(), which every rank calls.
         self._lazy_group = lazy_group and world_size > 1
-        self.every_steps = every_steps
+        # checkpoint.every_steps; with `auto` (checkpointing.interval), 0 until the ranks agree on one.
+        self.every_steps = 0 if every_steps == "auto" else every_steps
         self.restored_step = 0
         self.restored_from: str | None = None
         self.restored_tier: str | None = None  # memory | local | storage
@@ -105,7 +108,17 @@ class TrainContext:
             storage, rank=rank, world_size=world_size, group=ckpt_group, strategy=strategy, keep_last=keep_last,
             job_id=job_id, attempt=attempt, on_result=self._on_save, cache=self._cache)
         self._engine.pinned.update(plan.pinned)
-        self._vote = preemption.StopVote(vote_group, world_size, rank=rank)
+        self._vote = preemption.StopVote(vote_group, world_size, rank=rank, settings=len(interval.TIERS))
+        self._auto_tiers = tuple(t for t, auto in (("durable", every_steps == "auto"),
+                                                    ("memory", memory is not None and auto_memory))
+                                 if auto)
+        self._auto: interval.AutoInterval | None = None
+        if self._auto_tiers and rank == 0:
+            self._auto = interval.AutoInterval(self._auto_tiers, auto_mtbf_s, plan.run_s, plan.fault_count,
+                                               time.monotonic, current=dict(plan.auto_intervals))
+            self._propose_current()
+        self._auto_polls = 0
+        self._last_step: int | None = None  # ctx.batches(steps=)
         self._last_stall = 0.0
         self._faults = self._faults_of(plan)
         self._last_cpu: float | None = None
@@ -198,6 +211,7 @@ class TrainContext:
                 raise ValueError("batch_size is required when batches() is given a dataset")
             batch_at = IndexedBatches(source, batch_size, self.rank, self.world_size, shuffle=shuffle, seed=seed,
                                       collate=collate)
+        self._last_step = steps
         if steps is not None and self.rank == 0:
             self._reporter.event("progress", max_steps=steps)
             lambdas = getattr(self._scheduler, "lr_lambdas", None)
@@ -232,7 +246,8 @@ class TrainContext:
         self.attempt, self._plan = rendezvous.attempt, rendezvous.plan
         self._engine.group, self._engine.attempt = groups.checkpoint, rendezvous.attempt
         self._engine.pinned.update(rendezvous.plan.pinned)
-        self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank)
+        self._vote = preemption.StopVote(groups.vote, self.world_size, rank=self.rank, settings=len(interval.TIERS))
+        self._propose_current()
         self._train.replace(groups.train, self.world_size, groups.check)
         self._faults = self._faults_of(rendezvous.plan)
         self._data = DataPosition(skip=[tuple(r) for r in rendezvous.plan.skip])
@@ -336,10 +351,15 @@ class TrainContext:
                 return False
             if stop:
                 self._stop_for_preemption(step)
-        elif self._vote_ready() and self._vote.poll(preemption.notice() is not None):
-            self._stop_for_preemption(step)
+            self._auto_intervals()
+        elif self._vote_ready():
+            if self._vote.poll(preemption.notice() is not None):
+                self._stop_for_preemption(step)
+            self._auto_intervals()
         snap = self._memory is not None and self._memory.due(step)
-        durable = force or step % self.every_steps == 0
+        durable = force or (self.every_steps > 0 and step % self.every_steps == 0)
+        if "durable" in self._auto_tiers and step == self._last_step:
+            durable = True  # an auto interval falls anywhere: the run's last step is always kept
         if not (snap or durable):
             return False
         self._save(step, snap=snap, durable=durable)
@@ -384,7 +404,10 @@ class TrainContext:
         self._ensure_group()
         state, rng = self._state(), _rng_state()
         if snap:
+            t0 = time.perf_counter()
             self._memory.snapshot(step, state, local={"rng": rng}, meta={"data": self._data.to_dict()})
+            if self._auto is not None:
+                self._auto.cost("memory", time.perf_counter() - t0)
         if not durable:
             return
         t0 = time.perf_counter()
@@ -393,6 +416,37 @@ class TrainContext:
             "loss_stats": self._loss_stats(),
         })
         self._last_stall = time.perf_counter() - t0
+        if self._auto is not None:
+            self._auto.cost("durable", self._last_stall)
+
+    # ---- every_steps: auto ---------------------------------------------------------------
+    def _propose_current(self) -> None:
+        """Rank 0, with a new vote: propose the intervals in force again, so that every rank of this
+        attempt (a replacement too) takes them at the same step. Until a round carries them, no rank
+        saves an auto tier: no rank can save a step its peers skip."""
+        if self._auto is not None:
+            for tier, steps in self._auto.current.items():
+                self._vote.propose[interval.TIERS.index(tier)] = steps
+
+    def _auto_intervals(self) -> None:
+        """After each poll: take the intervals the ranks agreed on (the same values at the same poll on
+        every rank); rank 0 refreshes its proposals every AUTO_EVERY_POLLS polls, and every poll while a
+        tier has none yet (a step time is known after two)."""
+        if not self._auto_tiers:
+            return
+        self._auto_polls += 1
+        if self._auto is not None and (self._auto_polls % AUTO_EVERY_POLLS == 1 or not all(
+                self._vote.propose[interval.TIERS.index(tier)] for tier in self._auto_tiers)):
+            for tier, steps in self._auto.propose(self._vote.step_s()).items():
+                self._vote.propose[interval.TIERS.index(tier)] = steps
+        for tier in self._auto_tiers:
+            steps = self._vote.settings[interval.TIERS.index(tier)]
+            if tier == "durable":
+                changed, self.every_steps = steps != self.every_steps, steps
+            else:
+                changed, self._memory.every_steps = steps != self._memory.every_steps, steps
+            if changed and steps and self._auto is not None and (choice := self._auto.agreed(tier, steps)) is not None:
+                self._reporter.event("checkpoint_interval", **choice.as_event())
 
     def restore(self) -> int:
         """Load the newest good checkpoint (or the one this attempt was told to use); return its step.
@@ -611,7 +665,8 @@ class TrainContext:
 
         self._engine.group = dist.new_group(backend="gloo", timeout=collective_timeout())
         self._vote = preemption.StopVote(dist.new_group(backend="gloo", timeout=collective_timeout()), self.world_size,
-                                         rank=self.rank)
+                                         rank=self.rank, settings=len(interval.TIERS))
+        self._propose_current()
         self._lazy_group = False
 
     def _loss_stats(self) -> dict:
@@ -633,6 +688,8 @@ class TrainContext:
         kind = "checkpoint_committed" if result.committed else "checkpoint_failed"
         if result.committed and self.rank != 0:
             return  # rank 0 speaks for a commit; any rank reports its own failure
+        if result.committed and self._auto is not None:
+            self._auto.upload(result.write_s)
         self._reporter.event(kind, step=result.step, rank=self.rank, stall_s=self._last_stall,
                              write_s=result.write_s, bytes=result.bytes, error=result.error,
                              uri=f"{self._engine.storage.uri}/{ckpt.step_dir(result.step)}")
@@ -675,6 +732,7 @@ class _RestoreProgress:
 
 
 RESTORE_PROGRESS_S = 0.5
+AUTO_EVERY_POLLS = 8  # rank 0 reconsiders the auto intervals once every this many polls (steps)
 
 
 class _Prefetch:

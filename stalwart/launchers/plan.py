@@ -43,6 +43,11 @@ class AttemptPlan:
     # training loop, a spare on standby at its restore. When there are any, no rank takes part in DDP's
     # start from rank 0's parameters (they did theirs, or never will): the restore sets every rank's.
     live_ranks: tuple[int, ...] = ()
+    # For `every_steps: auto` (checkpointing.interval): the intervals the last attempt's ranks agreed on
+    # (tier -> steps; rank 0 proposes them again first), and the job's history the failure rate comes from.
+    auto_intervals: tuple[tuple[str, int], ...] = ()
+    run_s: float = 0.0  # seconds since the job's first step, before this attempt
+    fault_count: int = 0  # attempts that ended in a fault
 
     @classmethod
     def build(cls, *, checkpoint_uri: str, spec_skip=(), rewind: Rewind | None = None, **kwargs) -> "AttemptPlan":

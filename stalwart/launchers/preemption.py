@@ -128,13 +128,16 @@ class StopVote:
     VOTE_INTERVAL_S: rank 0 proposes it in each round (from its own time between polls) and every rank
     takes it when it reads that round, at the same poll, so the ranks never disagree on when to post.
     A notice stops the ranks about (VOTE_LAG + 1) rounds later: within a second with fast steps,
-    VOTE_LAG + 1 steps with slow ones. The cost of a poll without a round is a counter; of one with a
-    round, posting an all-reduce of two ints (bench/preemption_vote.py). Every rank must call `poll`
+    VOTE_LAG + 1 steps with slow ones. The rounds carry rank 0's settings the same way (checkpoint
+    intervals under `every_steps: auto`): rank 0 writes `propose[i]`, and every rank finds it in
+    `settings[i]` after the same poll (0 until a round carried one). The cost of a poll without a
+    round is a counter; of one with a round, posting an all-reduce of a few ints
+    (bench/preemption_vote.py). Every rank must call `poll`
     the same number of times (`TrainContext.checkpoint` does, once per step).
     """
 
     def __init__(self, group=None, world_size: int = 1, lag: int = VOTE_LAG, rank: int = 0,
-                 interval_s: float = VOTE_INTERVAL_S):
+                 interval_s: float = VOTE_INTERVAL_S, settings: int = 0):
         self.group = group
         self.world_size = world_size
         self.rank = rank
@@ -145,7 +148,9 @@ class StopVote:
         self._rounds: deque = deque()  # (tensor [flag, proposed period], work), oldest first
         # Reused in turn (a round's tensor is free again once it has been read); written and read through
         # numpy views of their memory, which skip torch's dispatch (tens of microseconds a call, loaded).
-        self._tensors = [torch.zeros(2, dtype=torch.int32) for _ in range(self.lag + 1)]
+        self.propose = [0] * settings  # rank 0's proposals, sent with every round
+        self.settings = [0] * settings  # the proposals every rank has read, at the same poll
+        self._tensors = [torch.zeros(2 + settings, dtype=torch.int32) for _ in range(self.lag + 1)]
         self._views = [t.numpy() for t in self._tensors]
         self._next = 0
         self._noticed = False
@@ -153,14 +158,15 @@ class StopVote:
         self._gaps: deque = deque(maxlen=16)  # rank 0's recent seconds between polls
 
     def poll(self, local: bool) -> bool:
-        if self.group is None or self.world_size == 1:
-            return local
-        self._noticed = self._noticed or local
         if self.rank == 0:
             now = time.monotonic()
             if self._last_poll is not None:
                 self._gaps.append(now - self._last_poll)
             self._last_poll = now
+        if self.group is None or self.world_size == 1:
+            self.settings[:] = self.propose
+            return local
+        self._noticed = self._noticed or local
         if self._until_round > 0:
             self._until_round -= 1
             return False
@@ -169,18 +175,27 @@ class StopVote:
         self._next = (self._next + 1) % len(self._tensors)
         view[0] = 1 if self._noticed else 0
         view[1] = self._proposal() if self.rank == 0 else 0
+        if self.propose:
+            view[2:] = self.propose if self.rank == 0 else 0
         self._rounds.append((view, dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)))
         if len(self._rounds) <= self.lag:
             return False
         view, work = self._rounds.popleft()
         work.wait()
         stop, period = int(view[0]), int(view[1])
+        for i in range(len(self.settings)):
+            if view[2 + i]:
+                self.settings[i] = int(view[2 + i])
         if stop:
             self.close()  # every rank stops here: finish the rounds still in flight together
             return True
         if period:
             self.period = period
         return False
+
+    def step_s(self) -> float | None:
+        """Rank 0's recent median seconds between polls (a step, when polled once a step)."""
+        return statistics.median(self._gaps) if self._gaps else None
 
     def _proposal(self) -> int:
         """Rank 0's period: polls per VOTE_INTERVAL_S at its recent median step time (a median, so that a

@@ -89,7 +89,8 @@ def run_rank(worker, payload: dict) -> dict:
                 strategy=spec.strategy.name, strategy_options=dict(spec.strategy.options), storage=storage,
                 every_steps=spec.checkpoint.every_steps, keep_last=spec.checkpoint.keep_last, reporter=reporter,
                 plan=plan, ckpt_group=ckpt_group, lazy_group=lazy_group, vote_group=vote_group, memory=memory,
-                train=train, rejoin_with=rejoin_with, standby=standby)
+                train=train, rejoin_with=rejoin_with, standby=standby, auto_mtbf_s=spec.checkpoint.auto_mtbf_s,
+                auto_memory=spec.checkpoint.memory_every_steps == "auto")
 
         if spec.script is not None:
             os.environ["STALWART_COLLECTIVE_TIMEOUT_S"] = str(timeout.total_seconds())
@@ -159,7 +160,7 @@ def _memory_tier(worker, spec: JobSpec, group) -> memory.MemoryTier | None:
     every = spec.checkpoint.memory_every_steps
     if every is None:
         return None
-    tier = memory.tier_for(worker.job_id, every)
+    tier = memory.tier_for(worker.job_id, 0 if every == "auto" else every)  # auto: set by the context
     tier.bind(worker.rank, worker.world_size, group)
     return tier
 

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from stalwart.checkpointing import interval
 from stalwart.monitoring.detectors import HangWatch, SpikeConfig, SpikeDetector, StragglerDetector, is_nonfinite
 from stalwart.monitoring.trend import TrendConfig, TrendDetector
 from stalwart.monitoring.metrics import STEP_TIMES, StepTimes
@@ -180,6 +181,8 @@ class JobSupervisor:
         self.positions: dict[int, int] = {}
         self.commits: list[int] = []
         self.params: int | None = (saved["detail"].get("stats") or {}).get("params")  # the model's, from rank 0
+        # every_steps: auto: the intervals rank 0 chose last, per tier (its `checkpoint_interval` events)
+        self.intervals: dict = dict((saved["detail"].get("stats") or {}).get("checkpoint_interval") or {})
         self.recovering: dict | None = None  # the last fault, until the next attempt completes a step
         self._restored_tier: str | None = None  # memory | local | storage: how the current attempt restored
         self._detected: Detection | None = None
@@ -588,7 +591,11 @@ class JobSupervisor:
         ckpt = self.spec.checkpoint
         # An explicit resume_from seeds the job until it has a checkpoint of its own.
         resume = ckpt.resume_from if self.live.last_checkpoint is None else None
+        goodput = self.record.goodput() or {}
         return AttemptPlan.build(
+            auto_intervals=tuple((tier, int(c["every_steps"])) for tier, c in self.intervals.items()
+                                 if c.get("every_steps")),
+            run_s=float(goodput.get("wall_s") or 0.0), fault_count=sum(self.policy.spent.values()),
             checkpoint_uri=self.checkpoint_uri, spec_skip=self.spec.data.skip, rewind=rewind, resume_from=resume,
             init_from=ckpt.init_from,
             s3_options=ckpt.s3, faults=tuple(f.model_dump() for f in self.spec.faults),
@@ -787,6 +794,12 @@ class JobSupervisor:
                 return  # said once: a restart reports the same model again
             self.params = ev.get("params")
             msg = f"model: {_count(ev.get('params'))} parameters ({_count(ev.get('trainable_params'))} trainable)"
+        elif kind == "checkpoint_interval":
+            if rank != 0:
+                return
+            tier = ev.get("tier")
+            self.intervals[tier] = {k: v for k, v in data.items() if k not in ("ts", "rank", "step")}
+            msg = interval.describe(tier, self.intervals[tier])
         elif kind == "restore_progress":  # every half second of a read: shown by status, not stored
             before = self.live.restoring.get(rank)
             self.live.restoring[rank] = {**ev, "first_ts": before["first_ts"] if before else ev.get("ts") or time.time()}
@@ -833,6 +846,7 @@ class JobSupervisor:
             "forecast_band": self.forecast.band_json() if self.forecast is not None else None,
             "goodput": self.record.goodput(),
             "params": self.params,
+            "checkpoint_interval": self.intervals or None,
         }
 
     def _save_stats(self) -> None:

@@ -79,8 +79,10 @@ SLOW_FIRST_ATTEMPT = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "leng
 
 def test_sigkill_of_a_rank_mid_run(client, undisturbed):
     job = client.submit(tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10}, faults=SLOW_FIRST_ATTEMPT))
-    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s)
     wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()), what="spares ready")
+    # Past step 13, and between two checkpoints (every 10), so that the kill costs steps redone.
+    status = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and 2 <= s["step"] % 10 <= 6
+                      and s.get("ranks") and s)
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
@@ -205,6 +207,27 @@ def test_two_kills_in_a_row_with_ranks_in_their_loop(client, undisturbed):
     started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
     assert [s["live_ranks"] for s in started[1:]] == [[1], [0]]
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop", "in_loop"]
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
+def test_auto_intervals_are_chosen_from_measured_costs_and_agreed_across_a_rejoin(client, undisturbed):
+    # Both tiers on `auto`, with a short assumed time between failures so that a 40-step run saves often:
+    # rank 0 proposes, every rank takes the same interval at the same step (a replacement rank too), and
+    # a kill at step 25 still finds a snapshot every rank holds.
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": "auto", "memory_every_steps": "auto",
+                                               "memory_in_loop": True, "auto_mtbf_s": 5},
+                         faults=[{"kind": "kill", "rank": 1, "step": 25, "attempt": 1}, *SLOW_FIRST_ATTEMPT])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    chosen = [e["data"] for e in job.events() if e["kind"] == "checkpoint_interval"]
+    assert {c["tier"] for c in chosen} == {"durable", "memory"}, [(e["kind"], e["message"]) for e in job.events()]
+    assert any(c["tier"] == "memory" and c["cost_measured"] for c in chosen), chosen
+    assert all(c["every_steps"] >= 1 and c["mtbf_s"] >= 5 for c in chosen)
+    assert set(status["checkpoint_interval"]) == {"durable", "memory"}
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert _tiers(job, "restored") == ["memory"]
+    # The last step is always kept under an auto interval, and the run is the undisturbed one.
     assert_bitwise_equal(final_state(status), undisturbed)
 
 

@@ -71,7 +71,8 @@ def test_a_changed_world_size_falls_back():
 
 def test_the_interval_is_validated():
     with pytest.raises(ValueError, match="memory_every_steps"):
-        MemoryTier("job", 0)
+        MemoryTier("job", -1)
+    assert not any(MemoryTier("job", 0).due(step) for step in range(1, 10))  # auto, before the ranks agree
 
 
 def test_the_spec_field_is_validated():
