@@ -3,8 +3,10 @@
 Every `memory_every_steps` steps each rank copies the state a durable checkpoint takes (the
 strategy's state, the LR scheduler, its RNG states, the data position) into host buffers it
 reuses (`shards.Snapshot`: allocated once, while the state's layout stays the same), and sends that
-copy to the next rank of a ring (rank r holds rank r-1's snapshot) over a gloo group of its own,
-from a background thread. The copy is the only part that blocks the step.
+copy to the next rank of a ring over a gloo group of its own, from a background thread. The copy is
+the only part that blocks the step. The ring (`replica_ring`) goes round the nodes in turn, so that
+each rank's copy lies on another node than the rank wherever the job spans more than one: a lost node
+then takes ranks, not the copies of their state (ranks 0..3 on two nodes of two: 0 -> 2 -> 1 -> 3 -> 0).
 
 Why gloo send/recv and not the Ray object store: an object lives as long as its owner, and the owner
 of a `ray.put` is the process that put it, so the replica of a rank that was SIGKILLed would die with
@@ -112,6 +114,7 @@ class MemoryTier:
         self.every_steps = every_steps
         self.rank = 0
         self.world_size = 1
+        self.ring: tuple[int, ...] = (0,)
         self.group = None
         self.layout_kind = "replicated"
         self._snapshots = [shards.Snapshot() for _ in range(GENERATIONS)]
@@ -126,12 +129,14 @@ class MemoryTier:
         self.last_replication_s = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def bind(self, rank: int, world_size: int, group, layout: str = "replicated") -> None:
-        """Start an attempt: its rank, world size and the gloo group the replicas travel on."""
+    def bind(self, rank: int, world_size: int, group, layout: str = "replicated", ring: tuple[int, ...] = ()) -> None:
+        """Start an attempt: its rank, world size, the gloo group the replicas travel on and the ring's
+        order (`replica_ring`; by rank when empty)."""
         if not self._join_quietly(BIND_JOIN_S):  # the last attempt's thread ended with its group, or soon will
             self._recv_buffers = [None] * GENERATIONS  # the stuck thread may still write into its buffer
         self._epoch += 1
         self.rank, self.world_size, self.group, self.layout_kind = rank, world_size, group, layout
+        self.ring = tuple(ring) if sorted(ring) == list(range(world_size)) else tuple(range(world_size))
 
     def drop(self) -> None:
         """Forget every snapshot (they belong to a trajectory that a restore from storage left)."""
@@ -157,8 +162,13 @@ class MemoryTier:
 
     @property
     def peer(self) -> int:
-        """The rank whose replica this rank holds."""
-        return (self.rank - 1) % self.world_size
+        """The rank whose replica this rank holds (the one before it in the ring)."""
+        return self.ring[(self.ring.index(self.rank) - 1) % len(self.ring)]
+
+    @property
+    def holder(self) -> int:
+        """The rank that holds this rank's replica (the one after it in the ring)."""
+        return self.ring[(self.ring.index(self.rank) + 1) % len(self.ring)]
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +211,7 @@ class MemoryTier:
         self._thread.join(limit)
         if self._thread.is_alive():
             raise WaitTimeout(f"the replication of the in-memory snapshot of step {self._in_flight} to rank "
-                              f"{(self.rank + 1) % self.world_size}", limit, REPLICATION_WAIT_TIMEOUT_ENV)
+                              f"{self.holder}", limit, REPLICATION_WAIT_TIMEOUT_ENV)
         self._thread = None
 
     def _join_quietly(self, timeout_s: float | None = None) -> bool:
@@ -220,7 +230,7 @@ class MemoryTier:
         slot = _older(self._replicas)
         self._replicas[slot] = None  # being overwritten from here on; the other generation stays usable
         try:
-            replica = _ring_exchange(own, self.rank, self.world_size, self.group, lambda n: self._recv(slot, n))
+            replica = _ring_exchange(own, self.holder, self.peer, self.group, lambda n: self._recv(slot, n))
             if epoch == self._epoch:  # else a later attempt owns the slots now
                 self._replicas[slot], self.last_error = replica, None
         except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # a peer died, the group broke
@@ -335,10 +345,9 @@ def _describe(held: Held) -> bytes:
                          "layout": held.layout, "objects": held.objects}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _ring_exchange(own: Held, rank: int, world_size: int, group, recv_into) -> Held:
-    """Send `own` to rank + 1 and receive rank - 1's snapshot (both at once: a ring of blocking sends
-    would deadlock). Raises RuntimeError when a peer is gone."""
-    nxt, prev = (rank + 1) % world_size, (rank - 1) % world_size
+def _ring_exchange(own: Held, nxt: int, prev: int, group, recv_into) -> Held:
+    """Send `own` to rank `nxt` and receive rank `prev`'s snapshot (both at once: a ring of blocking
+    sends would deadlock). Raises RuntimeError when a peer is gone."""
     meta = _describe(own)
     head_out = torch.tensor([own.step, own.nbytes, len(meta)], dtype=torch.int64)
     head_in = torch.empty(3, dtype=torch.int64)
@@ -397,6 +406,21 @@ def _copy_small(obj: Any) -> Any:
     import copy
 
     return copy.deepcopy(obj)
+
+
+def replica_ring(nodes: list) -> tuple[int, ...]:
+    """The order of the replication ring for ranks on `nodes` (rank -> its node): the nodes' ranks
+    taken in turn, a rank from each node in each round, so that a rank's successor (the holder of its
+    copy) is on another node whenever two nodes still have ranks left in a round. With one node, by
+    rank. Every rank computes it from the same list, or the gang sends it."""
+    by_node: dict = {}
+    for rank, node in enumerate(nodes):
+        by_node.setdefault(node, []).append(rank)
+    queues = sorted(by_node.values(), key=lambda ranks: (-len(ranks), ranks[0]))
+    ring = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        ring += [q[i] for q in queues if i < len(q)]
+    return tuple(ring)
 
 
 # ---- the tier of each job in this process, kept across attempts --------------------------------

@@ -13,6 +13,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stalwart.checkpointing.memory import replica_ring
 from stalwart.errors import GangStartFailed
 from stalwart.launchers import rejoin
 from stalwart.launchers.plan import AttemptPlan
@@ -170,6 +171,8 @@ class RayGang:
             raise GangStartFailed(f"the rank workers did not answer within {timeout:g} s of starting "
                                   f"(raise {START_TIMEOUT_ENV} on slow nodes)") from None
         self.ranks = [{"rank": r, "node_id": n, "pid": p} for r, (n, p) in enumerate(zip(nodes, pids))]
+        if self.spec.checkpoint.memory_every_steps is not None:
+            plan = dataclasses.replace(plan, ring=replica_ring(nodes))
         spec_dict = self.spec.to_dict(reveal_secrets=True)  # the ranks open the S3 storage with the keys
         for rank, worker in enumerate(self.workers):
             same_node = [r for r, n in enumerate(nodes) if n == nodes[rank]]

@@ -46,6 +46,9 @@ class AttemptPlan:
     # For `every_steps: auto` (checkpointing.interval): the intervals the last attempt's ranks agreed on
     # (tier -> steps; rank 0 proposes them again first), and the job's history the failure rate comes from.
     auto_intervals: tuple[tuple[str, int], ...] = ()
+    # The in-memory snapshots' replication ring (checkpointing.memory.replica_ring), from where the
+    # gang's ranks run: each rank's copy on another node where the job spans more than one.
+    ring: tuple[int, ...] = ()
     run_s: float = 0.0  # seconds since the job's first step, before this attempt
     fault_count: int = 0  # attempts that ended in a fault
 

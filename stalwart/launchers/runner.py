@@ -107,7 +107,7 @@ def run_rank(worker, payload: dict) -> dict:
             # non-blocking all-reduce a step, see preemption.StopVote).
             groups = rejoin.Groups() if standby else rejoin.form_groups(
                 backend, rank, world, timeout, memory=spec.checkpoint.memory_every_steps is not None, train=live)
-            tier = _memory_tier(worker, spec, groups.memory)
+            tier = _memory_tier(worker, spec, groups.memory, plan.ring)
 
             def rejoin_with(failed: BaseException | None) -> tuple[rejoin.Rendezvous, rejoin.Groups]:
                 """After a peer was lost (in the loop), or on standby (at the restore): the attempt's
@@ -122,7 +122,7 @@ def run_rank(worker, payload: dict) -> dict:
                 os.environ.update(MASTER_ADDR=rendezvous.master_addr, MASTER_PORT=str(rendezvous.master_port),
                                   STALWART_ATTEMPT=str(rendezvous.attempt))
                 formed = rejoin.form_groups(backend, rank, world, timeout, memory=True, train=True)
-                tier.bind(rank, world, formed.memory)
+                tier.bind(rank, world, formed.memory, ring=rendezvous.plan.ring)
                 return rendezvous, formed
 
             ctx = context_module._CURRENT = make_context(
@@ -153,7 +153,7 @@ def run_rank(worker, payload: dict) -> dict:
                 pass
 
 
-def _memory_tier(worker, spec: JobSpec, group) -> memory.MemoryTier | None:
+def _memory_tier(worker, spec: JobSpec, group, ring: tuple[int, ...]) -> memory.MemoryTier | None:
     """The job's in-memory snapshots in this process (an earlier attempt's, when the process survived
     it), bound to this attempt; their replicas travel on `group`, a gloo group of their own, apart
     from the training collectives and the checkpoint's records."""
@@ -161,7 +161,7 @@ def _memory_tier(worker, spec: JobSpec, group) -> memory.MemoryTier | None:
     if every is None:
         return None
     tier = memory.tier_for(worker.job_id, 0 if every == "auto" else every)  # auto: set by the context
-    tier.bind(worker.rank, worker.world_size, group)
+    tier.bind(worker.rank, worker.world_size, group, ring=ring)
     return tier
 
 

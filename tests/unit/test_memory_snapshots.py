@@ -122,7 +122,7 @@ def _train(strategy, model, opt, rank: int, steps: int) -> None:
         opt.zero_grad()
 
 
-def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir: str) -> None:
+def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir: str, ring: tuple) -> None:
     from stalwart.checkpointing import memory
     from stalwart.launchers import strategies
 
@@ -136,7 +136,7 @@ def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir:
         strategy = strategies.make(kind)
         model, opt = strategy.wrap(model, opt, _Ctx(world))
         tier = memory.MemoryTier(f"job-{kind}", 2)
-        tier.bind(rank, world, group, layout=strategy.layout)
+        tier.bind(rank, world, group, layout=strategy.layout, ring=ring)
         torch.manual_seed(100 + rank)
         buffers, expected = set(), None
         for step in range(1, 7):
@@ -156,7 +156,7 @@ def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir:
         from stalwart.checkpointing import shards
 
         rep_flat, _ = shards.flatten(rep_tree, pieces={})
-        peer = (rank - 1) % world
+        peer = ring[(ring.index(rank) - 1) % world]
         replica_equal = all(torch.equal(rep_flat[k], gathered[peer][k]) for k in gathered[peer])
 
         # Rank `lost` dies after step 6's snapshot; the others go on and take step 8's (its replica never
@@ -191,25 +191,39 @@ def _rank_main(rank: int, world: int, store: str, kind: str, lost: int, out_dir:
         dist.destroy_process_group()
 
 
-def _run(tmp_path: Path, world: int, kind: str, lost: int) -> list[dict]:
+def _run(tmp_path: Path, world: int, kind: str, lost: int, ring: tuple) -> list[dict]:
     store = tmp_path / f"store-{uuid.uuid4().hex[:8]}"
-    mp.spawn(_rank_main, args=(world, str(store), kind, lost, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, str(store), kind, lost, str(tmp_path), ring), nprocs=world, join=True)
     return [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize("kind,world", [("ddp", 3), ("fsdp", 2)])
-def test_ring_replicas_restore_a_lost_rank_bitwise(tmp_path, kind, world):
+def test_the_ring_puts_each_copy_on_another_node_where_it_can():
+    from stalwart.checkpointing.memory import replica_ring
+
+    assert replica_ring(["a", "a", "b", "b"]) == (0, 2, 1, 3)  # every copy on the other node
+    assert replica_ring(["a", "b", "a", "b"]) == (0, 1, 2, 3)
+    assert replica_ring(["a", "a", "b"]) == (0, 2, 1)  # rank 1's copy on rank 0: node a has 2 of 3
+    assert replica_ring(["a", "a", "b", "b", "c", "c"]) == (0, 2, 4, 1, 3, 5)
+    assert replica_ring(["a", "a", "a"]) == (0, 1, 2)
+    for nodes in (["a", "a", "b", "b"], ["a", "b", "c"], ["x", "y", "y", "y", "x"]):
+        ring = replica_ring(nodes)
+        assert sorted(ring) == list(range(len(nodes)))
+
+
+# DDP on 3 ranks with the ring two nodes give ranks on nodes a, a, b: rank r's copy is not on r + 1.
+@pytest.mark.parametrize("kind,world,ring", [("ddp", 3, (0, 2, 1)), ("fsdp", 2, (0, 1))])
+def test_ring_replicas_restore_a_lost_rank_bitwise(tmp_path, kind, world, ring):
     lost = 1
-    results = _run(tmp_path, world, kind, lost)
+    results = _run(tmp_path, world, kind, lost, ring)
     for rank, r in enumerate(results):
         assert r["buffers"] == 2, "two snapshot buffers, allocated once and reused in turn"
-        # Each holds its own snapshots of the last two snapshot steps and its predecessor's.
-        peer = (rank - 1) % world
+        # Each holds its own snapshots of the last two snapshot steps and its predecessor's in the ring.
+        peer = ring[(ring.index(rank) - 1) % world]
         assert r["holdings"] == sorted([[rank, 4, world], [rank, 6, world], [peer, 4, world], [peer, 6, world]])
-        assert r["replica_equal"], f"rank {rank}'s replica differs from rank {(rank - 1) % world}'s snapshot"
-        assert r["replica_local"] == {"rank": (rank - 1) % world, "step": 6}
+        assert r["replica_equal"], f"rank {rank}'s replica differs from rank {peer}'s snapshot"
+        assert r["replica_local"] == {"rank": peer, "step": 6}
         assert r["replica_meta"] == {"data": {"position": 6}}
-        holder = (lost + 1) % world
+        holder = ring[(ring.index(lost) + 1) % world]
         assert r["choice"] == {"step": 6, "sources": {str(q): (holder if q == lost else q) for q in range(world)}}
         assert r["restored_equal"], f"rank {rank} is not bitwise what it was at step 6"
         assert r["local"] == {"rank": rank, "step": 6} and r["meta"] == {"data": {"position": 6}}
