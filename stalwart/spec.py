@@ -423,6 +423,15 @@ class Fault(_Section):
     factor: float = Field(3.0, gt=1, description="spike: how much the reported loss is multiplied; drift: the "
                           "multiplier the loss creeps up to, linearly, over `length` steps (the grad norm: its 4th power)")
     length: int = Field(10, ge=1, description="spike, slow, drift: for how many steps")
+    at: Literal["report", "snapshot"] = Field(
+        "report", description="kill only: at the step's report, or while the step's in-memory snapshot is being "
+        "copied to its peer (checkpoint.memory_every_steps)")
+
+    @model_validator(mode="after")
+    def _at(self) -> "Fault":
+        if self.at == "snapshot" and self.kind != "kill":
+            raise ValueError(f"at: snapshot is for kill faults (this one is {self.kind}); leave `at` out")
+        return self
 
     @classmethod
     def parse(cls, text: str) -> "Fault":
@@ -565,6 +574,10 @@ class JobSpec(_Section):
             raise SpecError([("checkpoint.memory_every_steps", "in-memory snapshots need a module:function "
                               "entrypoint (a script sets up its own process group); remove it for script mode")],
                             source)
+        for i, fault in enumerate(spec.faults):
+            if fault.at == "snapshot" and spec.checkpoint.memory_every_steps is None:
+                raise SpecError([(f"faults.{i}.at", "a fault at a snapshot needs checkpoint.memory_every_steps")],
+                                source)
         if script is not None and not (spec.runtime_env or {}).get("working_dir"):
             path = script.path(spec.workdir)
             if (path.is_absolute() or spec.workdir is not None) and not path.is_file():

@@ -125,6 +125,9 @@ class MemoryTier:
         self._in_flight: int | None = None
         self._epoch = 0  # one per bind(): a replication thread of an earlier attempt stores nothing
         self.last_error: str | None = None
+        # An injected fault (spec `faults`, at: snapshot): called by the next replication between the
+        # description and the bytes, i.e. with the copy on its way.
+        self.fault_in_copy = None
         self.last_stall_s = 0.0
         self.last_replication_s = 0.0
 
@@ -230,7 +233,8 @@ class MemoryTier:
         slot = _older(self._replicas)
         self._replicas[slot] = None  # being overwritten from here on; the other generation stays usable
         try:
-            replica = _ring_exchange(own, self.holder, self.peer, self.group, lambda n: self._recv(slot, n))
+            fault, self.fault_in_copy = self.fault_in_copy, None
+            replica = _ring_exchange(own, self.holder, self.peer, self.group, lambda n: self._recv(slot, n), fault)
             if epoch == self._epoch:  # else a later attempt owns the slots now
                 self._replicas[slot], self.last_error = replica, None
         except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # a peer died, the group broke
@@ -345,7 +349,7 @@ def _describe(held: Held) -> bytes:
                          "layout": held.layout, "objects": held.objects}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _ring_exchange(own: Held, nxt: int, prev: int, group, recv_into) -> Held:
+def _ring_exchange(own: Held, nxt: int, prev: int, group, recv_into, fault=None) -> Held:
     """Send `own` to rank `nxt` and receive rank `prev`'s snapshot (both at once: a ring of blocking
     sends would deadlock). Raises RuntimeError when a peer is gone."""
     meta = _describe(own)
@@ -357,6 +361,8 @@ def _ring_exchange(own: Held, nxt: int, prev: int, group, recv_into) -> Held:
     data_in = recv_into(nbytes)
     data_out = own.buffer if own.buffer is not None else torch.empty(0, dtype=torch.uint8)
     _both(torch.frombuffer(bytearray(meta), dtype=torch.uint8), nxt, meta_in, prev, group)
+    if fault is not None:
+        fault()
     _both(data_out, nxt, data_in, prev, group)
     desc = pickle.loads(meta_in.numpy().tobytes())
     if desc["step"] != step:

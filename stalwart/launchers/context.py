@@ -299,7 +299,7 @@ class TrainContext:
 
         Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
         """
-        if self._faults and step in self._faults:
+        if self._faults and step in self._faults and self._faults[step].get("at", "report") == "report":
             loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter, step)
         # This thread's CPU time since the last report: time blocked in a collective waiting for a
         # slower peer does not count, so it tells a straggler from the ranks that wait for it.
@@ -404,6 +404,9 @@ class TrainContext:
         self._ensure_group()
         state, rng = self._state(), _rng_state()
         if snap:
+            if self._faults and self._faults.get(step, {}).get("at") == "snapshot":
+                fault = self._faults[step]  # fired by the replication thread with the copy on its way
+                self._memory.fault_in_copy = lambda: _inject(fault, self.rank, None, None, self._reporter, step)
             t0 = time.perf_counter()
             self._memory.snapshot(step, state, local={"rng": rng}, meta={"data": self._data.to_dict()})
             if self._auto is not None:

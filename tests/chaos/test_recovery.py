@@ -212,6 +212,20 @@ def test_two_kills_in_a_row_with_ranks_in_their_loop(client, undisturbed):
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+def test_a_rank_killed_while_its_snapshot_is_copied_restores_the_step_before(client, undisturbed):
+    # Rank 1 dies as its step-15 snapshot is on its way to rank 0: that replica is not whole, so no rank
+    # holds rank 1's state of step 15; both generations are kept for this: step 14 restores, from memory.
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                               "memory_in_loop": True},
+                         faults=[{"kind": "kill", "rank": 1, "step": 15, "attempt": 1, "at": "snapshot"}])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    restored = [e["data"] for e in job.events() if e["kind"] == "restored"]
+    assert [(r["step"], r["tier"]) for r in restored] == [(14, "memory")], restored
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
 def test_auto_intervals_are_chosen_from_measured_costs_and_agreed_across_a_rejoin(client, undisturbed):
     # Both tiers on `auto`, with a short assumed time between failures so that a 40-step run saves often:
     # rank 0 proposes, every rank takes the same interval at the same step (a replacement rank too), and
