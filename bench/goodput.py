@@ -4,6 +4,7 @@ random rank is SIGKILLed at a fixed interval and stalwart restores it from its r
 Prints ONE JSON line. Run from the repository root:
     python bench/goodput.py            # 5 pairs of 60 s windows (one fault in each faulty one), interleaved
     python bench/goodput.py --quick    # 2 pairs
+    python bench/goodput.py --quick --memory 1 --in-loop   # with in-memory snapshots every step (issue 16)
 
 The issue's case is a fault every 10 minutes with a checkpoint every minute (target goodput >= 0.9).
 That is scaled down 10x in time, keeping the ratio: a fault every 60 s and a checkpoint every ~6 s.
@@ -58,16 +59,18 @@ from _common import REPO, emit, median, note, start_local_ray  # noqa: E402
 MODEL = {"batch_size": 16, "context": 64, "dim": 256, "layers": 4, "heads": 4, "lr": 0.002, "warmup": 20,
          "corpus_bytes": 4_000_000}
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+EXTRA_CHECKPOINT: dict = {}  # --memory, --in-loop: added to both sides' checkpoint section
 
 
-def spec(server, name: str, every: int, steps: int) -> dict:
+def spec(server, name: str, every: int, steps: int, extra: bool = True) -> dict:
     o = server.options
     return {"name": name, "entrypoint": "train:main", "workdir": str(REPO / "examples" / "tiny_gpt"),
             "config": {**MODEL, "steps": steps}, "resources": {"workers": 2, "cpus_per_worker": 1},
             "checkpoint": {"uri": server.uri(), "every_steps": every, "keep_last": 3,
                            "s3": {"endpoint_url": o.endpoint_url, "region": o.region,
                                   "access_key_id": o.access_key_id.get_secret_value(),
-                                  "secret_access_key": o.secret_access_key.get_secret_value()}},
+                                  "secret_access_key": o.secret_access_key.get_secret_value()},
+                           **(EXTRA_CHECKPOINT if extra else {})},
             "fault_tolerance": {"budgets": {"node_failure": 100}, "max_restarts": 100}}
 
 
@@ -85,7 +88,7 @@ def wait_step(job, at_least: int, timeout: float = 300) -> dict:
 
 def calibrate(client, server) -> float:
     """Median seconds per step of the job, fault-free (a short run without checkpoints)."""
-    job = client.submit(spec(server, "goodput-calibrate", 10**9, 60))
+    job = client.submit(spec(server, "goodput-calibrate", 10**9, 60, extra=False))
     job.wait(timeout=600)
     ts = sorted(m["ts"] for m in job.metrics())[10:]  # past the first steps
     return statistics.median(b - a for a, b in zip(ts, ts[1:]))
@@ -157,7 +160,16 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=60.0, help="seconds between faults (issue: 600)")
     ap.add_argument("--checkpoint-s", type=float, default=6.0, help="seconds between checkpoints (issue: 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory", default=None, help="checkpoint.memory_every_steps for both sides (a number or auto)")
+    ap.add_argument("--in-loop", action="store_true", help="checkpoint.memory_in_loop: survivors stay in their loop")
+    ap.add_argument("--auto", action="store_true", help="every_steps: auto (and memory's, with --memory auto), "
+                    "auto_mtbf_s = --interval: stalwart picks the intervals, told the failure rate")
     args = ap.parse_args()
+    if args.auto:
+        EXTRA_CHECKPOINT.update(every_steps="auto", auto_mtbf_s=args.interval)
+    if args.memory is not None:
+        EXTRA_CHECKPOINT["memory_every_steps"] = args.memory if args.memory == "auto" else int(args.memory)
+        EXTRA_CHECKPOINT["memory_in_loop"] = args.in_loop
     reps = args.reps or (2 if args.quick else 5)
     window = args.window or args.interval
     rng = random.Random(args.seed)
@@ -192,7 +204,12 @@ def main() -> None:
     recovery = median([f["recovery_s"] for f in faults])
     write_s = median([r["checkpoint_write_s"] for r in runs["free"] + runs["faults"]])
     issue_interval, issue_ckpt = 600.0, 60.0
-    extrapolated = (1 - (recovery + issue_ckpt / 2 + (write_s or 0)) / issue_interval) if recovery is not None else None
+    # Work lost per fault at the issue's cadence: half the interval between restore points (a checkpoint a
+    # minute; with snapshots every K steps, K steps, which do not scale with the issue's cadence).
+    lost_s = issue_ckpt / 2 + (write_s or 0)
+    if isinstance(EXTRA_CHECKPOINT.get("memory_every_steps"), int):
+        lost_s = min(lost_s, EXTRA_CHECKPOINT["memory_every_steps"] * step_s / 2 + step_s)
+    extrapolated = (1 - (recovery + lost_s) / issue_interval) if recovery is not None else None
     emit({
         "benchmark": "goodput",
         "figure": {"goodput_scaled": goodput, "goodput_issue_scale_extrapolated": extrapolated},
@@ -223,7 +240,9 @@ def main() -> None:
                        "write_s": write_s},
         "window_s": window,
         "repetitions": reps,
-        "extrapolation": "1 - (recovery_s + 60/2 + checkpoint write_s) / 600, with this run's median recovery_s",
+        "extrapolation": ("1 - (recovery_s + lost work) / 600, with this run's median recovery_s; lost work: 60/2 + "
+                          "checkpoint write_s, or with snapshots every K steps K/2 steps + the failed one"),
+        "memory": EXTRA_CHECKPOINT or None,
         "setup": "local Ray (2 CPUs, shared machine), examples/tiny_gpt job.yaml model, 2 ranks x 1 CPU, gloo DDP, "
                  "checkpoints to rclone serve s3 on 127.0.0.1, SIGKILL of a random rank (seed 0) mid-interval "
                  f"+- {args.checkpoint_s / 2:g} s, "

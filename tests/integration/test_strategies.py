@@ -71,22 +71,36 @@ def test_strategy_trains_tiny_gpt_on_two_ranks(undisturbed, strategy):
     assert manifest["layout"] == ("replicated" if strategy == "ddp" else "sharded")
 
 
-def assert_kill_resumes_exactly(client, spec: dict, reference: dict) -> None:
-    """Run `spec` (which kills a rank); it must restart once and end bitwise equal to `reference`."""
+def assert_kill_resumes_exactly(client, spec: dict, reference: dict, restored_from=None) -> None:
+    """Run `spec` (which kills a rank); it must restart once, restore one of `restored_from` (step,
+    tier; default: the checkpoint of step 10 or 20, from storage), and end bitwise equal to `reference`."""
     job = client.submit(spec)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED"
     assert status["restarts"] == {"node_failure": 1}
-    restored = [e for e in job.events() if e["kind"] == "restored"]
+    restored = [e["data"] for e in job.events() if e["kind"] == "restored"]
     # Step 20's save commits in the background; on a loaded machine the kill at 25 may come first.
-    assert restored and restored[0]["data"]["step"] in (10, 20)
+    assert restored, "no restore"
+    if restored_from is None:
+        assert restored[0]["step"] in (10, 20) and restored[0]["tier"] != "memory", restored
+    else:
+        assert (restored[0]["step"], restored[0]["tier"]) in restored_from, restored
     assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),  # the chaos SIGKILL test is DDP's
-                                      pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
+                                      pytest.param("fsdp", marks=pytest.mark.slow),  # FSDP's from memory below
+                                      pytest.param("deepspeed", marks=needs_deepspeed)])
 def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
+
+
+def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
+    # In-memory snapshots every step: the survivor keeps its process, the dead rank's shard comes from
+    # the copy its peer holds, and the restore is of the last step both had snapshotted (24: the kill
+    # fires at step 25's report, before its snapshot).
+    spec = spec_for("fsdp", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
+    assert_kill_resumes_exactly(client, spec, undisturbed("fsdp")["status"], restored_from=((24, "memory"),))
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
