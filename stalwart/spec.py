@@ -171,8 +171,8 @@ class CheckpointSpec(_Section):
         "has seen a fault (its own rate takes over as faults come)")
     memory_in_loop: bool = Field(
         False, description="with memory_every_steps and DDP on CPU: the ranks that outlive a dead one stay in their "
-        "training loop and spares wait at their restore, so a recovery runs none of the job's set-up; costs about "
-        "9 % of a CPU step (stalwart averages the gradients itself; docs/BENCHMARKS.md)")
+        "training loop and spares wait at their restore, so a recovery runs none of the job's set-up (stalwart "
+        "averages the gradients itself, at about plain DDP's cost per step; docs/BENCHMARKS.md)")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
     init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "

@@ -136,3 +136,98 @@ def test_a_failed_step_takes_no_optimizer_step_and_schedulers_still_wrap_it():
     before.step()
     after.step()
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+# DDP's options, and the backward (counted from when the groups are formed, or a rank joined) by which
+# every rank's bucket layout is final: DDP lays its buckets out anew once, from the order in which the
+# gradients of its first backward came in (of its second with static_graph; never with
+# find_unused_parameters alone).
+SETTLED_AT = {"default": ({}, 2), "static-graph": ({"static_graph": True}, 3),
+              "find-unused": ({"find_unused_parameters": True}, 1)}
+
+
+def _joins(rank: int, world: int, port: int, out: str) -> None:
+    from stalwart.launchers.rejoin import TrainGroup, wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for name, (options, settled_at) in SETTLED_AT.items():
+        # Rank 1 joins its running peer (a new process: a fresh DDP), before the checks stopped and after.
+        for join_after in (1, settled_at + 1):
+            plain = torch.nn.parallel.DistributedDataParallel(_model())  # the reference: DDP's own average
+            train = TrainGroup(dist.new_group(backend="gloo"), world, dist.new_group(backend="gloo"))
+            ddp = wrap_ddp(_model(), train, options, sync=True)
+            steps = []
+            for step in range(join_after + settled_at + 2):
+                if step == join_after:  # the next attempt's groups; rank 0 stayed in its loop
+                    groups = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+                    if rank == 0:
+                        train.replace(groups[0], world, groups[1])
+                    else:
+                        train = TrainGroup(groups[0], world, groups[1])
+                        ddp = wrap_ddp(_model(), train, options, sync=False)
+                checks, unmatched = train.checks, train.unmatched
+                x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * rank + step))
+                for model in (plain, ddp):
+                    model.zero_grad(set_to_none=True)
+                    model(x).pow(2).mean().backward()
+                steps.append({"checks": train.checks - checks, "unmatched": train.unmatched - unmatched,
+                              "checking": train.checking, "failed": train.failed is not None,
+                              "equal": all(torch.equal(a.grad, b.grad)
+                                           for a, b in zip(plain.parameters(), ddp.parameters()))})
+            results[name, join_after] = steps
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_layout_checks_stop_once_the_layouts_settle_and_resume_for_a_rank_that_joins(tmp_path):
+    mp.spawn(_joins, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for (name, join_after), steps in results.items():
+            settled_at = SETTLED_AT[name][1]
+            where = f"rank {rank}, {name}, join after {join_after}: {steps}"
+            # Bitwise DDP's own average at every step: bucket by bucket or, when layouts differ, all at the end.
+            assert all(s["equal"] and not s["failed"] for s in steps), where
+            for formed in (0, join_after):  # the first attempt's groups, then the next attempt's
+                phase = steps[formed:join_after] if formed == 0 else steps[join_after:]
+                # Checked until the layouts are final on every rank, then not at all.
+                assert [s["checking"] for s in phase] == [i + 1 < settled_at for i in range(len(phase))], where
+                assert all(s["checks"] > 0 for s in phase[:settled_at]), where
+                assert all(s["checks"] == 0 for s in phase[settled_at:]), where
+            # The joining rank's first layout is not its peer's (unless DDP never lays its buckets out anew).
+            joined = steps[join_after:join_after + settled_at]
+            assert any(s["unmatched"] for s in joined) == (name != "find-unused"), where
+            assert all(s["unmatched"] == 0 for s in steps[:join_after]), where
+
+
+def _beside_ddp(rank: int, world: int, port: int, out: str) -> None:
+    from stalwart.launchers.rejoin import TrainGroup, wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    norm = [torch.nn.BatchNorm1d(4)]  # a buffer or three, broadcast from rank 0 before each forward
+    plain = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(_model(), *norm))
+    norm = [torch.nn.BatchNorm1d(4)]
+    train = TrainGroup(dist.new_group(backend="gloo"), world, dist.new_group(backend="gloo"))
+    ddp = wrap_ddp(torch.nn.Sequential(_model(), *norm), train, {}, sync=True)
+    equal = []
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * rank + step))
+        for model in (plain, ddp):
+            model.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+        equal.append(all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), ddp.parameters())))
+        equal.append(all(torch.equal(a, b) for a, b in zip(plain.buffers(), ddp.buffers())))
+    torch.save(equal, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_average_is_ddps_own_bitwise_at_three_ranks(tmp_path):
+    # Times 1/3, as DDP's reducer does: a division by 3 rounds otherwise (about a quarter of the elements).
+    mp.spawn(_beside_ddp, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        assert all(torch.load(tmp_path / f"rank{rank}.pt")), rank
