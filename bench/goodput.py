@@ -207,8 +207,8 @@ def main() -> None:
     # Work lost per fault at the issue's cadence: half the interval between restore points (a checkpoint a
     # minute; with snapshots every K steps, K steps, which do not scale with the issue's cadence).
     lost_s = issue_ckpt / 2 + (write_s or 0)
-    if isinstance(EXTRA_CHECKPOINT.get("memory_every_steps"), int):
-        lost_s = min(lost_s, EXTRA_CHECKPOINT["memory_every_steps"] * step_s / 2 + step_s)
+    if EXTRA_CHECKPOINT.get("memory_every_steps") is not None:  # the work these faults lost, as measured
+        lost_s = min(lost_s, median([f["steps_lost"] * step_s for f in faults if f["steps_lost"] is not None]) or lost_s)
     extrapolated = (1 - (recovery + lost_s) / issue_interval) if recovery is not None else None
     emit({
         "benchmark": "goodput",
@@ -241,7 +241,7 @@ def main() -> None:
         "window_s": window,
         "repetitions": reps,
         "extrapolation": ("1 - (recovery_s + lost work) / 600, with this run's median recovery_s; lost work: 60/2 + "
-                          "checkpoint write_s, or with snapshots every K steps K/2 steps + the failed one"),
+                          "checkpoint write_s, or with snapshots the steps these faults lost, as measured"),
         "memory": EXTRA_CHECKPOINT or None,
         "setup": "local Ray (2 CPUs, shared machine), examples/tiny_gpt job.yaml model, 2 ranks x 1 CPU, gloo DDP, "
                  "checkpoints to rclone serve s3 on 127.0.0.1, SIGKILL of a random rank (seed 0) mid-interval "
