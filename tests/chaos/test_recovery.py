@@ -153,6 +153,7 @@ def _tiers(job, kind: str) -> list:
     return [e["data"].get("tier") for e in job.events() if e["kind"] == kind]
 
 
+@pytest.mark.slow  # 14 s; test_strategies' FSDP kill restores from memory with the survivor kept, the in-loop tests below DDP's
 def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, undisturbed):
     spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1},
                          faults=SLOW_FIRST_ATTEMPT)

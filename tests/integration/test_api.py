@@ -234,6 +234,18 @@ def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
+def _valid_tracker(name: str, value) -> bool:
+    from pydantic import ValidationError
+
+    from stalwart.spec import Monitoring
+
+    try:
+        Monitoring.model_validate({name: value})
+        return True
+    except ValidationError:
+        return False
+
+
 @pytest.mark.parametrize("method,path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_fuzz_no_5xx_and_refusals_change_nothing(api_schema, client, fuzz_dir, method, path):
     from hypothesis import given
@@ -251,15 +263,21 @@ def test_fuzz_no_5xx_and_refusals_change_nothing(api_schema, client, fuzz_dir, m
         if path == "/v1/jobs" and method == "POST" and isinstance(case.body, dict):
             # A spec that passes may be queued, and its checkpoint location is checked at submit: keep that
             # in a temp folder rather than wherever the fuzzer points (or an S3 endpoint that never answers).
+            # (What the schema refuses stays as the fuzzer made it, to be refused.)
             checkpoint = case.body.get("checkpoint")
             if isinstance(checkpoint, dict):
-                checkpoint["uri"] = str(fuzz_dir / "ckpt")
-                checkpoint.pop("resume_from", None)
-            # Likewise trackers: they would write wherever the fuzzer points, or wait on a server that never answers.
+                if checkpoint.get("uri") is None or isinstance(checkpoint.get("uri"), str):
+                    checkpoint["uri"] = str(fuzz_dir / "ckpt")
+                if isinstance(checkpoint.get("resume_from"), str):
+                    checkpoint.pop("resume_from")
+            # Likewise trackers: they would write wherever the fuzzer points, or wait on a server that never
+            # answers. Only those the spec accepts go: an invalid one stays, to be refused (popping it would
+            # make a case the fuzzer meant to be refused valid, and its acceptance a failure).
             monitoring = case.body.get("monitoring")
             if isinstance(monitoring, dict):
                 for tracker in ("tensorboard", "mlflow", "wandb"):
-                    monitoring.pop(tracker, None)
+                    if tracker in monitoring and _valid_tracker(tracker, monitoring[tracker]):
+                        monitoring.pop(tracker)
         before = snapshot(client)
         response = case.call(headers=AUTH)
         assert response.status_code < 500, (response.status_code, response.text[:500])

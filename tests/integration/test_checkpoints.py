@@ -61,6 +61,7 @@ def test_s3_server_killed_during_saves(client):
         assert not failed & set(committed)
 
 
+@pytest.mark.slow  # 13 s; DDP's state is replicated: test_strategies reshards FSDP and ZeRO shards 2 -> 1
 def test_reshard_two_ranks_to_one(client):
     first = client.submit(tiny_gpt_spec(steps=20)).wait(timeout=240)
     source = first["last_checkpoint"]

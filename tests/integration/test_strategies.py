@@ -57,7 +57,8 @@ def undisturbed(client):
     return run
 
 
-@pytest.mark.parametrize("strategy", PARAMS)
+# DDP's run is slow here: every job of tests/integration and tests/chaos trains the tiny GPT with DDP.
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), *PARAMS[1:]])
 def test_strategy_trains_tiny_gpt_on_two_ranks(undisturbed, strategy):
     run = undisturbed(strategy)
     status = run["status"]

@@ -249,10 +249,15 @@ def run_ranks(world: int, jobs: list[dict], out_dir: Path) -> dict[str, list[dic
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def share_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("share")
+
+
+@pytest.fixture(scope="module")
+def runs(share_dir):
     """Checkpoints saved by 4 and by 2 FSDP ranks (and by 2 DDP ranks), restored at 4, 2 and 4.
     The one saved by 2 ranks has small checksum chunks: 4 ranks each read half of a saved piece."""
-    out = tmp_path_factory.mktemp("share")
+    out = share_dir
     four = {"uri": str(out / "ckpt-4"), "strategy": "fsdp"}
     two = {"uri": str(out / "ckpt-2"), "strategy": "fsdp"}
     ddp = {"uri": str(out / "ckpt-ddp"), "strategy": "ddp"}
@@ -268,8 +273,14 @@ def runs(tmp_path_factory):
                              {**cached, "kind": "restore", "name": "cached_same"},
                              {**four, "kind": "restore", "name": "full_read", "ranged": False},
                              {**four, "kind": "damaged", "name": "damaged"}], out)
-    results |= run_ranks(4, [{**two, "kind": "restore", "name": "two_to_four"}], out)
     return results
+
+
+@pytest.fixture(scope="module")
+def two_to_four(runs, share_dir):
+    """The checkpoint the 2 ranks saved, restored by 4 (each reads half of a saved piece)."""
+    two = {"uri": str(share_dir / "ckpt-2"), "strategy": "fsdp"}
+    return run_ranks(4, [{**two, "kind": "restore", "name": "two_to_four"}], share_dir)
 
 
 def _within(reads: list, allowed: dict, gap: int) -> list:
@@ -295,10 +306,12 @@ def test_same_world_reads_about_its_own_shard(runs, name):
         assert r["received"] <= 0.01 * r["own_shard"]
 
 
-@pytest.mark.parametrize("name", ["four_to_two", "two_to_four"])
-def test_resharding_reads_only_the_overlapping_pieces(runs, name):
+@pytest.mark.parametrize("name", ["four_to_two", pytest.param("two_to_four", marks=pytest.mark.slow)])
+def test_resharding_reads_only_the_overlapping_pieces(request, runs, name):  # 2 -> 4 slow: 4 more processes, 10 s
     from stalwart.checkpointing.share import MERGE_GAP
 
+    if name == "two_to_four":
+        runs = request.getfixturevalue("two_to_four")
     for r in runs[name]:
         assert not r["mismatches"], r["mismatches"]
         assert not _within(r["reads"], r["allowed"], MERGE_GAP), "read bytes outside the overlapping pieces"
@@ -390,6 +403,7 @@ def test_ranged_reads_are_exact_and_counted(request, tmp_path, backend):
         storage.read_into("missing", 0, memoryview(bytearray(1)))
 
 
+@pytest.mark.slow  # 18 s; ranged S3 reads are counted by test_ranged_reads_are_exact_and_counted[s3], and S3 restores run in test_checkpoints
 def test_s3_restores_read_their_share_by_ranged_gets(s3_server, s3_uri, tmp_path):
     """Saved by 2 ranks to the rclone S3 server; restored at 2 (each its own shard) and, resharded, at 1
     (every piece, by ranged GETs)."""
