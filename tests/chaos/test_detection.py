@@ -20,12 +20,12 @@ def faults(job):
 @pytest.mark.parametrize("fault,steps,cause,memory", [
     # The NaN variant is `slow`: test_nan_in_the_last_step covers a NaN's rollback in the default run.
     pytest.param({"kind": "nan", "step": 45}, 60, "nan", None, marks=pytest.mark.slow, id="nan"),
-    pytest.param({"kind": "spike", "step": 70, "factor": 3.0, "length": 10}, 100, "loss_spike", None, id="spike"),
+    pytest.param({"kind": "spike", "step": 40, "factor": 3.0, "length": 10}, 60, "loss_spike", None, id="spike"),
     # In-memory snapshots every step are all newer than the rollback's target: storage it is.
     pytest.param({"kind": "nan", "step": 45}, 60, "nan", 1, id="nan-with-memory-snapshots", marks=pytest.mark.slow),
 ])
 def test_rollback_and_skip_matches_a_run_fed_the_same_data(client, fault, steps, cause, memory):
-    ft = {"skip_batches": 5, "budgets": {cause: 1}}
+    ft = {"skip_batches": 5, "budgets": {cause: 1}, "spike_warmup_steps": 25}
     # keep_last=5: the detection must find the pre-onset checkpoint even on a loaded test machine.
     ckpt = {"every_steps": 10, "keep_last": 5, **({"memory_every_steps": memory} if memory else {})}
     job, status = run(client, tiny_gpt_spec(steps=steps, checkpoint=ckpt, faults=[fault], fault_tolerance=ft))
@@ -112,6 +112,7 @@ def test_two_faults_in_a_row(client):
         tiny_gpt_spec(steps=40, checkpoint={"every_steps": 10})).wait(timeout=300), 40))
 
 
+@pytest.mark.slow  # 13 s; test_detectors covers the rule on scripted per-rank times
 def test_straggler_is_reported_without_a_restart(client):
     spec = tiny_gpt_spec(steps=50, checkpoint={"every_steps": 10},
                          faults=[{"kind": "slow", "rank": 1, "step": 10, "length": 25, "factor": 4}])

@@ -197,6 +197,7 @@ def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, 
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+@pytest.mark.slow  # 14 s; the auto-interval and mid-copy tests rejoin ranks in their loop in the default run
 def test_two_kills_in_a_row_with_ranks_in_their_loop(client, undisturbed):
     # Rank 0 first (rank 1 stays in its loop and rank 0's place, the rendezvous's host, is new), then in
     # the next attempt the survivor of the first fault.
