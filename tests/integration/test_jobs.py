@@ -132,6 +132,7 @@ def test_unwritable_checkpoint_dir_is_refused_at_submit(client, tmp_path):
         client.submit(job_spec("testjobs:linear", checkpoint={"uri": uri}))
 
 
+@pytest.mark.slow  # 10 s, three jobs; what it guards is speed (Ray's niceness 15 slows the ranks), not results
 def test_ranks_run_at_the_niceness_the_spec_asks_not_rays(client):
     def nice_values(resources: dict) -> tuple[list[str], str]:
         job = client.submit(job_spec("testjobs:niceness", resources={"workers": 2, "cpus_per_worker": 1, **resources}))

@@ -32,7 +32,8 @@ STRATEGIES = {
     "zero3": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}},
     "zero2": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}},
 }
-PARAMS = [pytest.param("ddp"), pytest.param("fsdp"), pytest.param("zero3", marks=needs_deepspeed),
+# ZeRO's exports are slow (22 s, a DeepSpeed job trained first); test_strategies runs DeepSpeed in the default run.
+PARAMS = [pytest.param("ddp"), pytest.param("fsdp"), pytest.param("zero3", marks=[needs_deepspeed, pytest.mark.slow]),
           pytest.param("zero2", marks=[needs_deepspeed, pytest.mark.slow])]
 runner = CliRunner()
 # dcp.load(..., no_dist=True) says it assumes one process: the tests read as one process on purpose.
@@ -156,7 +157,8 @@ def test_safetensors_export_loads_with_safetensors_bitwise(trained, tmp_path, st
 
 # Each strategy starts from an export: its own kind of job from its own checkpoint, the formats varied.
 INIT = [pytest.param("ddp", "safetensors", id="ddp-safetensors"), pytest.param("fsdp", "dcp", id="fsdp-dcp"),
-        pytest.param("zero3", "safetensors-sharded", id="zero3-safetensors-sharded", marks=needs_deepspeed)]
+        pytest.param("zero3", "safetensors-sharded", id="zero3-safetensors-sharded",
+                     marks=[needs_deepspeed, pytest.mark.slow])]
 
 
 @pytest.mark.parametrize("strategy,fmt", INIT)
