@@ -206,7 +206,8 @@ def interval_line(intervals: dict | None) -> str | None:
         return None
     names = {"durable": "checkpoints", "memory": "snapshots"}
     parts = [f"{names.get(tier, tier)} every {c.get('every_steps')} steps (~{c.get('interval_s', 0):.3g} s, "
-             f"cost {c.get('cost_s', 0):.3g} s, MTBF {c.get('mtbf_s', 0) / 3600:.3g} h)"
+             f"cost {c.get('cost_s', 0):.3g} s{'' if c.get('cost_measured') else ' assumed'}, "
+             f"MTBF {c.get('mtbf_s', 0) / 3600:.3g} h)"
              for tier, c in sorted(intervals.items())]
     return "; ".join(parts)
 
