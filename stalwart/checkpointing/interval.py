@@ -113,14 +113,18 @@ class AutoInterval:
 
     def propose(self, step_s: float | None) -> dict[str, int]:
         """The intervals (tier -> steps) to propose now: only those that moved more than HYSTERESIS from
-        the one in force (or have none yet). Empty before a step time is known."""
+        the one in force, have none yet, or come from the tier's first timed save. Empty before a step
+        time is known."""
         if not step_s or step_s <= 0:
             return {}
         out = {}
         for tier in self.tiers:
             choice = self.choose(tier, step_s)
             now = self.current.get(tier)
-            if now is None or abs(choice.every_steps - now) > HYSTERESIS * now:
+            before = self.choices.get(tier)
+            first_timed = choice.measured and (before is None or not before.measured)  # said, whatever the move
+            if now is None or abs(choice.every_steps - now) > HYSTERESIS * now or (
+                    first_timed and choice.every_steps != now):
                 self.choices[tier] = choice
                 out[tier] = choice.every_steps
         return out

@@ -60,6 +60,9 @@ def test_the_chooser_starts_from_the_prior_cost_then_the_measured_one():
     assert again["durable"] == pytest.approx(first["durable"] * math.sqrt(0.04), rel=0.05)
     auto.agreed("durable", again["durable"])
     assert auto.propose(0.52) == {}  # a small change in the step time moves nothing (no churn)
+    # The first timed save is said even when it moves the interval less than the hysteresis.
+    auto.cost("memory", interval.PRIOR_COST_S["memory"] * 0.8)
+    assert set(auto.propose(0.5)) == {"memory"} and auto.choices["memory"].measured
 
 
 def test_an_upload_slower_than_the_interval_sets_the_floor():
