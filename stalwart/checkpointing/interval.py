@@ -141,7 +141,7 @@ def describe(tier: str, choice: dict) -> str:
     """One line for events, `status` and `watch`: the interval chosen for `tier`, and from what."""
     what = {"durable": "checkpoints", "memory": "in-memory snapshots"}.get(tier, tier)
     cost = f"{choice.get('cost_s', 0):.3g} s" + ("" if choice.get("cost_measured") else " (assumed, none timed yet)")
-    line = (f"auto: {what} every {choice.get('every_steps')} steps (~{_duration(choice.get('interval_s'))}): "
+    line = (f"{what} every {choice.get('every_steps')} steps (~{_duration(choice.get('interval_s'))}): "
             f"save cost {cost}, mean time between failures {_duration(choice.get('mtbf_s'))}")
     if choice.get("upload_floor_s"):
         line += f"; no shorter than the last upload ({_duration(choice['upload_floor_s'])})"

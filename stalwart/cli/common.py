@@ -200,16 +200,12 @@ def restore_line(r: dict | None) -> str | None:
 
 
 def interval_line(intervals: dict | None) -> str | None:
-    """'checkpoints every 120 steps (~2 min), snapshots every 8 (~9.6 s); auto' from
-    status()["checkpoint_interval"] (every_steps: auto; checkpointing.interval)."""
+    """status()["checkpoint_interval"] (every_steps: auto) as the events say it, one tier after the other."""
     if not intervals:
         return None
-    names = {"durable": "checkpoints", "memory": "snapshots"}
-    parts = [f"{names.get(tier, tier)} every {c.get('every_steps')} steps (~{c.get('interval_s', 0):.3g} s, "
-             f"cost {c.get('cost_s', 0):.3g} s{'' if c.get('cost_measured') else ' assumed'}, "
-             f"MTBF {c.get('mtbf_s', 0) / 3600:.3g} h)"
-             for tier, c in sorted(intervals.items())]
-    return "; ".join(parts)
+    from stalwart.checkpointing.interval import describe
+
+    return "; ".join(describe(tier, c) for tier, c in sorted(intervals.items()))
 
 
 def goodput_line(g: dict | None) -> str | None:

@@ -799,7 +799,7 @@ class JobSupervisor:
                 return
             tier = ev.get("tier")
             self.intervals[tier] = {k: v for k, v in data.items() if k not in ("ts", "rank", "step")}
-            msg = interval.describe(tier, self.intervals[tier])
+            msg = "auto: " + interval.describe(tier, self.intervals[tier])
         elif kind == "restore_progress":  # every half second of a read: shown by status, not stored
             before = self.live.restoring.get(rank)
             self.live.restoring[rank] = {**ev, "first_ts": before["first_ts"] if before else ev.get("ts") or time.time()}
