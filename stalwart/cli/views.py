@@ -273,9 +273,11 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
         else:
             shown.append((e, 1))
     recent = shown[-10:]
-    faults = [item for item in shown[:-10] if item[0]["kind"] == "fault"]
-    if faults:  # the newest fault stays in view when later events (commits, forecasts) have pushed it out
-        recent = [faults[-1]] + recent[1:]
+    # The newest fault and its recovery stay in view when later events (commits, forecasts, intervals)
+    # have pushed them out: they are what a person opening `watch` after a restart looks for.
+    pinned = {item[0]["kind"]: i for i, item in enumerate(shown[:-10]) if item[0]["kind"] in PINNED_EVENTS}
+    pinned_items = [shown[i] for i in sorted(pinned.values())]
+    recent = pinned_items + recent[len(pinned_items):]
     lines = [Text.assemble((f"{clock(e['ts'])} ", "dim"), (f"{e['kind']:<22}", "bold"), e["message"],
                            (f"  (+{n - 1} earlier)" if n > 1 else "", "dim"))
              for e, n in recent]
@@ -284,6 +286,9 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
                        border_style="cyan"),
                  Panel(Group(*lines) if lines else Text("no events yet", style="dim"), title="events",
                        border_style="dim"))
+
+
+PINNED_EVENTS = ("fault", "recovered", "restored")
 
 
 @app.command()
