@@ -170,9 +170,10 @@ class CheckpointSpec(_Section):
         3600.0, gt=0, description="for the auto intervals: the mean time between failures assumed before the job "
         "has seen a fault (its own rate takes over as faults come)")
     memory_in_loop: bool = Field(
-        False, description="with memory_every_steps and DDP on CPU: the ranks that outlive a dead one stay in their "
-        "training loop and spares wait at their restore, so a recovery runs none of the job's set-up (stalwart "
-        "averages the gradients itself, at about plain DDP's cost per step; docs/BENCHMARKS.md)")
+        False, description="with memory_every_steps and DDP or FSDP on CPU: the ranks that outlive a dead one stay in "
+        "their training loop (and DDP's spares wait at their restore), so a recovery runs none of the survivors' "
+        "set-up (stalwart averages DDP's gradients itself, at about plain DDP's cost per step, and shards FSDP "
+        "over a group of its own; docs/BENCHMARKS.md)")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
     init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "

@@ -132,13 +132,15 @@ class MemoryTier:
         self.last_replication_s = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def bind(self, rank: int, world_size: int, group, layout: str = "replicated", ring: tuple[int, ...] = ()) -> None:
+    def bind(self, rank: int, world_size: int, group, layout: str | None = None, ring: tuple[int, ...] = ()) -> None:
         """Start an attempt: its rank, world size, the gloo group the replicas travel on and the ring's
-        order (`replica_ring`; by rank when empty)."""
+        order (`replica_ring`; by rank when empty). The layout stays as it was unless given: a rank that
+        stays in its loop keeps its model, which its `prepare` described (`Context.prepare`)."""
         if not self._join_quietly(BIND_JOIN_S):  # the last attempt's thread ended with its group, or soon will
             self._recv_buffers = [None] * GENERATIONS  # the stuck thread may still write into its buffer
         self._epoch += 1
-        self.rank, self.world_size, self.group, self.layout_kind = rank, world_size, group, layout
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.layout_kind = layout or self.layout_kind
         self.ring = tuple(ring) if sorted(ring) == list(range(world_size)) else tuple(range(world_size))
 
     def drop(self) -> None:

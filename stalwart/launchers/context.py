@@ -64,7 +64,8 @@ class TrainContext:
                  device: torch.device, config: dict, strategy: str, storage: Storage, every_steps: int | str,
                  keep_last: int, reporter: Reporter, plan: AttemptPlan, ckpt_group=None,
                  strategy_options: dict | None = None, lazy_group: bool = False, vote_group=None,
-                 memory: memories.MemoryTier | None = None, train: rejoin.TrainGroup | None = None,
+                 memory: memories.MemoryTier | None = None,
+                 train: rejoin.TrainGroup | rejoin.ShardGroup | None = None,
                  rejoin_with: Callable | None = None, standby: bool = False, auto_memory: bool = False,
                  auto_mtbf_s: float = 3600.0):
         self.job_id = job_id
@@ -88,7 +89,7 @@ class TrainContext:
         # In-memory snapshots (checkpoint.memory_every_steps), kept by the process across attempts:
         # a rank that survived a peer's death restores from them instead of from storage.
         self._memory = memory
-        # Survivors that stay in their loop (launchers.rejoin): DDP's gradients go over `train`, and
+        # Survivors that stay in their loop (launchers.rejoin): DDP's gradients (FSDP's collectives) go over `train`, and
         # `rejoin_with(error)` waits for the next attempt's rendezvous and forms its groups.
         self._train = train
         self._rejoin_with = rejoin_with
@@ -260,7 +261,7 @@ class TrainContext:
         if not self._plan.live_ranks and self._model is not None:
             # Every rank of this attempt is starting: DDP's start from rank 0's parameters, which the
             # others did in `prepare`.
-            self._train.broadcast([*self._model.parameters(), *self._model.buffers()])
+            self._train.start_from_rank0([*self._model.parameters(), *self._model.buffers()])
         if self.attempt > 1 and not self._plan.kept_ranks:
             self._prefetch = _Prefetch(self._find_checkpoint, f"the restore read-ahead of a checkpoint under "
                                        f"{self._plan.resume_from or self._engine.storage.uri}")
@@ -299,6 +300,8 @@ class TrainContext:
 
         Tensors are converted on the reporter's thread, so passing `loss` as a tensor adds no sync.
         """
+        if self._train is not None and self._train.failed is not None:
+            return  # a step whose collectives failed (a peer is gone): it is redone after the rejoin
         if self._faults and step in self._faults and self._faults[step].get("at", "report") == "report":
             loss, grad_norm = _inject(self._faults[step], self.rank, loss, grad_norm, self._reporter, step)
         # This thread's CPU time since the last report: time blocked in a collective waiting for a

@@ -47,11 +47,25 @@ def rejoin_wait_s() -> float:
 
 
 def applies(spec) -> bool:
-    """Whether a job's surviving ranks stay in their loop: checkpoint.memory_in_loop, DDP, in-memory
-    snapshots, CPU, a function entrypoint."""
+    """Whether a job's surviving ranks stay in their loop: checkpoint.memory_in_loop, DDP or FSDP,
+    in-memory snapshots, CPU, a function entrypoint."""
     return (spec.checkpoint.memory_every_steps is not None and spec.checkpoint.memory_in_loop
-            and spec.strategy.name == "ddp"
+            and spec.strategy.name in ("ddp", "fsdp")
             and spec.script is None and spec.resources.gpus_per_worker <= 0 and spec.resources.workers > 1)
+
+
+def stands_by(spec) -> bool:
+    """Whether a warm spare runs the function up to its restore ahead of a fault: DDP jobs whose ranks
+    stay in their loop. An FSDP model is sharded over a device mesh, which torch builds only once the
+    process has joined a world; an FSDP spare runs the function when it is made a rank."""
+    return applies(spec) and spec.strategy.name == "ddp"
+
+
+def group_for(spec, groups: "Groups", rank: int, world_size: int) -> "TrainGroup | ShardGroup":
+    """What the strategy's collectives go over in a job whose ranks stay in their loop."""
+    if spec.strategy.name == "fsdp":
+        return ShardGroup(groups.train, rank, world_size)
+    return TrainGroup(groups.train, world_size, groups.check)
 
 
 class PeerLost(RuntimeError):
@@ -116,6 +130,10 @@ class TrainGroup:
         self.group, self.world_size, self.failed, self.check = group, world_size, None, check
         self._pending = []
         self.checking = True
+
+    def start_from_rank0(self, tensors) -> None:
+        """Every rank of an attempt that starts together takes rank 0's parameters and buffers, as DDP does."""
+        self.broadcast(tensors)
 
     def broadcast(self, tensors, src: int = 0) -> None:
         """Rank `src`'s values of `tensors` on every rank (a failure marks the group, never raises). Small
@@ -217,6 +235,152 @@ class TrainGroup:
             self.fail(exc)
 
 
+class _Settled(dist.Work):
+    """The work of one of `ShardGroup`'s collectives: waiting never raises. A failure of the collective
+    under it marks the group, and its outputs are left as they were (the step is redone anyway)."""
+
+    def __init__(self, group: "ShardGroup", work, result):
+        super().__init__()
+        self._group, self._work, self._result = group, work, result
+
+    def wait(self, timeout=None) -> bool:
+        work, self._work = self._work, None
+        if work is not None:
+            try:
+                work.wait()
+            except Exception as exc:  # noqa: BLE001 - a peer gone: gloo says so in many ways
+                self._group.fail(exc)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def get_future(self) -> torch.futures.Future:
+        self.wait()
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(self._result)
+        return future
+
+
+class ShardGroup(dist.ProcessGroup):
+    """The group an FSDP job's model is sharded over, whose collectives never raise through the user's
+    loop: what `TrainGroup` is to DDP's gradients, for every collective FSDP makes (the all-gathers
+    of its forward and backward, the reduce-scatters of its gradients).
+
+    It is a process group of its own that hands each collective to the attempt's gloo group
+    (`inner`), and it stays the same object across attempts: FSDP keeps the group it was given (in
+    its device mesh, in every parameter's sharding), so a rank that stays in its loop keeps its FSDP
+    model and `replace` puts the next attempt's gloo group under it. Once a collective fails (a peer
+    is gone), that one and every later one until `replace` return at once with their outputs as they
+    were: the step goes on with wrong values and no error, the optimizer step is skipped
+    (`skip_failed_steps`), and the context rejoins at the next batch and restores every rank from
+    the in-memory snapshots. Collectives that reach the group through torch's dispatcher instead of
+    its methods (DTensor's own, e.g. `full_tensor()` in the user's code) go to the gloo group directly
+    and raise as they would without stalwart: that rank then ends its call, and the restart takes
+    the usual path."""
+
+    NAME = "stalwart_fsdp"
+
+    def __init__(self, group, rank: int, world_size: int, check=None):
+        super().__init__(rank, world_size)
+        self.failed: BaseException | None = None
+        self._name = self.NAME
+        self.inner = None
+        self.replace(group, world_size, check)
+
+    # What c10d and the device mesh ask of a group.
+    def getBackendName(self) -> str:
+        return "gloo"
+
+    def setGroupName(self, name: str) -> None:
+        self._name = name
+
+    def getGroupName(self) -> str:
+        return self._name
+
+    def setGroupDesc(self, desc: str) -> None:
+        self._desc = desc
+
+    def getGroupDesc(self) -> str:
+        return getattr(self, "_desc", "stalwart fsdp")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = exc
+
+    def replace(self, group, world_size: int, check=None) -> None:
+        """The next attempt's gloo group (same ranks, same world size) under this one."""
+        if self.inner is not None and world_size != self.size():
+            raise ValueError(f"an FSDP group of {self.size()} ranks cannot take {world_size}")
+        self.inner, self.failed = group, None
+        if group is not None:  # None: a spare on standby, sharding its model before it has an attempt's groups
+            cpu = torch.device("cpu")
+            self._register_backend(cpu, dist.ProcessGroup.BackendType.GLOO, group._get_backend(cpu))
+            self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        self._enlist()
+
+    def _enlist(self) -> None:
+        """Known to c10d as its own groups are (the device mesh asks for its ranks, DTensor's functional
+        collectives find it by name). Done again after each `replace`: leaving an attempt's groups
+        (`leave_groups`) forgets every group c10d knew."""
+        from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
+        from torch.distributed.distributed_c10d import _world
+
+        ranks = {r: r for r in range(self.size())}
+        _world.pg_group_ranks[self] = ranks
+        _world.pg_map[self] = ("gloo", None)
+        _world.pg_names[self] = self._name
+        _world.pg_backend_config[self] = "cpu:gloo"
+        try:
+            _unregister_process_group(self._name)  # this group before the groups were left, or an earlier job's
+        except (RuntimeError, ValueError):
+            pass
+        _register_process_group(self._name, self)
+
+    def start_from_rank0(self, tensors) -> None:
+        """Nothing: FSDP ranks start from their own shards, as FSDP does (DDP's start broadcasts)."""
+
+    def _settle(self, start, result) -> _Settled:
+        if self.failed is not None:
+            return _Settled(self, None, result)
+        try:
+            return _Settled(self, start(), result)
+        except RuntimeError as exc:
+            self.fail(exc)
+            return _Settled(self, None, result)
+
+    # The collectives FSDP makes (and a few more a user's code may), each handed to the gloo group.
+    def allreduce(self, tensors, opts=None):
+        return self._settle(lambda: self.inner.allreduce(tensors, opts or dist.AllreduceOptions()), tensors)
+
+    def broadcast(self, tensors, opts=None):
+        return self._settle(lambda: self.inner.broadcast(tensors, opts or dist.BroadcastOptions()), tensors)
+
+    def allgather(self, outputs, inputs, opts=None):
+        return self._settle(lambda: self.inner.allgather(outputs, inputs), outputs)
+
+    def _allgather_base(self, output, input, opts=None):
+        return self._settle(lambda: self.inner._allgather_base(output, input), output)
+
+    def all_gather_single(self, output, input, opts=None):
+        return self._settle(lambda: self.inner._allgather_base(output, input), output)
+
+    def reduce_scatter(self, outputs, inputs, opts=None):
+        return self._settle(lambda: self.inner.reduce_scatter(outputs, inputs, opts or dist.ReduceScatterOptions()),
+                            outputs)
+
+    def _reduce_scatter_base(self, output, input, opts=None):
+        return self._settle(lambda: self.inner._reduce_scatter_base(output, input, opts or dist.ReduceScatterOptions()),
+                            output)
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        return self._settle(lambda: self.inner.reduce_scatter_single(output, input, opts or dist.ReduceScatterOptions()),
+                            output)
+
+    def barrier(self, opts=None):
+        return self._settle(lambda: self.inner.barrier(opts or dist.BarrierOptions()), None)
+
+
 PACK_BYTES = 16 << 20  # tensors below this are broadcast packed together (`TrainGroup.broadcast`)
 
 
@@ -295,8 +459,8 @@ def wrap_ddp(model: torch.nn.Module, train: TrainGroup, options: dict, sync: boo
     return ddp
 
 
-def skip_failed_steps(optimizer, train: TrainGroup) -> None:
-    """Make `optimizer.step()` do nothing on a step whose gradients could not be averaged: the restore
+def skip_failed_steps(optimizer, train: "TrainGroup | ShardGroup") -> None:
+    """Make `optimizer.step()` do nothing on a step whose collectives failed: the restore
     that follows sets every parameter anyway, and the rank gets to its rejoin sooner (an AdamW step over
     a large model is a good part of a CPU step). One attribute read per step otherwise. Kept a bound
     method, as torch's LR schedulers expect of `optimizer.step` (they wrap it through `__func__`)."""

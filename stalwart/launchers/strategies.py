@@ -182,7 +182,19 @@ class FSDPStrategy(Strategy):
             raise StalwartError("strategy fsdp: call ctx.prepare(model, optimizer) before the first optimizer step")
         model = model.to(ctx.device)
         names = {id(p): n for n, p in model.named_parameters()}
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        train = getattr(ctx, "_train", None)
+        if train is not None and ctx.world_size > 1:
+            # Sharded over stalwart's group, whose collectives never raise through the loop
+            # (launchers.rejoin.ShardGroup): the ranks that outlive a dead peer stay in it.
+            from torch.distributed.device_mesh import DeviceMesh
+
+            from stalwart.launchers.rejoin import skip_failed_steps
+
+            mesh = DeviceMesh.from_group(train, ctx.device.type)
+            if optimizer is not None:
+                skip_failed_steps(optimizer, train)
+        else:
+            mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": bool(self.options.get("reshard_after_forward", True))}
         mp = self.options.get("mixed_precision")
         if mp:

@@ -72,7 +72,7 @@ def test_strategy_trains_tiny_gpt_on_two_ranks(undisturbed, strategy):
     assert manifest["layout"] == ("replicated" if strategy == "ddp" else "sharded")
 
 
-def assert_kill_resumes_exactly(client, spec: dict, reference: dict, restored_from=None) -> None:
+def assert_kill_resumes_exactly(client, spec: dict, reference: dict, restored_from=None):
     """Run `spec` (which kills a rank); it must restart once, restore one of `restored_from` (step,
     tier; default: the checkpoint of step 10 or 20, from storage), and end bitwise equal to `reference`."""
     job = client.submit(spec)
@@ -87,6 +87,7 @@ def assert_kill_resumes_exactly(client, spec: dict, reference: dict, restored_fr
     else:
         assert (restored[0]["step"], restored[0]["tier"]) in restored_from, restored
     assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+    return job
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),  # the chaos SIGKILL test is DDP's
@@ -96,12 +97,18 @@ def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
 
 
-def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed, in_loop):
     # In-memory snapshots every step: the survivor keeps its process, the dead rank's shard comes from
     # the copy its peer holds, and the restore is of the last step both had snapshotted (24: the kill
-    # fires at step 25's report, before its snapshot).
-    spec = spec_for("fsdp", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
-    assert_kill_resumes_exactly(client, spec, undisturbed("fsdp")["status"], restored_from=((24, "memory"),))
+    # fires at step 25's report, before its snapshot). With memory_in_loop the survivor never leaves its
+    # loop: its FSDP collectives go over stalwart's group, which fails the step instead of raising.
+    spec = spec_for("fsdp", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                     "memory_in_loop": in_loop})
+    job = assert_kill_resumes_exactly(client, spec, undisturbed("fsdp")["status"], restored_from=((24, "memory"),))
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["kept_ranks"] == [0] and started[1]["live_ranks"] == ([0] if in_loop else [])
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == (["in_loop"] if in_loop else ["restart"])
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])

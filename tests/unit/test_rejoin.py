@@ -231,3 +231,44 @@ def test_the_average_is_ddps_own_bitwise_at_three_ranks(tmp_path):
     mp.spawn(_beside_ddp, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
     for rank in range(3):
         assert all(torch.load(tmp_path / f"rank{rank}.pt")), rank
+
+
+# ---- FSDP: the group the model is sharded over --------------------------------------------------------
+def _sharded(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from stalwart.launchers.rejoin import ShardGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = ShardGroup(dist.new_group(backend="gloo"), rank, world)
+    finals = {}
+    for name, mesh in (("fsdp", init_device_mesh("cpu", (world,))), ("stalwart", DeviceMesh.from_group(group, "cpu"))):
+        model = _model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(3):
+            model(_batch(rank + 10 * step)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        finals[name] = {k: v.full_tensor() for k, v in model.state_dict().items()}  # DTensor's own collectives
+    if rank == 1:
+        os._exit(0)  # gone, as a SIGKILLed rank is
+    for step in range(2):  # forward and backward with the peer gone neither raise nor hang
+        model(_batch(rank)).pow(2).mean().backward()
+    torch.save({"finals": finals, "failed": repr(group.failed)}, f"{out}/sharded.pt")
+    os._exit(0)
+
+
+def test_fsdp_over_stalwarts_group_is_fsdp_bitwise_and_a_dead_peer_fails_the_step_instead_of_raising(tmp_path):
+    ctx = mp.spawn(_sharded, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
+    for p in ctx.processes:
+        p.join(120)
+    saved = torch.load(tmp_path / "sharded.pt")
+    plain, ours = saved["finals"]["fsdp"], saved["finals"]["stalwart"]
+    assert plain.keys() == ours.keys() and all(torch.equal(plain[k], ours[k]) for k in plain)
+    assert "Error" in saved["failed"]
