@@ -4,6 +4,7 @@
 Prints ONE JSON line. Run from the repository root:
     python bench/recovery_memory.py            # 3 repetitions of each side, interleaved
     python bench/recovery_memory.py --quick    # 1 repetition of each side
+    python bench/recovery_memory.py --strategy fsdp   # the same with FSDP (no spare on standby for FSDP)
 
 The workload and set-up are bench/recovery.py's stalwart side: one in-process local Ray instance
 (2 CPUs), the rclone S3 server on 127.0.0.1, 2 ranks x 1 CPU, DDP over gloo, 8 x Linear(2048, 2048)
@@ -65,7 +66,7 @@ def _marks_after(path: Path, t_kill: float) -> dict:
     return out
 
 
-def trial(client, server, tmp: Path, i: int, side: str) -> dict:
+def trial(client, server, tmp: Path, i: int, side: str, strategy: str = "ddp") -> dict:
     stamps = tmp / f"{side}-{i}"
     stamps.mkdir()
     o = server.options
@@ -78,7 +79,8 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
     spec = {"name": f"bench-recovery-{side}", "entrypoint": "_faultjobs:stalwart_main", "workdir": str(BENCH),
             "config": {"layers": 8, "dim": 2048, "batch_size": 8, "steps": STEPS, "every_steps": EVERY,
                        "stamps_dir": str(stamps)},
-            "resources": {"workers": 2, "cpus_per_worker": 1}, "checkpoint": checkpoint}
+            "resources": {"workers": 2, "cpus_per_worker": 1}, "checkpoint": checkpoint,
+            "strategy": {"name": strategy}}
     job = client.submit(spec)
     r0, r1 = stamps / "stalwart-rank0.txt", stamps / "stalwart-rank1.txt"
 
@@ -112,6 +114,9 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
 
     fault, started, restored = first("fault"), first("attempt_started"), first("restored", rank=0)
     recovered = first("recovered")
+    if side == "memory" and (recovered or {}).get("data", {}).get("path") != "in_loop":
+        note(f"{job.id} did not recover in its loop: " + "; ".join(
+            f"{e['kind']}: {e['message'][:200]}" for e in events if e["ts"] >= t_kill - 1) + "\n" + job.logs()[-3000:])
     return {"total_s": marks.get("first_step"), "marks": marks,
             "fault_event_s": fault["ts"] - t_kill if fault else None,
             "attempt_started_s": started["ts"] - t_kill if started else None,
@@ -130,6 +135,7 @@ def trial(client, server, tmp: Path, i: int, side: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     start_local_ray()
@@ -144,7 +150,7 @@ def main() -> None:
     try:
         for i in range(reps):
             for side in (["memory", "storage"] if i % 2 == 0 else ["storage", "memory"]):
-                res = trial(client, server, tmp, i, side)
+                res = trial(client, server, tmp, i, side, args.strategy)
                 runs[side].append(res)
                 note(f"rep {i} {side}: {res}")
     finally:
@@ -157,6 +163,7 @@ def main() -> None:
     m, s = med("memory", "total_s"), med("storage", "total_s")
     emit({
         "benchmark": "recovery_memory",
+        "strategy": args.strategy,
         "figure": {"memory_kill_to_first_step_s": m, "storage_kill_to_first_step_s": s},
         "ratio": ratio(m, s),
         "ratio_median_of_pairs": median([ratio(a["total_s"], b["total_s"]) for a, b in zip(runs["memory"], runs["storage"])]),
@@ -169,7 +176,7 @@ def main() -> None:
         "rank0_same_process": {side: [r["rank0_same_process"] for r in runs[side]] for side in runs},
         "runs_total_s": {side: [r["total_s"] for r in runs[side]] for side in runs},
         "repetitions": reps,
-        "setup": ("local Ray (2 CPUs, shared machine), 2 ranks x 1 CPU, gloo DDP, 8 x Linear(2048,2048) + AdamW "
+        "setup": (f"local Ray (2 CPUs, shared machine), 2 ranks x 1 CPU, gloo {args.strategy.upper()}, 8 x Linear(2048,2048) + AdamW "
                   "(~400 MB state), checkpoint every 5 steps to rclone serve s3 on 127.0.0.1 (memory side: and "
                   "in-memory snapshots every 5 steps), SIGKILL of rank 1 after step 12 with checkpoint 10 committed"),
     })

@@ -258,6 +258,8 @@ class TrainContext:
         then take part in its start as a rank that has just prepared its model would."""
         self._standby = False
         self._enter(*self._rejoin_with(None))
+        if self._strategy is not None:
+            self._strategy.join(self)  # FSDP shards the spare's model now that it has a world
         if not self._plan.live_ranks and self._model is not None:
             # Every rank of this attempt is starting: DDP's start from rank 0's parameters, which the
             # others did in `prepare`.

@@ -54,13 +54,6 @@ def applies(spec) -> bool:
             and spec.script is None and spec.resources.gpus_per_worker <= 0 and spec.resources.workers > 1)
 
 
-def stands_by(spec) -> bool:
-    """Whether a warm spare runs the function up to its restore ahead of a fault: DDP jobs whose ranks
-    stay in their loop. An FSDP model is sharded over a device mesh, which torch builds only once the
-    process has joined a world; an FSDP spare runs the function when it is made a rank."""
-    return applies(spec) and spec.strategy.name == "ddp"
-
-
 def group_for(spec, groups: "Groups", rank: int, world_size: int) -> "TrainGroup | ShardGroup":
     """What the strategy's collectives go over in a job whose ranks stay in their loop."""
     if spec.strategy.name == "fsdp":

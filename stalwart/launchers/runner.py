@@ -100,7 +100,7 @@ def run_rank(worker, payload: dict) -> dict:
             live = rejoin.applies(spec) and world > 1
             # A warm spare on standby runs the function up to its restore, which then waits for the
             # attempt it will be a rank of (launchers.rejoin); the groups are formed then.
-            standby = bool(payload.get("standby")) and rejoin.stands_by(spec) and world > 1
+            standby = bool(payload.get("standby")) and live
             backend = "nccl" if device.type == "cuda" else "gloo"
             # Checkpoint shard records travel on their own gloo group, from a background thread, so they
             # never interleave with the training collectives; the preemption vote too (one tiny

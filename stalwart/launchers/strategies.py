@@ -76,6 +76,10 @@ class Strategy:
         """Register a model the user's own code already wrapped (script mode)."""
         raise NotImplementedError
 
+    def join(self, ctx) -> None:
+        """A spare on standby has been made a rank (its groups are formed): finish what `wrap` left for
+        then. Nothing for most strategies."""
+
     def state(self) -> dict:
         raise NotImplementedError
 
@@ -176,6 +180,14 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if getattr(ctx, "_standby", False):
+            # A spare on standby has no world yet, and torch builds a device mesh only in a process that
+            # has one. fully_shard works in place (the module object stays, the optimizer's parameters
+            # are repointed in place), so the model is sharded when the spare is made a rank (`join`),
+            # and what the user's code holds now becomes the sharded model then.
+            model = model.to(ctx.device)
+            self.model, self.optimizer, self._deferred = model, optimizer, True
+            return model, optimizer
         if not dist.is_initialized():
             raise StalwartError("strategy fsdp needs torch.distributed initialized before ctx.prepare()")
         if optimizer is not None and optimizer.state:
@@ -220,6 +232,11 @@ class FSDPStrategy(Strategy):
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         self.model, self.optimizer = model, optimizer
         return model, optimizer
+
+    def join(self, ctx) -> None:
+        if getattr(self, "_deferred", False):
+            self._deferred = False
+            self.wrap(self.model, self.optimizer, ctx)
 
     def _units(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The modules sharded on their own: those named in shard_modules, else every ModuleList's items."""

@@ -2,11 +2,14 @@
 resume bitwise after a killed rank, and FSDP/ZeRO checkpoints reshard from 2 ranks to 1. Script mode
 runs examples/script_mode unmodified, also through an injected kill."""
 
+import os
+import signal
+
 import pytest
 import torch
 import yaml
 
-from jobspecs import JOBS, REPO, deepspeed_mark, tiny_gpt_spec
+from jobspecs import JOBS, REPO, deepspeed_mark, tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import open_storage
@@ -97,18 +100,36 @@ def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
 
 
-@pytest.mark.parametrize("in_loop", [False, True])
-def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed, in_loop):
+def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
     # In-memory snapshots every step: the survivor keeps its process, the dead rank's shard comes from
     # the copy its peer holds, and the restore is of the last step both had snapshotted (24: the kill
-    # fires at step 25's report, before its snapshot). With memory_in_loop the survivor never leaves its
-    # loop: its FSDP collectives go over stalwart's group, which fails the step instead of raising.
-    spec = spec_for("fsdp", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1,
-                                                     "memory_in_loop": in_loop})
+    # fires at step 25's report, before its snapshot).
+    spec = spec_for("fsdp", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
     job = assert_kill_resumes_exactly(client, spec, undisturbed("fsdp")["status"], restored_from=((24, "memory"),))
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
+
+
+def test_killed_fsdp_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, undisturbed):
+    # With memory_in_loop the survivor never leaves its loop: its FSDP collectives go over stalwart's
+    # group, which fails the step instead of raising. Rank 0 is slow in the first attempt, so that the
+    # spares run the function up to their restore (the model left whole: a spare has no world to shard
+    # it over yet) before the kill; the dead rank's place goes to one, which shards its model then.
+    slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 10}]
+    spec = spec_for("fsdp", faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                     "memory_in_loop": True})
+    job = client.submit(spec)
+    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
+             what="spares waiting at their restore", timeout=300)
+    status = job.status()
+    os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
     started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
-    assert started[1]["kept_ranks"] == [0] and started[1]["live_ranks"] == ([0] if in_loop else [])
-    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == (["in_loop"] if in_loop else ["restart"])
+    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == [1]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
+    reference = undisturbed("fsdp")["status"]
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
