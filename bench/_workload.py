@@ -210,20 +210,28 @@ def stalwart_main(ctx, config):
     # stalwart's own time on the training thread: in ctx.batches (less the batch function's own
     # time), ctx.report and ctx.checkpoint, summed over the timed steps of every block.
     own, t_next = 0.0, time.perf_counter()
+    parts = [0.0, 0.0, 0.0]  # the same, split: ctx.batches, ctx.report, ctx.checkpoint
     for step, (x, y) in ctx.batches(batch, steps=baton.steps):
         t_got = time.perf_counter()
         loss, grad_norm = train_step(model, optimizer, x, y, ctx.strategy)
         t0 = time.perf_counter()
         ctx.report(step, loss=loss.detach(), grad_norm=grad_norm, tokens=x.numel())
+        t_reported = time.perf_counter()
         ctx.checkpoint(step)
         t1 = time.perf_counter()
         if baton.timed(step):
             own += (t_got - t_next - in_batch_fn[0]) + (t1 - t0)
+            parts[0] += t_got - t_next - in_batch_fn[0]
+            parts[1] += t_reported - t0
+            parts[2] += t1 - t_reported
         in_batch_fn[0] = 0.0
         baton.after_step(step)
         t_next = time.perf_counter()
     if ctx.rank == 0 and c.get("out"):
-        write_result(c["out"], {**baton.result(), "own_s_per_timed_step": own / max(1, baton.timed_steps())})
+        n = max(1, baton.timed_steps())
+        write_result(c["out"], {**baton.result(), "own_s_per_timed_step": own / n,
+                                "own_s_per_timed_step_parts": {k: v / n for k, v in
+                                                               zip(("batches", "report", "checkpoint"), parts)}})
     return {"steps": baton.steps}
 
 

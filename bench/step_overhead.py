@@ -270,6 +270,8 @@ def main() -> None:
     emit({
         "benchmark": "step_overhead", "strategy": args.strategy,
         "figure": {"stalwart_own_us_per_step": res["stalwart"]["own_s_per_timed_step"] * 1e6,
+                   "stalwart_own_us_per_step_parts": {k: round(v * 1e6, 1) for k, v in
+                                                      res["stalwart"].get("own_s_per_timed_step_parts", {}).items()},
                    "stalwart_own_pct_of_step": 100 * res["stalwart"]["own_s_per_timed_step"] / med["stalwart"],
                    "stalwart_median_step_ms": med["stalwart"] * 1000, "stalwart_mean_step_ms": mean["stalwart"] * 1000,
                    "stalwart_ckpt_every50_mean_step_ms": mean["stalwart_ckpt"] * 1000,
