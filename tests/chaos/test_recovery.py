@@ -177,6 +177,7 @@ def test_sigkill_survivors_keep_their_processes_and_restore_from_memory(client, 
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+@pytest.mark.slow  # 19 s; test_strategies' FSDP in-loop kill takes a spare on standby, the tests below rejoin DDP ranks in their loop
 def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, undisturbed):
     # Rank 0 slow in the first attempt: time for the spares to build the model and wait at their restore.
     slow = [{**SLOW_FIRST_ATTEMPT[0], "factor": 10}]

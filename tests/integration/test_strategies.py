@@ -95,7 +95,8 @@ def assert_kill_resumes_exactly(client, spec: dict, reference: dict, restored_fr
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),  # the chaos SIGKILL test is DDP's
                                       pytest.param("fsdp", marks=pytest.mark.slow),  # FSDP's from memory below
-                                      pytest.param("deepspeed", marks=needs_deepspeed)])
+                                      # 20 s; ZeRO's restore is the reshard test's, the kill path DDP's and FSDP's
+                                      pytest.param("deepspeed", marks=[needs_deepspeed, pytest.mark.slow])])
 def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
 
