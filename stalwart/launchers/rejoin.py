@@ -267,10 +267,10 @@ class ShardGroup(dist.ProcessGroup):
     is gone), that one and every later one until `replace` return at once with their outputs as they
     were: the step goes on with wrong values and no error, the optimizer step is skipped
     (`skip_failed_steps`), and the context rejoins at the next batch and restores every rank from
-    the in-memory snapshots. Collectives that reach the group through torch's dispatcher instead of
-    its methods (DTensor's own, e.g. `full_tensor()` in the user's code) go to the gloo group directly
-    and raise as they would without stalwart: that rank then ends its call, and the restart takes
-    the usual path."""
+    the in-memory snapshots. DTensor's functional all-reduce (`clip_grad_norm_` over FSDP's gradients)
+    comes to `allreduce` here too; its all-gather (`full_tensor()` in the user's code) reaches the gloo
+    backend through torch's dispatcher and raises as it would without stalwart: that rank then ends
+    its call, and the restart takes the usual path."""
 
     NAME = "stalwart_fsdp"
 
