@@ -575,6 +575,19 @@ class JobSpec(_Section):
             raise SpecError([("checkpoint.memory_every_steps", "in-memory snapshots need a module:function "
                               "entrypoint (a script sets up its own process group); remove it for script mode")],
                             source)
+        if spec.checkpoint.memory_in_loop:
+            if spec.checkpoint.memory_every_steps is None:
+                raise SpecError([("checkpoint.memory_in_loop", "the ranks stay in their loop by restoring from the "
+                                  "in-memory snapshots: set checkpoint.memory_every_steps (a number of steps or "
+                                  "auto), or remove memory_in_loop")], source)
+            if spec.strategy.name not in ("ddp", "fsdp"):
+                raise SpecError([("checkpoint.memory_in_loop", f"works with strategy ddp or fsdp, not "
+                                  f"{spec.strategy.name} (its survivors restore from the snapshots in a new call "
+                                  "of your function without it): remove memory_in_loop")], source)
+            if spec.resources.gpus_per_worker > 0:
+                raise SpecError([("checkpoint.memory_in_loop", "is for CPU jobs for now (resources.gpus_per_worker "
+                                  "> 0): remove memory_in_loop; the survivors then restore from the snapshots in a new call "
+                                  "of your function")], source)
         for i, fault in enumerate(spec.faults):
             if fault.at == "snapshot" and spec.checkpoint.memory_every_steps is None:
                 raise SpecError([(f"faults.{i}.at", "a fault at a snapshot needs checkpoint.memory_every_steps")],

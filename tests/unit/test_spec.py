@@ -245,3 +245,21 @@ def test_errors_never_quote_a_secret():
     with pytest.raises(ValidationError) as raw:  # a raw pydantic error hides its input too
         JobSpec.model_validate(keyed(secret_access_key=None))
     assert "AKID-7e2b" not in str(raw.value)
+
+
+@pytest.mark.parametrize("change,says", [
+    ({}, "set checkpoint.memory_every_steps"),
+    ({"strategy": {"name": "deepspeed"}, "checkpoint": {"memory_every_steps": 1}}, "not deepspeed"),
+    ({"resources": {"workers": 2, "gpus_per_worker": 1}, "checkpoint": {"memory_every_steps": 1}}, "CPU jobs"),
+])
+def test_memory_in_loop_where_it_cannot_work_is_refused_with_what_to_change(change, says):
+    spec = {"name": "j", "entrypoint": "m:f", "checkpoint": {"memory_in_loop": True}}
+    for key, value in change.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict(spec)
+    assert exc.value.problems[0][0] == "checkpoint.memory_in_loop" and says in exc.value.problems[0][1]
+    assert "memory_in_loop" in exc.value.problems[0][1]
+    for strategy in ("ddp", "fsdp"):  # where it works
+        JobSpec.from_dict({"name": "j", "entrypoint": "m:f", "strategy": {"name": strategy},
+                           "checkpoint": {"memory_in_loop": True, "memory_every_steps": "auto"}})
