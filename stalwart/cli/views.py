@@ -231,6 +231,9 @@ def _curve(metrics: list[dict]) -> tuple[list[tuple[float, float]], list[float]]
     return points, marks
 
 
+PINNED_EVENTS = ("fault", "recovered", "restored")  # the newest of each stays in `watch`'s events pane
+
+
 def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], width: int):
     grid = Table.grid(padding=(0, 2))
     for _ in range(4):
@@ -286,9 +289,6 @@ def _watch_view(job_id: str, s: dict, metrics: list[dict], evs: list[dict], widt
                        border_style="cyan"),
                  Panel(Group(*lines) if lines else Text("no events yet", style="dim"), title="events",
                        border_style="dim"))
-
-
-PINNED_EVENTS = ("fault", "recovered", "restored")
 
 
 @app.command()

@@ -274,12 +274,12 @@ class ShardGroup(dist.ProcessGroup):
 
     NAME = "stalwart_fsdp"
 
-    def __init__(self, group, rank: int, world_size: int, check=None):
+    def __init__(self, group, rank: int, world_size: int):
         super().__init__(rank, world_size)
         self.failed: BaseException | None = None
         self._name = self.NAME
         self.inner = None
-        self.replace(group, world_size, check)
+        self.replace(group, world_size)
 
     # What c10d and the device mesh ask of a group.
     def getBackendName(self) -> str:
@@ -302,7 +302,8 @@ class ShardGroup(dist.ProcessGroup):
             self.failed = exc
 
     def replace(self, group, world_size: int, check=None) -> None:
-        """The next attempt's gloo group (same ranks, same world size) under this one."""
+        """The next attempt's gloo group (same ranks, same world size) under this one. `check`: what
+        `TrainGroup.replace` takes too; FSDP has no bucket layouts to check."""
         if self.inner is not None and world_size != self.size():
             raise ValueError(f"an FSDP group of {self.size()} ranks cannot take {world_size}")
         self.inner, self.failed = group, None

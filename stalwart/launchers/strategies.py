@@ -175,6 +175,7 @@ class DDPStrategy(Strategy):
 class FSDPStrategy(Strategy):
     name = "fsdp"
     replicated = False
+    _deferred = False  # a standby spare's model, left whole until `join`
 
     def wrap(self, model, optimizer, ctx):
         from torch.distributed.device_mesh import init_device_mesh
@@ -234,7 +235,7 @@ class FSDPStrategy(Strategy):
         return model, optimizer
 
     def join(self, ctx) -> None:
-        if getattr(self, "_deferred", False):
+        if self._deferred:
             self._deferred = False
             self.wrap(self.model, self.optimizer, ctx)
 
