@@ -25,6 +25,7 @@ import datetime
 import functools
 import inspect
 import os
+import sys
 import threading
 import types
 import weakref
@@ -536,9 +537,39 @@ def form_groups(backend: str, rank: int, world_size: int, timeout: datetime.time
 
 
 def leave_groups() -> None:
-    """Drop this process's groups (a peer is gone: what they would wait for never comes)."""
+    """Drop this process's groups (a peer is gone: what they would wait for never comes, or the call
+    ended), and what libraries keep of them for the next call in this process."""
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except (RuntimeError, ValueError):
             pass
+    _forget_deepspeed_groups()
+
+
+# What DeepSpeed (0.19) caches of an engine's process groups, module-wide: its clone of the world group
+# among them, which a later deepspeed.initialize in the same process would take up destroyed.
+_DEEPSPEED_GROUPS = ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                     "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mesh_device", "mpu")
+_DEEPSPEED_GROUP_MAPS = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                         "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed's own release of its group references, as `deepspeed.comm.destroy_process_group` does
+    it (stalwart destroys the groups through torch). Without it, a rank kept in its process for the
+    next attempt failed in deepspeed.initialize: "Group ... is not registered"."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(group=None)
+        return
+    for name in _DEEPSPEED_GROUPS:
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in _DEEPSPEED_GROUP_MAPS:
+        cached = getattr(groups, name, None)
+        if isinstance(cached, dict):
+            cached.clear()

@@ -146,11 +146,7 @@ def run_rank(worker, payload: dict) -> dict:
                 stream.close_partial()
         sys.stdout, sys.stderr = out, err
         reporter.close()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except (RuntimeError, ValueError):
-                pass
+        rejoin.leave_groups()
 
 
 def _memory_tier(worker, spec: JobSpec, group, ring: tuple[int, ...]) -> memory.MemoryTier | None:

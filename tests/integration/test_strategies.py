@@ -240,3 +240,12 @@ def test_gpu_smoke_script_runs_its_jobs_on_cpu():
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     ddp = next(line for line in lines if line["check"] == "strategy_ddp")
     assert ddp["ok"] and ddp["restored_step"] == 20 and ddp["loss_last"] < ddp["loss_first"]
+
+
+@needs_deepspeed
+def test_killed_deepspeed_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
+    # The survivor keeps its process and runs the function again: DeepSpeed's module-wide clone of the
+    # world group must not outlive the attempt's groups (it failed deepspeed.initialize as a user error).
+    spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
+    job = assert_kill_resumes_exactly(client, spec, undisturbed("deepspeed")["status"], restored_from=((24, "memory"),))
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]

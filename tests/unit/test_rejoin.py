@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stalwart._net import free_port
+from stalwart.launchers import rejoin
 
 
 def _model() -> torch.nn.Module:
@@ -272,3 +273,19 @@ def test_fsdp_over_stalwarts_group_is_fsdp_bitwise_and_a_dead_peer_fails_the_ste
     plain, ours = saved["finals"]["fsdp"], saved["finals"]["stalwart"]
     assert plain.keys() == ours.keys() and all(torch.equal(plain[k], ours[k]) for k in plain)
     assert "Error" in saved["failed"]
+
+
+def test_leaving_the_groups_forgets_what_deepspeed_cached_of_them(monkeypatch):
+    import sys
+    import types
+
+    released = []
+    current = types.SimpleNamespace(_release_process_group_references=lambda group: released.append(group))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.groups", current)
+    rejoin.leave_groups()
+    assert released == [None]
+    # A DeepSpeed without that function: the known globals are reset by name.
+    older = types.SimpleNamespace(_WORLD_GROUP=object(), mpu=object(), _ALL_TO_ALL_GROUP={"local_0": object()})
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.groups", older)
+    rejoin.leave_groups()
+    assert older._WORLD_GROUP is None and older.mpu is None and older._ALL_TO_ALL_GROUP == {}
