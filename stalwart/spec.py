@@ -105,8 +105,7 @@ def _strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
             problems.append("fsdp shard_modules must be a non-empty list of module class names")
     elif name == "deepspeed":
         # options is the DeepSpeed config itself (zero_optimization, bf16, gradient_clipping, ...).
-        zero = options.get("zero_optimization", {})
-        stage = zero.get("stage", 2) if isinstance(zero, dict) else None
+        stage = _zero_stage(options)
         if stage not in (1, 2, 3):
             problems.append(f"deepspeed zero_optimization.stage must be 1, 2 or 3 (got {stage!r}); "
                             "for plain data parallelism use strategy ddp")
@@ -116,6 +115,12 @@ def _strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
             problems.append("strategy deepspeed needs the deepspeed package, which is not installed here: "
                             "pip install 'stalwart[deepspeed]'")
     return problems
+
+
+def _zero_stage(options: dict):
+    """The ZeRO stage of a deepspeed strategy's options (DeepSpeed's config; stalwart's default 2)."""
+    zero = options.get("zero_optimization", {})
+    return zero.get("stage", 2) if isinstance(zero, dict) else None
 
 
 # How a secret is written wherever it is not revealed: pydantic's rendering of a SecretStr.
@@ -170,10 +175,10 @@ class CheckpointSpec(_Section):
         3600.0, gt=0, description="for the auto intervals: the mean time between failures assumed before the job "
         "has seen a fault (its own rate takes over as faults come)")
     memory_in_loop: bool = Field(
-        False, description="with memory_every_steps and DDP or FSDP on CPU: the ranks that outlive a dead one stay in "
-        "their training loop (and DDP's spares wait at their restore), so a recovery runs none of the survivors' "
-        "set-up (stalwart averages DDP's gradients itself, at about plain DDP's cost per step, and shards FSDP "
-        "over a group of its own; docs/BENCHMARKS.md)")
+        False, description="with memory_every_steps and DDP, FSDP or DeepSpeed ZeRO 1/2 on CPU: the ranks that "
+        "outlive a dead one stay in their training loop (and DDP's and FSDP's spares wait at their restore), so a "
+        "recovery runs none of the survivors' set-up (stalwart averages DDP's gradients itself, at about plain "
+        "DDP's cost per step, and gives FSDP and ZeRO a process group of its own; docs/BENCHMARKS.md)")
     s3: S3Options = Field(default_factory=S3Options)
     resume_from: str | None = Field(None, description="start from this committed checkpoint")
     init_from: str | None = Field(None, description="weights trained elsewhere (a torch.distributed.checkpoint folder "
@@ -580,10 +585,12 @@ class JobSpec(_Section):
                 raise SpecError([("checkpoint.memory_in_loop", "the ranks stay in their loop by restoring from the "
                                   "in-memory snapshots: set checkpoint.memory_every_steps (a number of steps or "
                                   "auto), or remove memory_in_loop")], source)
-            if spec.strategy.name not in ("ddp", "fsdp"):
-                raise SpecError([("checkpoint.memory_in_loop", f"works with strategy ddp or fsdp, not "
-                                  f"{spec.strategy.name} (its survivors restore from the snapshots in a new call "
-                                  "of your function without it): remove memory_in_loop")], source)
+            if spec.strategy.name == "deepspeed" and _zero_stage(spec.strategy.options) == 3:
+                raise SpecError([("checkpoint.memory_in_loop", "works with deepspeed ZeRO stages 1 and 2, not 3 "
+                                  "(stage 3 builds its engine with barriers over every rank, which a rank joining "
+                                  "peers in their loop cannot match): set strategy.options.zero_optimization.stage "
+                                  "to 1 or 2, or remove memory_in_loop (the survivors then restore from the "
+                                  "snapshots in a new call of your function)")], source)
             if spec.resources.gpus_per_worker > 0:
                 raise SpecError([("checkpoint.memory_in_loop", "is for CPU jobs for now (resources.gpus_per_worker "
                                   "> 0): remove memory_in_loop; the survivors then restore from the snapshots in a new call "

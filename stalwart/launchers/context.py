@@ -282,6 +282,8 @@ class TrainContext:
             pass
         t0 = time.perf_counter()
         self._enter(*self._rejoin_with(failed))
+        if self._strategy is not None:
+            self._strategy.rejoined(self)
         waited = time.perf_counter() - t0
         self._prefetch = None
         for p in self._model.parameters():

@@ -270,7 +270,7 @@ class RayGang:
                     self._spares[bundle] = (spare, spare.warm.remote(omp_threads, modules, self.spec.resources.niceness))
         refs = [ref for _, ref in self._spares.values()]
         warm = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
-        if rejoin.applies(self.spec) and self.world_size > 1:
+        if rejoin.on_standby(self.spec) and self.world_size > 1:
             # Ahead of any fault, a warm spare runs the function up to its restore (model built,
             # prepared), where it waits to be made a rank (launchers.rejoin).
             for bundle, (spare, ref) in self._spares.items():

@@ -1,4 +1,5 @@
-"""Ranks that never leave the training loop when a peer dies (DDP jobs with in-memory snapshots, CPU).
+"""Ranks that never leave the training loop when a peer dies (DDP, FSDP and DeepSpeed ZeRO 1/2 jobs with
+in-memory snapshots, CPU).
 
 Without this, a rank that outlives a dead peer ends its call (its collective breaks), and the next
 attempt runs the user's function again in the same process: process group, model build, DDP,
@@ -17,10 +18,15 @@ restore. Here the survivors stay inside `ctx.batches()`:
 
 A rank that cannot wait (no rendezvous within `STALWART_REJOIN_WAIT_S`, a collective of the user's
 own that raised) ends its call as before, and the restart takes the usual path.
+
+FSDP and DeepSpeed ZeRO make many collectives of their own (all-gathers, reduce-scatters); their
+group is a `ShardGroup`, a process group whose collectives never raise, given to FSDP as its device
+mesh and to DeepSpeed as its data-parallel group (`DeepSpeedTopology`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import inspect
@@ -48,16 +54,24 @@ def rejoin_wait_s() -> float:
 
 
 def applies(spec) -> bool:
-    """Whether a job's surviving ranks stay in their loop: checkpoint.memory_in_loop, DDP or FSDP,
-    in-memory snapshots, CPU, a function entrypoint."""
+    """Whether a job's surviving ranks stay in their loop: checkpoint.memory_in_loop, DDP, FSDP or
+    DeepSpeed ZeRO 1/2, in-memory snapshots, CPU, a function entrypoint."""
     return (spec.checkpoint.memory_every_steps is not None and spec.checkpoint.memory_in_loop
-            and spec.strategy.name in ("ddp", "fsdp")
+            and spec.strategy.name in ("ddp", "fsdp", "deepspeed")
             and spec.script is None and spec.resources.gpus_per_worker <= 0 and spec.resources.workers > 1)
+
+
+def on_standby(spec) -> bool:
+    """Whether warm spares run the function up to their restore ahead of a fault (`applies`, and a
+    strategy that can wrap the model before the spare has a world: DDP's wrap waits for its broadcast,
+    FSDP's sharding for `Strategy.join`). Not DeepSpeed: `deepspeed.initialize` returns a new engine
+    object that needs the world, so its replacement ranks run the function from the start."""
+    return applies(spec) and spec.strategy.name != "deepspeed"
 
 
 def group_for(spec, groups: "Groups", rank: int, world_size: int) -> "TrainGroup | ShardGroup":
     """What the strategy's collectives go over in a job whose ranks stay in their loop."""
-    if spec.strategy.name == "fsdp":
+    if spec.strategy.name in ("fsdp", "deepspeed"):
         return ShardGroup(groups.train, rank, world_size)
     return TrainGroup(groups.train, world_size, groups.check)
 
@@ -335,6 +349,17 @@ class ShardGroup(dist.ProcessGroup):
     def start_from_rank0(self, tensors) -> None:
         """Nothing: FSDP ranks start from their own shards, as FSDP does (DDP's start broadcasts)."""
 
+    @contextlib.contextmanager
+    def detached(self):
+        """Every collective in the block returns at once, its outputs as they were: for a rank that
+        joins running peers and builds what they built long ago (`deepspeed.initialize` broadcasts rank
+        0's parameters over this group; the peers are in their loop, and the restore sets them)."""
+        saved, self.failed = self.failed, _DETACHED
+        try:
+            yield self
+        finally:
+            self.failed = saved
+
     def _settle(self, start, result) -> _Settled:
         if self.failed is not None:
             return _Settled(self, None, result)
@@ -374,6 +399,56 @@ class ShardGroup(dist.ProcessGroup):
 
     def barrier(self, opts=None):
         return self._settle(lambda: self.inner.barrier(opts or dist.BarrierOptions()), None)
+
+
+_DETACHED = PeerLost("a rank joining running peers: its collectives are not matched")
+
+
+class DeepSpeedTopology:
+    """The model-parallel unit ("mpu") DeepSpeed is given in a job whose ZeRO ranks stay in their
+    loop: its data-parallel group is `train` (a `ShardGroup`: the gradients' reduce-scatters and the
+    parameters' all-gathers never raise through the loop), with no model parallelism (a one-rank group
+    of this process). The same objects for the engine's life: a rank that rejoins keeps its engine, and
+    `enlist` (after each rejoin) puts them back where DeepSpeed and c10d look them up."""
+
+    def __init__(self, train: "ShardGroup", rank: int):
+        self.train, self.rank = train, rank
+        self.model_parallel = local_group()
+        self.enlist()
+
+    def enlist(self) -> None:
+        """Known to c10d (DeepSpeed asks a group's global ranks), and to DeepSpeed's module-wide
+        groups (which leaving an attempt's groups forgot: `leave_groups`)."""
+        from torch.distributed.distributed_c10d import _world
+
+        group = self.model_parallel
+        _world.pg_group_ranks[group] = {self.rank: 0}
+        _world.pg_map[group] = ("gloo", None)
+        _world.pg_names[group] = f"stalwart_model_parallel_{self.rank}"
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:
+            groups.mpu = self
+
+    def get_data_parallel_group(self):
+        return self.train
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.train.size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.train.rank()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(range(self.train.size()))
+
+    def get_model_parallel_group(self):
+        return self.model_parallel
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
 
 
 PACK_BYTES = 16 << 20  # tensors below this are broadcast packed together (`TrainGroup.broadcast`)

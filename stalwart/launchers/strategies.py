@@ -31,6 +31,7 @@ DeepSpeed ZeRO stage 1, 2 or 3 through deepspeed.initialize, the DeepSpeed confi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -79,6 +80,10 @@ class Strategy:
     def join(self, ctx) -> None:
         """A spare on standby has been made a rank (its groups are formed): finish what `wrap` left for
         then. Nothing for most strategies."""
+
+    def rejoined(self, ctx) -> None:
+        """This rank stayed in its loop and has formed the next attempt's groups: put back what a
+        library keeps of the groups module-wide. Nothing for most strategies."""
 
     def state(self) -> dict:
         raise NotImplementedError
@@ -412,6 +417,7 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, options: dict | None = None):
         super().__init__(options)
         self.engine: Any = None
+        self._topology: Any = None  # rejoin.DeepSpeedTopology, in a job whose ranks stay in their loop
         self.stage = 0
         self._layout: dict | None = None
 
@@ -424,10 +430,34 @@ class DeepSpeedStrategy(Strategy):
         if ctx.device.type == "cpu":
             _skip_cpu_shm_op()
         model = model.to(ctx.device)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False)
+        train = getattr(ctx, "_train", None)
+        if train is None or ctx.world_size <= 1:
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False)
+            self._bind(engine, ds_optimizer)
+            return engine, ds_optimizer
+        # ZeRO over stalwart's group, whose collectives never raise through the loop
+        # (launchers.rejoin.ShardGroup), given to DeepSpeed as its data-parallel group: the ranks that
+        # outlive a dead peer stay in their loop. A rank joining running peers builds its engine with
+        # the group detached (the broadcast of rank 0's parameters is not matched by peers in their
+        # loop; the restore that follows sets every parameter and the optimizer's state).
+        from stalwart.launchers.rejoin import DeepSpeedTopology, skip_failed_steps
+
+        self._topology = DeepSpeedTopology(train, ctx.rank)
+        joining = bool(ctx._plan.live_ranks) and ctx.rank not in ctx._plan.live_ranks
+        with train.detached() if joining else contextlib.nullcontext():
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False,
+                mpu=self._topology)
         self._bind(engine, ds_optimizer)
+        # A failed step's update of the flat fp32 partitions is skipped; DeepSpeed's own bookkeeping of
+        # the step (its gradient buffers emptied, its counters) goes on, and the restore resets it.
+        skip_failed_steps(ds_optimizer.optimizer, train)
         return engine, ds_optimizer
+
+    def rejoined(self, ctx) -> None:
+        if self._topology is not None:
+            self._topology.enlist()
 
     def adopt(self, model, optimizer):
         self._bind(model, optimizer if optimizer is not None else model.optimizer)

@@ -243,9 +243,28 @@ def test_gpu_smoke_script_runs_its_jobs_on_cpu():
 
 
 @needs_deepspeed
+@pytest.mark.slow  # 22 s; test_rejoin's unit test checks that leaving the groups releases DeepSpeed's
 def test_killed_deepspeed_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
     # The survivor keeps its process and runs the function again: DeepSpeed's module-wide clone of the
     # world group must not outlive the attempt's groups (it failed deepspeed.initialize as a user error).
     spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
     job = assert_kill_resumes_exactly(client, spec, undisturbed("deepspeed")["status"], restored_from=((24, "memory"),))
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
+
+
+@needs_deepspeed
+def test_killed_deepspeed_rank_in_the_loop_rejoins_bitwise_equal(client, undisturbed):
+    # With memory_in_loop, DeepSpeed's data-parallel group is stalwart's (a failed collective fails
+    # the step instead of raising): rank 0 stays in its loop, the replacement runs the function from
+    # the start (its engine built with the group detached) and both restore from memory.
+    spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                          "memory_in_loop": True})
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["live_ranks"] == [0]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
+    reference = undisturbed("deepspeed")["status"]
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))

@@ -275,6 +275,58 @@ def test_fsdp_over_stalwarts_group_is_fsdp_bitwise_and_a_dead_peer_fails_the_ste
     assert "Error" in saved["failed"]
 
 
+# ---- DeepSpeed: ZeRO's data-parallel group -------------------------------------------------------------
+def _zero(rank: int, world: int, port: int, out: str, stage: int) -> None:
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger
+
+    from stalwart.launchers.rejoin import DeepSpeedTopology, ShardGroup, skip_failed_steps
+    from stalwart.launchers.strategies import _skip_cpu_shm_op, deepspeed_config
+
+    logger.setLevel(logging.WARNING)
+    _skip_cpu_shm_op()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = ShardGroup(dist.new_group(backend="gloo"), rank, world)
+    config = deepspeed_config({"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0})
+    finals = {}
+    for name in ("deepspeed", "stalwart"):
+        model = _model()
+        extra = {"mpu": DeepSpeedTopology(group, rank)} if name == "stalwart" else {}
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                                       config=config, dist_init_required=False, **extra)
+        for step in range(3):
+            engine.backward(engine(_batch(rank + 10 * step)).pow(2).mean())
+            engine.step()
+        finals[name] = [p.detach().clone() for p in engine.module.parameters()]
+    skip_failed_steps(optimizer.optimizer, group)
+    if rank == 1:
+        os._exit(0)  # gone, as a SIGKILLed rank is
+    master = [p.clone() for p in optimizer.single_partition_of_fp32_groups]
+    for step in range(2):  # forward, backward and step with the peer gone neither raise nor hang
+        engine.backward(engine(_batch(rank)).pow(2).mean())
+        engine.step()
+    kept = all(torch.equal(a, b) for a, b in zip(master, optimizer.single_partition_of_fp32_groups))
+    torch.save({"finals": finals, "failed": repr(group.failed), "kept": kept}, f"{out}/zero.pt")
+    os._exit(0)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])  # 10 s each; one optimizer class
+def test_zero_over_stalwarts_group_is_deepspeed_bitwise_and_a_dead_peer_fails_the_step_instead_of_raising(
+        tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    ctx = mp.spawn(_zero, args=(2, free_port(), str(tmp_path), stage), nprocs=2, join=False)
+    for p in ctx.processes:
+        p.join(180)
+    saved = torch.load(tmp_path / "zero.pt")
+    plain, ours = saved["finals"]["deepspeed"], saved["finals"]["stalwart"]
+    assert len(plain) == len(ours) and all(torch.equal(a, b) for a, b in zip(plain, ours))
+    assert "Error" in saved["failed"] and saved["kept"]  # the failed steps left the fp32 master weights alone
+
+
 def test_leaving_the_groups_forgets_what_deepspeed_cached_of_them(monkeypatch):
     import sys
     import types

@@ -249,7 +249,8 @@ def test_errors_never_quote_a_secret():
 
 @pytest.mark.parametrize("change,says", [
     ({}, "set checkpoint.memory_every_steps"),
-    ({"strategy": {"name": "deepspeed"}, "checkpoint": {"memory_every_steps": 1}}, "not deepspeed"),
+    ({"strategy": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 3}}},
+      "checkpoint": {"memory_every_steps": 1}}, "not 3"),
     ({"resources": {"workers": 2, "gpus_per_worker": 1}, "checkpoint": {"memory_every_steps": 1}}, "CPU jobs"),
 ])
 def test_memory_in_loop_where_it_cannot_work_is_refused_with_what_to_change(change, says):
@@ -260,6 +261,11 @@ def test_memory_in_loop_where_it_cannot_work_is_refused_with_what_to_change(chan
         JobSpec.from_dict(spec)
     assert exc.value.problems[0][0] == "checkpoint.memory_in_loop" and says in exc.value.problems[0][1]
     assert "memory_in_loop" in exc.value.problems[0][1]
-    for strategy in ("ddp", "fsdp"):  # where it works
-        JobSpec.from_dict({"name": "j", "entrypoint": "m:f", "strategy": {"name": strategy},
+    from stalwart.launchers.strategies import deepspeed_missing
+
+    works = [{"name": "ddp"}, {"name": "fsdp"}]
+    if deepspeed_missing() is None:
+        works += [{"name": "deepspeed"}, {"name": "deepspeed", "options": {"zero_optimization": {"stage": 1}}}]
+    for strategy in works:  # where it works
+        JobSpec.from_dict({"name": "j", "entrypoint": "m:f", "strategy": strategy,
                            "checkpoint": {"memory_in_loop": True, "memory_every_steps": "auto"}})
