@@ -4,7 +4,8 @@
 Prints ONE JSON line. Run from the repository root:
     python bench/recovery_memory.py            # 3 repetitions of each side, interleaved
     python bench/recovery_memory.py --quick    # 1 repetition of each side
-    python bench/recovery_memory.py --strategy fsdp   # the same with FSDP (no spare on standby for FSDP)
+    python bench/recovery_memory.py --strategy fsdp   # the same with FSDP
+    python bench/recovery_memory.py --strategy deepspeed   # ZeRO-2 (no spare on standby: rank 1 runs the function)
 
 The workload and set-up are bench/recovery.py's stalwart side: one in-process local Ray instance
 (2 CPUs), the rclone S3 server on 127.0.0.1, 2 ranks x 1 CPU, DDP over gloo, 8 x Linear(2048, 2048)
@@ -135,7 +136,7 @@ def trial(client, server, tmp: Path, i: int, side: str, strategy: str = "ddp") -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"], default="ddp")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     start_local_ray()

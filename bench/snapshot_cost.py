@@ -12,7 +12,11 @@ processes in blocks that take turns, so both variants see the same background lo
 * every_1: after each step, what ctx.checkpoint does for a due snapshot (the strategy's state, the RNG
   states, `MemoryTier.snapshot`: the copy into reused host buffers, then the ring replication to the
   other rank on a background thread);
-* every_4: the same every 4th step.
+* every_4: the same every 4th step;
+* overlap_1: every step, the same snapshot taken on a thread of its own while the next step's forward
+  and backward run, fenced before that step's optimizer step (an optimizer step pre-hook joins the
+  thread): what overlapping the copy with compute would buy on this machine (`--only big` to run the
+  large workload alone).
 
 Blocks alternate (order rotating every round); a block's first step is not timed (it may overlap the
 previous block's last replication). Figures: median step time per variant (rank 0, perf_counter), the
@@ -36,6 +40,7 @@ import math
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -44,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit, median, note  # noqa: E402
 
-VARIANTS = ("none", "every_1", "every_4")
+VARIANTS = ("none", "every_1", "every_4", "overlap_1")
 
 
 def _model(kind: str):
@@ -85,32 +90,49 @@ def _rank(rank: int, world: int, store: str, kind: str, rounds: int, block: int,
     tier = MemoryTier("bench", 1)
     tier.bind(rank, world, group)
     times = {v: [] for v in VARIANTS}
-    stalls, replications = [], []
+    stalls, replications, fences = [], [], []
     index = 0
+    copying: list = []  # overlap_1: the thread taking the last step's snapshot
+
+    def fence(*_args) -> None:
+        if copying:
+            f0 = time.perf_counter()
+            copying.pop().join()
+            fences.append(time.perf_counter() - f0)
+
+    opt.register_step_pre_hook(fence)  # nothing may change the state while its snapshot is copied
+
+    def snapshot(at: int) -> None:
+        tier.snapshot(at, {**strategy.state(), "scheduler": None}, local={"rng": _rng_state()},
+                      meta={"data": {"position": at}})
 
     def run(variant: str, n: int, timed: list | None) -> None:
         nonlocal index
-        every = {"none": 0, "every_1": 1, "every_4": 4}[variant]
+        every = {"none": 0, "every_1": 1, "every_4": 4, "overlap_1": 1}[variant]
         for i in range(n):
             t0 = time.perf_counter()
             x, y = batch(index)
             step_fn(model, opt, x, y)
             index += 1
-            if every and index % every == 0:
+            if every and index % every == 0 and variant == "overlap_1":
+                thread = threading.Thread(target=snapshot, args=(index,), daemon=True)
+                thread.start()
+                copying.append(thread)
+            elif every and index % every == 0:
                 s0 = time.perf_counter()
-                tier.snapshot(index, {**strategy.state(), "scheduler": None}, local={"rng": _rng_state()},
-                              meta={"data": {"position": index}})
+                snapshot(index)
                 if timed is not None:
                     stalls.append(time.perf_counter() - s0)
                     replications.append(tier.last_replication_s)
             if timed is not None and i > 0:
                 timed.append(time.perf_counter() - t0)
+        fence()
 
     run("every_1", 3, None)  # warm-up: buffers allocated, the first replication done
     run("none", 3, None)
     per_round = []
     for r in range(rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         block_times = {}
         for v in order:
             tier.wait()
@@ -120,7 +142,7 @@ def _rank(rank: int, world: int, store: str, kind: str, rounds: int, block: int,
         per_round.append(block_times)
     tier.wait()
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times, "per_round": per_round, "stalls": stalls,
+        Path(out).write_text(json.dumps({"times": times, "per_round": per_round, "stalls": stalls, "fences": fences,
                                          "replications": [x for x in replications if x], "nbytes": tier.nbytes,
                                          "state_bytes": tier.own.nbytes}))
     dist.barrier(group=group)
@@ -139,6 +161,7 @@ def workload(kind: str, rounds: int, block: int) -> dict:
     ratios = {v: median([p[v] / p["none"] for p in r["per_round"]]) for v in VARIANTS if v != "none"}
     overhead_1 = max(0.0, ratios["every_1"] - 1)
     return {"step_s": med, "ratio_vs_none": ratios, "snapshot_stall_s": median(r["stalls"]),
+            "overlap_fence_wait_s": median(r["fences"]) if r["fences"] else None,
             "replication_s": median(r["replications"]), "state_mb": r["state_bytes"] / 1e6,
             "host_mb_per_rank": r["nbytes"] / 1e6, "host_per_state": r["nbytes"] / r["state_bytes"],
             "k_for_2pct": max(1, math.ceil(overhead_1 / 0.02)) if overhead_1 > 0 else 1,
@@ -214,16 +237,21 @@ def transport(nbytes: int, reps: int = 3) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["tiny", "big"], help="one workload, no transport figure")
     args = parser.parse_args()
     rounds = 3 if args.quick else 6
-    note("tiny GPT ...")
-    tiny = workload("tiny", rounds, 10)
-    note(f"tiny: {tiny}")
-    note("~400 MB model ...")
-    big = workload("big", max(2, rounds // 2), 4)
-    note(f"big: {big}")
-    note("transport ...")
-    net = transport(int(big["state_mb"] * 1e6))
+    tiny = big = net = None
+    if args.only in (None, "tiny"):
+        note("tiny GPT ...")
+        tiny = workload("tiny", rounds, 10)
+        note(f"tiny: {tiny}")
+    if args.only in (None, "big"):
+        note("~400 MB model ...")
+        big = workload("big", max(2, rounds // 2), 4)
+        note(f"big: {big}")
+    if args.only is None:
+        note("transport ...")
+        net = transport(int(big["state_mb"] * 1e6))
     emit({"benchmark": "snapshot_cost", "ranks": 2, "strategy": "ddp", "tiny": tiny, "big": big, "transport": net,
           "target_ratio_every_1": 1.02})
 

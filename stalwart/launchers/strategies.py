@@ -452,7 +452,9 @@ class DeepSpeedStrategy(Strategy):
         self._bind(engine, ds_optimizer)
         # A failed step's update of the flat fp32 partitions is skipped; DeepSpeed's own bookkeeping of
         # the step (its gradient buffers emptied, its counters) goes on, and the restore resets it.
-        skip_failed_steps(ds_optimizer.optimizer, train)
+        base = getattr(ds_optimizer, "optimizer", None)
+        if base is not None:
+            skip_failed_steps(base, train)
         return engine, ds_optimizer
 
     def rejoined(self, ctx) -> None:
