@@ -117,6 +117,22 @@ def _strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _deepspeed_own_groups(options: dict) -> list[str]:
+    """The DeepSpeed options (of a deepspeed strategy's config) for which DeepSpeed makes process groups
+    of its own beside the data-parallel one."""
+    found = []
+    if _number(options.get("sequence_parallel_size", 1)) > 1:
+        found.append("sequence_parallel_size > 1")
+    tp = options.get("tensor_parallel")
+    if isinstance(tp, dict) and _number(tp.get("autotp_size", 1)) > 1:
+        found.append("tensor_parallel.autotp_size > 1")
+    return found
+
+
+def _number(value) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 1
+
+
 def _zero_stage(options: dict):
     """The ZeRO stage of a deepspeed strategy's options (DeepSpeed's config; stalwart's default 2)."""
     zero = options.get("zero_optimization", {})
@@ -591,6 +607,12 @@ class JobSpec(_Section):
                                   "peers in their loop cannot match): set strategy.options.zero_optimization.stage "
                                   "to 1 or 2, or remove memory_in_loop (the survivors then restore from the "
                                   "snapshots in a new call of your function)")], source)
+            own_groups = _deepspeed_own_groups(spec.strategy.options) if spec.strategy.name == "deepspeed" else []
+            if own_groups:
+                raise SpecError([("checkpoint.memory_in_loop", f"works with deepspeed data parallelism alone, not "
+                                  f"with {' or '.join(own_groups)} (DeepSpeed makes process groups of its own for "
+                                  "them, which a rank joining peers in their loop cannot form alone): remove "
+                                  "memory_in_loop, or those options")], source)
             if spec.resources.gpus_per_worker > 0:
                 raise SpecError([("checkpoint.memory_in_loop", "is for CPU jobs for now (resources.gpus_per_worker "
                                   "> 0): remove memory_in_loop; the survivors then restore from the snapshots in a new call "

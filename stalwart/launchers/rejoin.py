@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import functools
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -41,6 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+log = logging.getLogger(__name__)
 
 REJOIN_WAIT_ENV = "STALWART_REJOIN_WAIT_S"
 DEFAULT_REJOIN_WAIT_S = 60.0
@@ -376,6 +379,9 @@ class ShardGroup(dist.ProcessGroup):
     def broadcast(self, tensors, opts=None):
         return self._settle(lambda: self.inner.broadcast(tensors, opts or dist.BroadcastOptions()), tensors)
 
+    def reduce(self, tensors, opts=None):  # ZeRO-2's gradients without use_multi_rank_bucket_allreduce
+        return self._settle(lambda: self.inner.reduce(tensors, opts or dist.ReduceOptions()), tensors)
+
     def allgather(self, outputs, inputs, opts=None):
         return self._settle(lambda: self.inner.allgather(outputs, inputs), outputs)
 
@@ -425,6 +431,7 @@ class DeepSpeedTopology:
         _world.pg_group_ranks[group] = {self.rank: 0}
         _world.pg_map[group] = ("gloo", None)
         _world.pg_names[group] = f"stalwart_model_parallel_{self.rank}"
+        _world.pg_backend_config[group] = "cpu:gloo"
         groups = sys.modules.get("deepspeed.utils.groups")
         if groups is not None:
             groups.mpu = self
@@ -639,8 +646,11 @@ def _forget_deepspeed_groups() -> None:
         return
     release = getattr(groups, "_release_process_group_references", None)
     if release is not None:
-        release(group=None)
-        return
+        try:
+            release(group=None)
+            return
+        except Exception as exc:  # noqa: BLE001 - called on the way out of a call: never hide its own error
+            log.warning("DeepSpeed's group references not released (%s); resetting them by name", exc)
     for name in _DEEPSPEED_GROUPS:
         if hasattr(groups, name):
             setattr(groups, name, None)

@@ -441,8 +441,14 @@ class DeepSpeedStrategy(Strategy):
         # outlive a dead peer stay in their loop. A rank joining running peers builds its engine with
         # the group detached (the broadcast of rank 0's parameters is not matched by peers in their
         # loop; the restore that follows sets every parameter and the optimizer's state).
+        from deepspeed.moe.layer import MoE
+
         from stalwart.launchers.rejoin import DeepSpeedTopology, skip_failed_steps
 
+        if any(isinstance(m, MoE) for m in model.modules()):
+            raise StalwartError("checkpoint.memory_in_loop does not work with DeepSpeed MoE layers (DeepSpeed "
+                                "makes expert groups of its own, which a rank joining peers in their loop cannot "
+                                "form alone): remove memory_in_loop")
         self._topology = DeepSpeedTopology(train, ctx.rank)
         joining = bool(ctx._plan.live_ranks) and ctx.rank not in ctx._plan.live_ranks
         with train.detached() if joining else contextlib.nullcontext():

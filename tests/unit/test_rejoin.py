@@ -276,7 +276,7 @@ def test_fsdp_over_stalwarts_group_is_fsdp_bitwise_and_a_dead_peer_fails_the_ste
 
 
 # ---- DeepSpeed: ZeRO's data-parallel group -------------------------------------------------------------
-def _zero(rank: int, world: int, port: int, out: str, stage: int) -> None:
+def _zero(rank: int, world: int, port: int, out: str, stage: int, zero: dict) -> None:
     import logging
 
     import deepspeed
@@ -291,7 +291,7 @@ def _zero(rank: int, world: int, port: int, out: str, stage: int) -> None:
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     group = ShardGroup(dist.new_group(backend="gloo"), rank, world)
-    config = deepspeed_config({"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0})
+    config = deepspeed_config({"zero_optimization": {"stage": stage, **zero}, "gradient_clipping": 1.0})
     finals = {}
     for name in ("deepspeed", "stalwart"):
         model = _model()
@@ -314,11 +314,15 @@ def _zero(rank: int, world: int, port: int, out: str, stage: int) -> None:
     os._exit(0)
 
 
-@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])  # 10 s each; one optimizer class
+@pytest.mark.parametrize("stage,zero", [
+    pytest.param(1, {}, marks=pytest.mark.slow),  # 10 s each; one optimizer class
+    (2, {}),
+    pytest.param(2, {"use_multi_rank_bucket_allreduce": False}, marks=pytest.mark.slow),  # gradients by reduce
+])
 def test_zero_over_stalwarts_group_is_deepspeed_bitwise_and_a_dead_peer_fails_the_step_instead_of_raising(
-        tmp_path, stage):
+        tmp_path, stage, zero):
     pytest.importorskip("deepspeed")
-    ctx = mp.spawn(_zero, args=(2, free_port(), str(tmp_path), stage), nprocs=2, join=False)
+    ctx = mp.spawn(_zero, args=(2, free_port(), str(tmp_path), stage, zero), nprocs=2, join=False)
     for p in ctx.processes:
         p.join(180)
     saved = torch.load(tmp_path / "zero.pt")

@@ -251,6 +251,8 @@ def test_errors_never_quote_a_secret():
     ({}, "set checkpoint.memory_every_steps"),
     ({"strategy": {"name": "deepspeed", "options": {"zero_optimization": {"stage": 3}}},
       "checkpoint": {"memory_every_steps": 1}}, "not 3"),
+    ({"strategy": {"name": "deepspeed", "options": {"tensor_parallel": {"autotp_size": 2}}},
+      "checkpoint": {"memory_every_steps": 1}}, "not with tensor_parallel.autotp_size > 1"),
     ({"resources": {"workers": 2, "gpus_per_worker": 1}, "checkpoint": {"memory_every_steps": 1}}, "CPU jobs"),
 ])
 def test_memory_in_loop_where_it_cannot_work_is_refused_with_what_to_change(change, says):
