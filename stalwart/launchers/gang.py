@@ -42,7 +42,12 @@ DEFAULT_SURVIVOR_WAIT_S = 5.0
 # constructor alone imports torch._dynamo, about a second), and the strategy's own modules.
 SPARE_IMPORTS = ("torch", "torch.distributed", "torch._dynamo", "stalwart.launchers.runner",
                  "stalwart.launchers.strategies")
-STRATEGY_IMPORTS = {"ddp": (), "deepspeed": ("deepspeed",),
+# DeepSpeed's engine imports more on its first construction: its ZeRO optimizer check imports its Muon
+# optimizer, whose module calls torch.compile and so imports torch._inductor (2.3 of the 2.5 s that
+# deepspeed.initialize took a replacement rank on 2 cores; 0.17 s with these imported ahead).
+STRATEGY_IMPORTS = {"ddp": (),
+                    "deepspeed": ("deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2",
+                                  "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.moe.layer"),
                     "fsdp": ("torch.distributed.fsdp", "torch.distributed.device_mesh",
                              "torch.distributed.checkpoint.state_dict")}
 

@@ -345,3 +345,15 @@ def test_leaving_the_groups_forgets_what_deepspeed_cached_of_them(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.utils.groups", older)
     rejoin.leave_groups()
     assert older._WORLD_GROUP is None and older.mpu is None and older._ALL_TO_ALL_GROUP == {}
+
+
+def test_what_a_spare_imports_ahead_for_each_strategy_exists():
+    # A name that no longer exists is skipped quietly by the spare (worker.warm), and its import cost
+    # comes back on the recovery's critical path: catch a rename at the next upgrade.
+    import importlib.util
+
+    from stalwart.launchers.gang import SPARE_IMPORTS, STRATEGY_IMPORTS
+
+    names = [*SPARE_IMPORTS, *(n for strategy, ns in STRATEGY_IMPORTS.items() for n in ns
+                               if strategy != "deepspeed" or importlib.util.find_spec("deepspeed") is not None)]
+    assert [n for n in names if importlib.util.find_spec(n) is None] == []
