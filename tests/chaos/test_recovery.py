@@ -240,6 +240,7 @@ def test_a_rank_killed_while_its_snapshot_is_copied_restores_the_step_before(cli
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+@pytest.mark.slow  # 19 s; tests/unit/test_interval.py covers the choice, the in-loop tests here the rejoin
 def test_auto_intervals_are_chosen_from_measured_costs_and_agreed_across_a_rejoin(client, undisturbed):
     # Both tiers on `auto`, with a short assumed time between failures so that a 40-step run saves often:
     # rank 0 proposes, every rank takes the same interval at the same step (a replacement rank too), and

@@ -315,8 +315,8 @@ def _zero(rank: int, world: int, port: int, out: str, stage: int, zero: dict) ->
 
 
 @pytest.mark.parametrize("stage,zero", [
-    pytest.param(1, {}, marks=pytest.mark.slow),  # 10 s each; one optimizer class
-    (2, {}),
+    pytest.param(1, {}, marks=pytest.mark.slow),  # 10 s each; one optimizer class, and
+    pytest.param(2, {}, marks=pytest.mark.slow),  # test_strategies' in-loop ZeRO-2 kill runs stage 2 end to end
     pytest.param(2, {"use_multi_rank_bucket_allreduce": False}, marks=pytest.mark.slow),  # gradients by reduce
 ])
 def test_zero_over_stalwarts_group_is_deepspeed_bitwise_and_a_dead_peer_fails_the_step_instead_of_raising(
