@@ -431,35 +431,36 @@ class DeepSpeedStrategy(Strategy):
             _skip_cpu_shm_op()
         model = model.to(ctx.device)
         train = getattr(ctx, "_train", None)
-        if train is None or ctx.world_size <= 1:
-            engine, ds_optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False)
-            self._bind(engine, ds_optimizer)
-            return engine, ds_optimizer
-        # ZeRO over stalwart's group, whose collectives never raise through the loop
-        # (launchers.rejoin.ShardGroup), given to DeepSpeed as its data-parallel group: the ranks that
-        # outlive a dead peer stay in their loop. A rank joining running peers builds its engine with
-        # the group detached (the broadcast of rank 0's parameters is not matched by peers in their
-        # loop; the restore that follows sets every parameter and the optimizer's state).
-        from deepspeed.moe.layer import MoE
+        in_loop = train is not None and ctx.world_size > 1
+        extra, joining = {}, False
+        if in_loop:
+            # ZeRO over stalwart's group, whose collectives never raise through the loop
+            # (launchers.rejoin.ShardGroup), given to DeepSpeed as its data-parallel group: the ranks that
+            # outlive a dead peer stay in their loop. A rank joining running peers builds its engine with
+            # the group detached (the broadcast of rank 0's parameters is not matched by peers in their
+            # loop; the restore that follows sets every parameter and the optimizer's state).
+            from deepspeed.moe.layer import MoE
 
-        from stalwart.launchers.rejoin import DeepSpeedTopology, skip_failed_steps
+            from stalwart.launchers.rejoin import DeepSpeedTopology
 
-        if any(isinstance(m, MoE) for m in model.modules()):
-            raise StalwartError("checkpoint.memory_in_loop does not work with DeepSpeed MoE layers (DeepSpeed "
-                                "makes expert groups of its own, which a rank joining peers in their loop cannot "
-                                "form alone): remove memory_in_loop")
-        self._topology = DeepSpeedTopology(train, ctx.rank)
-        joining = bool(ctx._plan.live_ranks) and ctx.rank not in ctx._plan.live_ranks
+            if any(isinstance(m, MoE) for m in model.modules()):
+                raise StalwartError("checkpoint.memory_in_loop does not work with DeepSpeed MoE layers (DeepSpeed "
+                                    "makes expert groups of its own, which a rank joining peers in their loop "
+                                    "cannot form alone): remove memory_in_loop")
+            self._topology = DeepSpeedTopology(train, ctx.rank)
+            extra = {"mpu": self._topology}
+            joining = bool(ctx._plan.live_ranks) and ctx.rank not in ctx._plan.live_ranks
         with train.detached() if joining else contextlib.nullcontext():
             engine, ds_optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False,
-                mpu=self._topology)
+                **extra)
         self._bind(engine, ds_optimizer)
-        # A failed step's update of the flat fp32 partitions is skipped; DeepSpeed's own bookkeeping of
-        # the step (its gradient buffers emptied, its counters) goes on, and the restore resets it.
         base = getattr(ds_optimizer, "optimizer", None)
-        if base is not None:
+        if in_loop and base is not None:
+            # A failed step's update of the flat fp32 partitions is skipped; DeepSpeed's own bookkeeping of
+            # the step (its gradient buffers emptied, its counters) goes on, and the restore resets it.
+            from stalwart.launchers.rejoin import skip_failed_steps
+
             skip_failed_steps(base, train)
         return engine, ds_optimizer
 
