@@ -170,11 +170,13 @@ class CheckpointEngine:
     def snapshot_bytes(self) -> int:
         return self._snapshot.nbytes
 
-    def save(self, step: int, state: Any, local: Any = None, meta: dict | None = None) -> None:
+    def save(self, step: int, state: Any, local: Any = None, meta: dict | None = None,
+             first: frozenset[str] = frozenset()) -> None:
         """Snapshot `state` and `local` (this rank's own objects), then write them in the background.
 
         Plain tensors in `state` are replicated across ranks; with layout "sharded", `shards.Piece`
         leaves are this rank's blocks of sharded tensors. Every rank must pass a tree of the same shape.
+        Rank 0 writes the plain tensors whose paths are in `first` (`Strategy.rank0_paths`).
         """
         self.wait()
         t0 = time.perf_counter()
@@ -182,7 +184,7 @@ class CheckpointEngine:
         tensors, skeleton = shards.flatten(state, pieces=pieces)
         pieces = pieces or {}
         owner = shards.assign({p: t.numel() * t.element_size() for p, t in tensors.items() if p not in pieces},
-                              self.world_size)
+                              self.world_size, first)
         mine = {p: t for p, t in tensors.items() if p in pieces or owner[p] == self.rank}
         self._snapshot.capture(mine)
         # Small non-tensor leaves (param groups, counters) are copied now, while they are consistent.

@@ -170,14 +170,20 @@ def cut(saved: "torch.Tensor | Piece", offset, shape) -> torch.Tensor:
     return block_of(saved, offset, shape)
 
 
-def assign(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+def assign(sizes: dict[str, int], world_size: int, first: frozenset[str] = frozenset()) -> dict[str, int]:
     """Split replicated tensors across ranks so that each rank writes about 1/world of the bytes.
 
-    Deterministic (every rank computes the same answer): largest first, onto the lightest rank.
+    Deterministic (every rank computes the same answer): largest first, onto the lightest rank. The
+    paths in `first` go to rank 0 whatever their size: tensors that are not quite the same on every
+    rank (a model's buffers), whose rank-0 copy is the one training goes on with.
     """
     load = [0] * world_size
     owner = {}
-    for path in sorted(sizes, key=lambda p: (-sizes[p], p)):
+    for path in sizes:
+        if path in first:
+            owner[path] = 0
+            load[0] += sizes[path]
+    for path in sorted((p for p in sizes if p not in owner), key=lambda p: (-sizes[p], p)):
         rank = min(range(world_size), key=lambda r: (load[r], r))
         owner[path] = rank
         load[rank] += sizes[path]

@@ -88,6 +88,17 @@ class Strategy:
     def state(self) -> dict:
         raise NotImplementedError
 
+    def rank0_paths(self) -> frozenset[str]:
+        """The paths of `state()`'s plain tensors that are not the same on every rank, so that rank 0's
+        copy is the one saved: the model's buffers (BatchNorm's running statistics: DDP hands every
+        rank rank 0's before each forward, and FSDP and ZeRO leave each rank its own). Written by any
+        other rank, a restore would give the job values its training never had."""
+        if self.model is None:
+            return frozenset()
+        return frozenset(f"/{self.buffers_key}/{name}" for name, _ in self.model.named_buffers())
+
+    buffers_key = "model"  # where state() keeps the buffers, by their names
+
     def load(self, state: dict) -> None:
         raise NotImplementedError
 
@@ -413,6 +424,7 @@ def deepspeed_config(options: dict) -> dict:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     replicated = False
+    buffers_key = "buffers"
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)

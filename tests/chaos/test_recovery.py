@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from jobspecs import stopped, tiny_gpt_spec, wait_for
+from jobspecs import job_spec, stopped, tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
 from stalwart.checkpointing.storage import open_storage
 from stalwart.monitoring.goodput import Ledger
@@ -53,6 +53,29 @@ def test_injected_kill_restarts_and_matches_undisturbed_run(client, undisturbed)
     # commits, and the restart goes back to step 10. Either way the end state is exact.
     assert restored and restored[0]["data"]["step"] in (10, 20)
     assert_bitwise_equal(final_state(status), undisturbed)
+
+
+@pytest.fixture(scope="module")
+def norm_undisturbed(client):
+    spec = job_spec("testjobs:norm_and_dropout", {"steps": 30}, checkpoint={"every_steps": 10})
+    return final_state(client.submit(spec).wait(timeout=300), 30)
+
+
+@pytest.mark.parametrize("checkpoint,fault", [
+    ({}, {"kind": "kill", "rank": 1, "step": 25}),  # a restart from storage
+    pytest.param({"memory_every_steps": 3, "memory_in_loop": True}, {"kind": "kill", "rank": 0, "step": 16},
+                 marks=pytest.mark.slow),  # 12 s; rank 1 stays in its loop
+])
+def test_a_job_with_batchnorm_dropout_and_accumulation_resumes_bitwise(client, norm_undisturbed, checkpoint, fault):
+    # BatchNorm's running statistics differ between ranks (each updates them on its own batch; DDP hands
+    # every rank rank 0's before a forward): the checkpoint must hold rank 0's, or the restored job
+    # goes on from values it never had.
+    spec = job_spec("testjobs:norm_and_dropout", {"steps": 30}, checkpoint={"every_steps": 10, **checkpoint},
+                    faults=[fault])
+    job = client.submit(spec)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    assert_bitwise_equal(final_state(status, 30), norm_undisturbed)
 
 
 def warm_ranks(job) -> list[int]:

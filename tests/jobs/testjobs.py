@@ -54,3 +54,48 @@ def scaling(ctx, config):
         tokens = step * per_rank * ctx.world_size
         ctx.report(step, loss=2.0 + 50.0 * (6.0 * width * tokens) ** -0.3, tokens=per_rank)
         ctx.checkpoint(step)
+
+
+class _Blobs(torch.utils.data.Dataset):
+    """Two classes of points, for `norm_and_dropout`."""
+
+    def __init__(self, n: int = 512):
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(n, 16, generator=g)
+        self.y = (self.x.sum(1) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def norm_and_dropout(ctx, config):
+    """A job shaped unlike the tiny GPT: BatchNorm (buffers each rank updates on its own batch), dropout
+    (the RNG), gradient accumulation with DDP's no_sync, a map-style dataset shuffled per epoch, StepLR."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
+    model, opt = ctx.prepare(model, opt, sched)
+    ctx.restore()
+    accum = 2
+    for step, (x, y) in ctx.batches(_Blobs(), batch_size=16 * accum, steps=config.get("steps", 30)):
+        opt.zero_grad(set_to_none=True)
+        for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            with contextlib.nullcontext() if i == accum - 1 else model.no_sync():
+                loss = F.cross_entropy(model(xs), ys) / accum
+                loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ctx.report(step, loss=loss.detach() * accum, grad_norm=grad_norm)
+        ctx.checkpoint(step)
+        if config.get("sleep"):
+            time.sleep(config["sleep"])

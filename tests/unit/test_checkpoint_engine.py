@@ -137,6 +137,20 @@ def test_assign_balances_bytes_across_ranks():
     loads = [sum(s for p, s in sizes.items() if owner[p] == r) for r in range(2)]
     assert abs(loads[0] - loads[1]) <= 10
     assert assign(sizes, 2) == owner  # deterministic on every rank
+    # Rank 0 writes the tensors that are not the same on every rank (a model's buffers), whatever their size.
+    pinned = assign(sizes, 2, first=frozenset({"t0", "t6"}))
+    assert pinned["t0"] == pinned["t6"] == 0
+    loads = [sum(s for p, s in sizes.items() if pinned[p] == r) for r in range(2)]
+    assert abs(loads[0] - loads[1]) <= 30
+
+
+def test_the_model_buffers_are_written_by_rank_0():
+    from stalwart.launchers import strategies
+
+    ddp = strategies.make("ddp")
+    ddp.adopt(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), None)
+    assert ddp.rank0_paths() == {"/model/1.running_mean", "/model/1.running_var", "/model/1.num_batches_tracked"}
+    assert strategies.make("deepspeed").rank0_paths() == frozenset()  # no model yet
 
 
 def test_resolve_splits_step_uri(storage):
