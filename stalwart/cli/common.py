@@ -3,7 +3,10 @@ cluster (or, to read, the state dir), errors as one line, and small formatters."
 
 from __future__ import annotations
 
+import atexit
 import json
+import signal
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -100,6 +103,20 @@ def say(message: str) -> None:
     err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
 
+def _quiet_sigterm():
+    """After ray.init: a SIGTERM (`timeout`, `kill`, a supervisor) ends the command with exit code 143
+    and no dump from Ray's native signal handler (which ray.init puts in front of its own Python one).
+    Commands with their own meaning for it (`run`) install theirs afterwards."""
+    if threading.current_thread() is threading.main_thread():
+        def terminated(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: `timeout` sends it to the process group too
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
+        # Once the command is done and the interpreter winds down, a SIGTERM just ends the process.
+        atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)
+
+
 def connect(address: Optional[str], start: str = "background"):
     """A Client for a command that needs the cluster (a job command, `up`, `down`); with --server,
     an HttpClient (the server wins over an address)."""
@@ -108,7 +125,9 @@ def connect(address: Optional[str], start: str = "background"):
     try:
         if _server["url"]:
             return HttpClient(_server["url"])
-        return Client(address, start=start, say=say)
+        client = Client(address, start=start, say=say)
+        _quiet_sigterm()
+        return client
     except StalwartError as exc:
         fail(str(exc))
 
@@ -122,7 +141,9 @@ def reader(address: Optional[str]):
     try:
         if _server["url"]:
             return HttpClient(_server["url"])
-        return Client(address, start="never", say=say)
+        client = Client(address, start="never", say=say)
+        _quiet_sigterm()
+        return client
     except NoCluster as exc:
         if address:
             fail(str(exc))

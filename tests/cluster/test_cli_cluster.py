@@ -55,6 +55,20 @@ def test_up_submit_follow_status_down(cli, tmp_path):
         assert status["state"] == "SUCCEEDED" and status["step"] == 30
         assert status["last_checkpoint_step"] == 30, status
 
+        # A live view stopped the polite way (`kill`, `timeout`, a supervisor): exit code 143, no dump
+        # from Ray's native signal handler, no traceback.
+        viewer = cli.background("top")
+        gcs_port = int(info["address"].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                c.raddr and c.raddr.port == gcs_port for c in psutil.Process(viewer.pid).net_connections()):
+            time.sleep(0.2)
+        time.sleep(2)  # connected: the command is past ray.init
+        viewer.send_signal(signal.SIGTERM)
+        _, stderr = viewer.communicate(timeout=60)
+        assert viewer.returncode == 143, stderr
+        assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr
+
         # `ray` itself works next to stalwart, with the same token.
         address = __import__("json").loads(record)["address"]
         ray_status = cli.ray("status", f"--address={address}", env={"RAY_AUTH_MODE": "token"})
