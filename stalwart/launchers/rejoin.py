@@ -65,11 +65,11 @@ def applies(spec) -> bool:
 
 
 def on_standby(spec) -> bool:
-    """Whether warm spares run the function up to their restore ahead of a fault (`applies`, and a
-    strategy that can wrap the model before the spare has a world: DDP's wrap waits for its broadcast,
-    FSDP's sharding for `Strategy.join`). Not DeepSpeed: `deepspeed.initialize` returns a new engine
-    object that needs the world, so its replacement ranks run the function from the start."""
-    return applies(spec) and spec.strategy.name != "deepspeed"
+    """Whether warm spares run the function ahead of a fault, up to where it needs the world (`applies`):
+    their restore for DDP (its wrap waits for the broadcast) and FSDP (its sharding waits for
+    `Strategy.join`), `ctx.prepare` for DeepSpeed (`deepspeed.initialize` builds the engine over the
+    world: a spare made a rank builds it then)."""
+    return applies(spec)
 
 
 def group_for(spec, groups: "Groups", rank: int, world_size: int) -> "TrainGroup | ShardGroup":

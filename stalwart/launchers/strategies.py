@@ -459,9 +459,14 @@ class DeepSpeedStrategy(Strategy):
                 raise StalwartError("checkpoint.memory_in_loop does not work with DeepSpeed MoE layers (DeepSpeed "
                                     "makes expert groups of its own, which a rank joining peers in their loop "
                                     "cannot form alone): remove memory_in_loop")
+            standby = ctx._standby
+            if standby:
+                # A spare on standby: the model and optimizer are built; wait here to be made a rank
+                # (the engine needs the attempt's groups), then build it as a rank joining peers.
+                ctx._join()
             self._topology = DeepSpeedTopology(train, ctx.rank)
             extra = {"mpu": self._topology}
-            joining = bool(ctx._plan.live_ranks) and ctx.rank not in ctx._plan.live_ranks
+            joining = bool(ctx._plan.live_ranks) and (standby or ctx.rank not in ctx._plan.live_ranks)
         with train.detached() if joining else contextlib.nullcontext():
             engine, ds_optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False,

@@ -101,6 +101,7 @@ def test_killed_rank_resumes_bitwise_equal(client, undisturbed, strategy):
     assert_kill_resumes_exactly(client, spec_for(strategy, faults=KILL), undisturbed(strategy)["status"])
 
 
+@pytest.mark.slow  # 15 s; the FSDP in-loop kill below restores from memory too, and test_memory_snapshots' rings
 def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, undisturbed):
     # In-memory snapshots every step: the survivor keeps its process, the dead rank's shard comes from
     # the copy its peer holds, and the restore is of the last step both had snapshotted (24: the kill
@@ -253,10 +254,35 @@ def test_killed_deepspeed_rank_resumes_from_its_peers_memory_bitwise_equal(clien
 
 
 @needs_deepspeed
-def test_killed_deepspeed_rank_in_the_loop_rejoins_bitwise_equal(client, undisturbed):
+def test_killed_deepspeed_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, undisturbed):
     # With memory_in_loop, DeepSpeed's data-parallel group is stalwart's (a failed collective fails
-    # the step instead of raising): rank 0 stays in its loop, the replacement runs the function from
-    # the start (its engine built with the group detached) and both restore from memory.
+    # the step instead of raising): rank 0 stays in its loop. Rank 0 is slow in the first attempt, so
+    # that the spares run the function up to its ctx.prepare (model and optimizer built) before the
+    # kill; the dead rank's place goes to one, which builds its engine then, with the group detached,
+    # and both restore from memory.
+    slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 10}]
+    spec = spec_for("deepspeed", faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                          "memory_in_loop": True})
+    job = client.submit(spec)
+    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
+             what="spares waiting in their prepare", timeout=300)
+    status = job.status()
+    os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == [1]
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
+    assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
+    reference = undisturbed("deepspeed")["status"]
+    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
+
+
+@needs_deepspeed
+@pytest.mark.slow  # 20 s; the standby test above builds a joining engine the same way
+def test_killed_deepspeed_rank_in_the_loop_rejoins_bitwise_equal(client, undisturbed):
+    # The kill comes before the spares are ready: the replacement runs the function from the start
+    # (its engine built with the group detached) and both ranks restore from memory.
     spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1,
                                                           "memory_in_loop": True})
     job = client.submit(spec)
