@@ -111,17 +111,19 @@ def test_killed_fsdp_rank_resumes_from_its_peers_memory_bitwise_equal(client, un
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
 
 
-def test_killed_fsdp_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, undisturbed):
-    # With memory_in_loop the survivor never leaves its loop: its FSDP collectives go over stalwart's
-    # group, which fails the step instead of raising. Rank 0 is slow in the first attempt, so that the
-    # spares run the function up to their restore (the model left whole: a spare has no world to shard
-    # it over yet) before the kill; the dead rank's place goes to one, which shards its model then.
+@pytest.mark.parametrize("strategy", [pytest.param("fsdp"), pytest.param("deepspeed", marks=needs_deepspeed)])
+def test_killed_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, undisturbed, strategy):
+    # With memory_in_loop the survivor never leaves its loop: its FSDP or ZeRO collectives go over
+    # stalwart's group, which fails the step instead of raising. Rank 0 is slow in the first attempt, so
+    # that the spares run the function ahead of the kill up to where it needs the world: FSDP to its
+    # restore (the model left whole, sharded when the spare takes the dead rank's place), DeepSpeed to
+    # its ctx.prepare (model and optimizer built; the engine is built then, with the group detached).
     slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 10}]
-    spec = spec_for("fsdp", faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
-                                                     "memory_in_loop": True})
+    spec = spec_for(strategy, faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                       "memory_in_loop": True})
     job = client.submit(spec)
     wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
-             what="spares waiting at their restore", timeout=300)
+             what="spares on standby", timeout=300)
     status = job.status()
     os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
     status = job.wait(timeout=300)
@@ -130,7 +132,7 @@ def test_killed_fsdp_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(cli
     assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == [1]
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
     assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
-    reference = undisturbed("fsdp")["status"]
+    reference = undisturbed(strategy)["status"]
     assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
 
 
@@ -251,31 +253,6 @@ def test_killed_deepspeed_rank_resumes_from_its_peers_memory_bitwise_equal(clien
     spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1})
     job = assert_kill_resumes_exactly(client, spec, undisturbed("deepspeed")["status"], restored_from=((24, "memory"),))
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["restart"]
-
-
-@needs_deepspeed
-def test_killed_deepspeed_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, undisturbed):
-    # With memory_in_loop, DeepSpeed's data-parallel group is stalwart's (a failed collective fails
-    # the step instead of raising): rank 0 stays in its loop. Rank 0 is slow in the first attempt, so
-    # that the spares run the function up to its ctx.prepare (model and optimizer built) before the
-    # kill; the dead rank's place goes to one, which builds its engine then, with the group detached,
-    # and both restore from memory.
-    slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 10}]
-    spec = spec_for("deepspeed", faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
-                                                          "memory_in_loop": True})
-    job = client.submit(spec)
-    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
-             what="spares waiting in their prepare", timeout=300)
-    status = job.status()
-    os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
-    status = job.wait(timeout=300)
-    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
-    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
-    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == [1]
-    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
-    assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
-    reference = undisturbed("deepspeed")["status"]
-    assert_bitwise_equal(tensors_at(status["checkpoint_uri"], STEPS), tensors_at(reference["checkpoint_uri"], STEPS))
 
 
 @needs_deepspeed
