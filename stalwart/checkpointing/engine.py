@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.distributed as dist
@@ -171,20 +171,20 @@ class CheckpointEngine:
         return self._snapshot.nbytes
 
     def save(self, step: int, state: Any, local: Any = None, meta: dict | None = None,
-             first: frozenset[str] = frozenset()) -> None:
+             first: Callable[[list[str]], Collection[str]] | None = None) -> None:
         """Snapshot `state` and `local` (this rank's own objects), then write them in the background.
 
         Plain tensors in `state` are replicated across ranks; with layout "sharded", `shards.Piece`
         leaves are this rank's blocks of sharded tensors. Every rank must pass a tree of the same shape.
-        Rank 0 writes the plain tensors whose paths are in `first` (`Strategy.rank0_paths`).
+        Rank 0 writes the plain tensors whose paths `first` picks out of them (`Strategy.rank0_paths`).
         """
         self.wait()
         t0 = time.perf_counter()
         pieces: dict[str, dict] | None = {} if self.layout == "sharded" else None
         tensors, skeleton = shards.flatten(state, pieces=pieces)
         pieces = pieces or {}
-        owner = shards.assign({p: t.numel() * t.element_size() for p, t in tensors.items() if p not in pieces},
-                              self.world_size, first)
+        sizes = {p: t.numel() * t.element_size() for p, t in tensors.items() if p not in pieces}
+        owner = shards.assign(sizes, self.world_size, frozenset(first(list(sizes))) if first else frozenset())
         mine = {p: t for p, t in tensors.items() if p in pieces or owner[p] == self.rank}
         self._snapshot.capture(mine)
         # Small non-tensor leaves (param groups, counters) are copied now, while they are consistent.

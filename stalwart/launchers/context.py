@@ -424,7 +424,7 @@ class TrainContext:
         self._engine.save(step, state, local={"rng": rng}, meta={
             "data": self._data.to_dict(),
             "loss_stats": self._loss_stats(),
-        }, first=self._strategy.rank0_paths())
+        }, first=self._strategy.rank0_paths)
         self._last_stall = time.perf_counter() - t0
         if self._auto is not None:
             self._auto.cost("durable", self._last_stall)

@@ -33,6 +33,8 @@ DEFAULT_START_TIMEOUT_S = 120.0
 RESULT_TIMEOUT_S = 10.0
 # How long start() waits for warm spares (and kept ranks) to answer; one that does not is replaced.
 ADOPT_WAIT_S = 2.0
+# How long a restart asks a spare on standby not yet seen waiting whether it waits now.
+STANDBY_ASK_S = 0.5
 # With in-memory snapshots: after a rank's worker died, how long stop(keep=True) waits for the other
 # ranks' calls to end (their collective breaks when the peer's connection closes) so that their
 # processes, and the snapshots in them, can serve the next attempt. A rank still busy then is killed.
@@ -99,9 +101,10 @@ class RayGang:
         self._live: dict[int, object] = {}  # bundle -> the call of a survivor still in its loop (launchers.rejoin)
         self._standby: dict[int, object] = {}  # bundle -> the run of its spare, waiting at its restore
         self._standby_payload: dict[int, dict] = {}
+        self._waiting: set[int] = set()  # bundles whose standby run was last seen waiting to be made a rank
         if previous is not None and previous._lendable(self.world_size, self.exclude_nodes):
             self._pg, self._spares, self._survivors = previous._pg, previous._spares, previous._survivors
-            self._live, self._standby = previous._live, previous._standby
+            self._live, self._standby, self._waiting = previous._live, previous._standby, previous._waiting
             previous._pg, previous._spares, previous._survivors, previous._live = None, {}, {}, {}
             previous._standby = {}
         else:
@@ -158,7 +161,8 @@ class RayGang:
         self.live_ranks = tuple(sorted(live))
         self.standby_ranks = tuple(sorted(standby))
         if self.kept_ranks or standby:
-            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks, live_ranks=tuple(sorted({*live, *standby})))
+            plan = dataclasses.replace(plan, kept_ranks=self.kept_ranks, live_ranks=self.live_ranks,
+                                       standby_ranks=self.standby_ranks)
         live.update(standby)
         adopted = {**spares, **kept}
         self.workers = [adopted[rank] if rank in adopted else self._new_worker(rank, self.attempt)
@@ -281,10 +285,11 @@ class RayGang:
             for bundle, (spare, ref) in self._spares.items():
                 if ref in warm and bundle not in self._standby and bundle in self._standby_payload:
                     self._standby[bundle] = spare.run.remote(self._standby_payload[bundle])
-            # Ready: its run waits at the restore, the model built.
-            asked = [self._spares[b][0].waiting.remote() for b in self._standby if b in self._spares]
-            answered = ray.wait(asked, num_returns=len(asked), timeout=0.2)[0] if asked else []
-            return sum(1 for ref in answered if _answer(ref))
+            # Ready: its run waits where it needs the world (the model built).
+            asked = {self._spares[b][0].waiting.remote(): b for b in self._standby if b in self._spares}
+            answered = ray.wait(list(asked), num_returns=len(asked), timeout=0.2)[0] if asked else []
+            self._waiting = {asked[ref] for ref in answered if _answer(ref)}
+            return len(self._waiting)
         return len(warm)
 
     def _adopt_spares(self, needed: set[int]) -> dict[int, object]:
@@ -296,7 +301,13 @@ class RayGang:
         warm = set(ray.wait(warm_refs, num_returns=len(warm_refs), timeout=0)[0]) if spares else set()
         standby = {b: self._standby.pop(b) for b in spares if b in self._standby}
         ended = set(ray.wait(list(standby.values()), num_returns=len(standby), timeout=0)[0]) if standby else set()
-        for b in [b for b, ref in standby.items() if ref in ended]:  # its function failed before the restore
+        # A standby run that is not waiting yet may never get there (the function waits on a group a
+        # spare has no part in): only one seen waiting, or that says so now, takes a rank's place.
+        unsure = {spares[b][0].waiting.remote(): b for b in standby if b not in self._waiting and b not in ended}
+        said = ray.wait(list(unsure), num_returns=len(unsure), timeout=STANDBY_ASK_S)[0] if unsure else []
+        waiting = (self._waiting | {unsure[ref] for ref in said if _answer(ref)}) - {b for b in standby if standby[b] in ended}
+        self._waiting -= set(spares)
+        for b in [b for b in standby if b not in waiting]:  # its function failed, or is not at its wait
             del standby[b]
             warm.discard(spares[b][1])
         self._standby.update(standby)

@@ -39,10 +39,14 @@ class AttemptPlan:
     # Ranks whose processes lived through the last attempt (set by the gang at start): their in-memory
     # snapshots will likely restore this attempt, so no rank reads storage ahead of the restore.
     kept_ranks: tuple[int, ...] = ()
-    # Ranks whose call goes on from before this attempt (launchers.rejoin): a survivor that stayed in its
-    # training loop, a spare on standby at its restore. When there are any, no rank takes part in DDP's
-    # start from rank 0's parameters (they did theirs, or never will): the restore sets every rank's.
+    # Ranks whose call of the last attempt goes on in this one (launchers.rejoin): survivors that stayed in
+    # their training loop. When there are any, no rank takes part in a start from rank 0's parameters
+    # (DDP's broadcast, DeepSpeed's at its engine's construction: they did theirs long ago), and the
+    # restore sets every rank's.
     live_ranks: tuple[int, ...] = ()
+    # Ranks from spares on standby, whose call of the function waits where it needs the world (their
+    # restore; DeepSpeed's: `prepare`) and goes on from there.
+    standby_ranks: tuple[int, ...] = ()
     # For `every_steps: auto` (checkpointing.interval): the intervals the last attempt's ranks agreed on
     # (tier -> steps; rank 0 proposes them again first), and the job's history the failure rate comes from.
     auto_intervals: tuple[tuple[str, int], ...] = ()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -88,16 +88,17 @@ class Strategy:
     def state(self) -> dict:
         raise NotImplementedError
 
-    def rank0_paths(self) -> frozenset[str]:
-        """The paths of `state()`'s plain tensors that are not the same on every rank, so that rank 0's
-        copy is the one saved: the model's buffers (BatchNorm's running statistics: DDP hands every
-        rank rank 0's before each forward, and FSDP and ZeRO leave each rank its own). Written by any
-        other rank, a restore would give the job values its training never had."""
+    def rank0_paths(self, paths: Iterable[str]) -> frozenset[str]:
+        """Of `paths` (the plain tensors of `state()` that a save splits across ranks, as `flatten` names
+        them), those that are not the same on every rank, so that rank 0's copy is the one saved: the
+        model's buffers (BatchNorm's running statistics: DDP hands every rank rank 0's before each
+        forward; FSDP and ZeRO leave each rank its own). Written by any other rank, a restore would give
+        the job values its training never had. DDP: the buffers under every name `state_dict()` gives
+        them (a shared module's too)."""
         if self.model is None:
             return frozenset()
-        return frozenset(f"/{self.buffers_key}/{name}" for name, _ in self.model.named_buffers())
-
-    buffers_key = "model"  # where state() keeps the buffers, by their names
+        names = {f"/model/{name}" for name, _ in self.model.named_buffers(remove_duplicate=False)}
+        return frozenset(p for p in paths if p in names)
 
     def load(self, state: dict) -> None:
         raise NotImplementedError
@@ -269,6 +270,12 @@ class FSDPStrategy(Strategy):
     def adopt(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
 
+    def rank0_paths(self, paths: Iterable[str]) -> frozenset[str]:
+        # The model's plain tensors are its buffers (its parameters are sharded pieces), under the names
+        # get_model_state_dict gives them, without the prefixes of wrappers (activation checkpointing,
+        # torch.compile) that named_buffers() keeps.
+        return frozenset(p for p in paths if p.startswith("/model/"))
+
     def state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -424,7 +431,6 @@ def deepspeed_config(options: dict) -> dict:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     replicated = False
-    buffers_key = "buffers"
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)
@@ -466,7 +472,7 @@ class DeepSpeedStrategy(Strategy):
                 ctx._join()
             self._topology = DeepSpeedTopology(train, ctx.rank)
             extra = {"mpu": self._topology}
-            joining = bool(ctx._plan.live_ranks) and (standby or ctx.rank not in ctx._plan.live_ranks)
+            joining = bool(ctx._plan.live_ranks)  # peers in their loop, who built their engines long ago
         with train.detached() if joining else contextlib.nullcontext():
             engine, ds_optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(self.options), dist_init_required=False,
@@ -526,6 +532,9 @@ class DeepSpeedStrategy(Strategy):
             scalars = sorted(k for k, v in flat_state.items() if not (torch.is_tensor(v) and v.dim() > 0))
             return tensors, scalars
         return [], []
+
+    def rank0_paths(self, paths: Iterable[str]) -> frozenset[str]:
+        return frozenset(p for p in paths if p.startswith("/buffers/"))  # see state()
 
     def state(self) -> dict:
         params = self._params()

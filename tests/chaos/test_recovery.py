@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -230,6 +231,25 @@ def test_a_spare_on_standby_takes_the_dead_ranks_place_from_its_restore(client, 
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
     assert _tiers(job, "restored") == ["memory"]
     assert_bitwise_equal(final_state(status), undisturbed)
+
+
+@pytest.mark.slow  # 20 s; a guard for functions that block before their restore on a spare
+def test_a_spare_stuck_before_its_restore_is_not_made_a_rank(client):
+    # The spares' standby runs never reach their wait: the dead rank's place goes to a new worker,
+    # not to a spare that would never read its rendezvous (the attempt would hang until the hang timeout).
+    spec = job_spec("testjobs:stuck_on_standby", {"steps": 60, "sleep": 0.2},
+                    checkpoint={"every_steps": 10, "memory_every_steps": 1, "memory_in_loop": True})
+    job = client.submit(spec)
+    wait_for(lambda: len(worker_processes()) >= 4 and job.status().get("step", 0) >= 15,
+             what="spares started and step 15", timeout=300)
+    time.sleep(3)  # their imports done, their standby runs started and stuck
+    status = job.status()
+    os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}, status.get("reason")
+    started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
+    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == []
+    assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
 
 
 @pytest.mark.slow  # 14 s; the auto-interval and mid-copy tests rejoin ranks in their loop in the default run

@@ -258,15 +258,16 @@ def test_killed_deepspeed_rank_resumes_from_its_peers_memory_bitwise_equal(clien
 @needs_deepspeed
 @pytest.mark.slow  # 20 s; the standby test above builds a joining engine the same way
 def test_killed_deepspeed_rank_in_the_loop_rejoins_bitwise_equal(client, undisturbed):
-    # The kill comes before the spares are ready: the replacement runs the function from the start
-    # (its engine built with the group detached) and both ranks restore from memory.
+    # No spares: the replacement runs the function from the start (its engine built with the group
+    # detached) and both ranks restore from memory.
     spec = spec_for("deepspeed", faults=KILL, checkpoint={"every_steps": 10, "memory_every_steps": 1,
-                                                          "memory_in_loop": True})
+                                                          "memory_in_loop": True},
+                    fault_tolerance={"warm_spares": False})
     job = client.submit(spec)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
     started = [e["data"] for e in job.events() if e["kind"] == "attempt_started"]
-    assert started[1]["live_ranks"] == [0]
+    assert started[1]["live_ranks"] == [0] and started[1]["standby_ranks"] == []
     assert [e["data"]["path"] for e in job.events() if e["kind"] == "recovered"] == ["in_loop"]
     assert [e["data"]["tier"] for e in job.events() if e["kind"] == "restored"] == ["memory"]
     reference = undisturbed("deepspeed")["status"]

@@ -19,7 +19,10 @@ def test_a_restarted_job_shows_its_curve_restart_and_checkpoints_in_every_tracke
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     mlruns = (tmp_path / "mlruns").as_uri()
-    spec = job_spec("testjobs:linear", {"steps": 12}, checkpoint={"every_steps": 5},
+    # Steps of 0.25 s: rank 0's reports of steps 1-5 reach the controller (every report_interval_s, 0.5 s)
+    # before the kill (CI once saw none: the whole first attempt took less than a report interval, and
+    # a rank stopped for a restart loses what it had not sent; steps after the checkpoint are redone).
+    spec = job_spec("testjobs:linear", {"steps": 12, "sleep": 0.25}, checkpoint={"every_steps": 5},
                     faults=[{"kind": "kill", "rank": 1, "step": 8}],
                     monitoring={"tensorboard": str(tmp_path / "tb"), "mlflow": {"tracking_uri": mlruns},
                                 "wandb": {"mode": "offline", "dir": str(tmp_path / "wb")}})

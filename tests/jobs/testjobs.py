@@ -99,3 +99,13 @@ def norm_and_dropout(ctx, config):
         ctx.checkpoint(step)
         if config.get("sleep"):
             time.sleep(config["sleep"])
+
+
+def stuck_on_standby(ctx, config):
+    """`linear`, but a spare on standby (no world yet: MASTER_PORT 0) never gets to its restore, as a
+    function that waits on a group of its own before `ctx.prepare` would."""
+    import os
+
+    if os.environ.get("MASTER_PORT") == "0":
+        time.sleep(3600)
+    return linear(ctx, config)

@@ -145,12 +145,22 @@ def test_assign_balances_bytes_across_ranks():
 
 
 def test_the_model_buffers_are_written_by_rank_0():
+    from stalwart.checkpointing.shards import flatten
     from stalwart.launchers import strategies
 
+    norm = torch.nn.BatchNorm1d(4)
+    model = torch.nn.ModuleDict({"a": torch.nn.Sequential(torch.nn.Linear(4, 4), norm), "b": norm})  # shared
     ddp = strategies.make("ddp")
-    ddp.adopt(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), None)
-    assert ddp.rank0_paths() == {"/model/1.running_mean", "/model/1.running_var", "/model/1.num_batches_tracked"}
-    assert strategies.make("deepspeed").rank0_paths() == frozenset()  # no model yet
+    ddp.adopt(model, None)
+    paths = list(flatten(ddp.state())[0])
+    assert ddp.rank0_paths(paths) == {f"/model/{m}.{b}" for m in ("a.1", "b")
+                                      for b in ("running_mean", "running_var", "num_batches_tracked")}
+    assert strategies.make("ddp").rank0_paths(paths) == frozenset()  # no model yet
+    # Sharded strategies: every plain tensor of the model (its buffers, by their state-dict names).
+    assert strategies.make("fsdp").rank0_paths(["/model/n.running_var", "/optimizer/state/step"]) == {
+        "/model/n.running_var"}
+    assert strategies.make("deepspeed").rank0_paths(["/buffers/n.running_var", "/engine/global_steps"]) == {
+        "/buffers/n.running_var"}
 
 
 def test_resolve_splits_step_uri(storage):
