@@ -269,6 +269,26 @@ def test_two_kills_in_a_row_with_ranks_in_their_loop(client, undisturbed):
     assert_bitwise_equal(final_state(status), undisturbed)
 
 
+def test_the_replacement_killed_during_the_recovery_still_ends_bitwise(client, undisturbed):
+    # Rank 1 killed with rank 0 in its loop, then its replacement killed as soon as the next attempt
+    # has its ranks (mid-recovery: forming groups, restoring). Whatever the second kill interrupts,
+    # the job recovers again and ends where an undisturbed run does.
+    spec = tiny_gpt_spec(steps=STEPS, checkpoint={"every_steps": 10, "memory_every_steps": 1,
+                                                  "memory_in_loop": True}, faults=SLOW_FIRST_ATTEMPT)
+    job = client.submit(spec)
+    first = wait_for(lambda: (s := job.status()).get("step", 0) >= 13 and s.get("ranks") and s, what="step 13")
+    os.kill(next(r["pid"] for r in first["ranks"] if r["rank"] == 1), signal.SIGKILL)
+    replacement = _pids(job, 2)[1]
+    try:
+        os.kill(replacement, signal.SIGKILL)
+    except ProcessLookupError:  # it went already (a spare that failed to start): still a second fault
+        pass
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 2}, status.get("reason")
+    assert len(status["attempts"]) == 3
+    assert_bitwise_equal(final_state(status), undisturbed)
+
+
 def test_a_rank_killed_while_its_snapshot_is_copied_restores_the_step_before(client, undisturbed):
     # Rank 1 dies as its step-15 snapshot is on its way to rank 0: that replica is not whole, so no rank
     # holds rank 1's state of step 15; both generations are kept for this: step 14 restores, from memory.
