@@ -118,12 +118,20 @@ def test_killed_rank_in_the_loop_takes_a_spare_on_standby_bitwise_equal(client, 
     # that the spares run the function ahead of the kill up to where it needs the world: FSDP to its
     # restore (the model left whole, sharded when the spare takes the dead rank's place), DeepSpeed to
     # its ctx.prepare (model and optimizer built; the engine is built then, with the group detached).
-    slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 10}]
+    # (Slow enough for a loaded machine: DeepSpeed's spares import for seconds before they stand by;
+    # once they do, the kill comes and the rest of the job runs at full speed.)
+    slow = [{"kind": "slow", "rank": 0, "attempt": 1, "step": 1, "length": STEPS, "factor": 30}]
     spec = spec_for(strategy, faults=slow, checkpoint={"every_steps": 10, "memory_every_steps": 1,
                                                        "memory_in_loop": True})
     job = client.submit(spec)
-    wait_for(lambda: any(e["kind"] == "spares_ready" for e in job.events()) and job.status().get("step", 0) >= 3,
-             what="spares on standby", timeout=300)
+
+    def standing_by():
+        status = job.status()
+        if status["state"] not in ("PENDING", "RUNNING"):
+            raise AssertionError(f"the job ended ({status['state']}) before its spares stood by")
+        return any(e["kind"] == "spares_ready" for e in job.events()) and status.get("step", 0) >= 3
+
+    wait_for(standing_by, what="spares on standby", timeout=300)
     status = job.status()
     os.kill(next(r["pid"] for r in status["ranks"] if r["rank"] == 1), signal.SIGKILL)
     status = job.wait(timeout=300)
