@@ -63,7 +63,7 @@ def test_up_submit_follow_status_down(cli, tmp_path):
         while time.monotonic() < deadline and not any(
                 c.raddr and c.raddr.port == gcs_port for c in psutil.Process(viewer.pid).net_connections()):
             time.sleep(0.2)
-        time.sleep(2)  # connected: the command is past ray.init
+        time.sleep(8)  # connected, then the rest of its start (imports, the controller's handle): past it
         viewer.send_signal(signal.SIGTERM)
         _, stderr = viewer.communicate(timeout=60)
         assert viewer.returncode == 143, stderr
