@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from difflib import get_close_matches
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -15,7 +17,21 @@ from rich.text import Text
 from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, err, fail, fmt, job_handle, print_json, reader
 from stalwart.errors import StalwartError
 
-ckpt_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify, delete and export committed checkpoints.")
+
+class _ListByDefault(TyperGroup):
+    """`stalwart checkpoints JOB` is `stalwart checkpoints list JOB`: what a user types first."""
+
+    def resolve_command(self, ctx, args):
+        first = args[0] if args else "-"
+        # A near miss of a command (`lsit`) stays an unknown command, not a job id.
+        if not first.startswith("-") and first not in self.commands and not get_close_matches(first, self.commands):
+            args = ["list", *args]
+        return super().resolve_command(ctx, args)
+
+
+ckpt_app = typer.Typer(cls=_ListByDefault, no_args_is_help=True,
+                       help="List, inspect, verify, delete and export committed checkpoints "
+                            "(`stalwart checkpoints JOB` lists them).")
 app.add_typer(ckpt_app, name="checkpoints")
 WhereArg = typer.Argument(..., help="a job id, or a checkpoint URI (file:///dir, a path, s3://bucket/prefix)")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint")

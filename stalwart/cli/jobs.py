@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from stalwart.cli.common import (STATE_STYLE, TERMINAL, AddressOpt, InjectOpt, JsonOpt, app, clock, connect, console, err, fail,
@@ -147,9 +148,11 @@ def _progress_view(job_id: str, s: dict, events: list[dict], cancelling: bool):
     grid.add_row("loss", fmt(s.get("loss")))
     tps = s.get("tokens_per_s")
     grid.add_row("tokens/s", f"{tps:,.0f}" if tps else "-")
-    grid.add_row("ETA", fmt_time(s.get("eta_s")))
+    if s["state"] not in TERMINAL:
+        grid.add_row("ETA", fmt_time(s.get("eta_s")))
     restarts = s.get("restarts") or {}
-    grid.add_row("attempt", f"{s.get('attempt', 1)}" + (f"  restarts: {restarts}" if restarts else ""))
+    grid.add_row("attempt", f"{s.get('attempt', 1)}" + (
+        "  restarts: " + ", ".join(f"{cause} {n}" for cause, n in restarts.items()) if restarts else ""))
     ck = s.get("last_checkpoint_step")
     grid.add_row("checkpoint", f"step {ck}" if ck is not None else "-")
     if s.get("checkpoint_warning"):
@@ -217,7 +220,13 @@ def list_jobs(address: Optional[str] = AddressOpt, as_json: bool = JsonOpt):
         return
     if any(j.get("stale") for j in jobs):
         stale_note({"stale": True})
-    table = Table("id", "state", "step", "loss", "tokens/s", "attempt", "submitted")
+    # The id is what a user copies into the next command, and the state what they look for: never
+    # shortened; the other columns give way.
+    def whole(name: str, key: str) -> Column:
+        return Column(name, no_wrap=True, min_width=max((len(j[key]) for j in jobs), default=len(name)))
+
+    table = Table(whole("id", "id"), whole("state", "state"), "step", "loss", "tokens/s", "attempt", "submitted",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)  # no rules between columns: 80 fit
     for j in jobs:
         steps = f"{j.get('step', '-')}" + (f"/{j['max_steps']}" if j.get("max_steps") else "")
         tps = j.get("tokens_per_s")

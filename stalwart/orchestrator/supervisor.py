@@ -866,7 +866,7 @@ class JobSupervisor:
         live, summary = self.live, self.summary()
         step_time = summary["step_time_s"]
         eta = None
-        if step_time and live.max_steps:
+        if step_time and live.max_steps and not self.state.terminal:
             eta = max(0.0, (live.max_steps - live.step) * step_time)
         return {
             **summary,

@@ -85,6 +85,12 @@ def test_up_submit_follow_status_down(cli, tmp_path):
         after = cli.json("status", job_id)
         assert after["state"] == "SUCCEEDED" and after["step"] == 30 and after["loss"] is not None
         assert [j["id"] for j in cli.json("list")] == [job_id]
+        # As typed at an 80-column terminal: the id whole (it is copied into the next command), no ETA
+        # for a job that has ended, and `checkpoints JOB` is `checkpoints list JOB`.
+        assert job_id in cli("list", env={"COLUMNS": "80"}).stdout.split()
+        assert "ETA" not in cli("status", job_id).stdout
+        listed = cli("checkpoints", job_id, "--json")
+        assert [c["step"] for c in __import__("json").loads(listed.stdout)] == [30, 20, 10]
         assert "checkpoint_committed" in cli("events", job_id).stdout
         report = cli("report", job_id, "--out", str(tmp_path / "report.png"))
         assert (tmp_path / "report.png").stat().st_size > 10_000, report.stderr
