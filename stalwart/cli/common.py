@@ -57,7 +57,7 @@ def _environment_help() -> str:
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="Run sharded PyTorch training jobs on Ray and keep them alive.", epilog=_environment_help())
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay one line each (logs, grep), whatever their length
 
 AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                           help="Ray cluster: host:port, ray://host:10001 or http://host:8265 (default: the local one)")

@@ -28,6 +28,7 @@ from stalwart.checkpointing import engine as ckpt
 from stalwart.checkpointing import interval
 from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
+from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, Preempted, StalwartError, StorageError, WaitTimeout
 from stalwart.launchers import preemption, rejoin, strategies
@@ -101,6 +102,7 @@ class TrainContext:
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
+        self._extras: dict[str, Any] = {}  # prepare(extra=...): saved and restored with the rest
         self._recent_losses: deque[Any] = deque(maxlen=50)  # floats or 0-d tensors
         cache_dir = plan.cache_dir
         # A node-local copy only pays off when the storage is remote.
@@ -149,7 +151,7 @@ class TrainContext:
 
     # ---- model --------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                scheduler: Any = None) -> tuple[Any, Any]:
+                scheduler: Any = None, *, extra: dict[str, Any] | None = None) -> tuple[Any, Any]:
         """Move `model` to this rank's device and wrap it for the job's strategy; return (model, optimizer).
 
         ddp: DistributedDataParallel. fsdp: FSDP2 `fully_shard` (the optimizer is pointed at the
@@ -157,19 +159,27 @@ class TrainContext:
         DeepSpeed engine and its ZeRO optimizer (call `model.backward(loss)` and `model.step()`).
         Register the optimizer and LR scheduler so checkpoints and restores include them. Build the
         optimizer on `model.parameters()` before calling, and take no step before.
+
+        `extra` names other objects the run's trajectory depends on, each with `state_dict()` and
+        `load_state_dict()`: a GradScaler, an EMA of the weights, a counter of your own. They are saved
+        and restored with the rest (every checkpoint and in-memory snapshot); rank 0's copy is the one
+        saved, so keep there what every rank holds alike.
         """
+        extras = _extras(extra)
         self._strategy = strategies.make(self.strategy, self.strategy_options)
         self._report_model(model)  # before wrapping: FSDP and ZeRO-3 then hold only a shard of each
         model, optimizer = self._strategy.wrap(model, optimizer, self)
-        self._register(scheduler)
+        self._register(scheduler, extras)
         return model, optimizer
 
-    def track(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> None:
+    def track(self, model: Any, optimizer: Any = None, scheduler: Any = None, *,
+              extra: dict[str, Any] | None = None) -> None:
         """Register a model your own code already wrapped (DDP, FSDP2 or a DeepSpeed engine) for
-        checkpoints and restores, instead of `prepare` (script mode)."""
+        checkpoints and restores, instead of `prepare` (script mode); `extra` as for `prepare`."""
+        extras = _extras(extra)
         self._strategy = strategies.adopt(model, optimizer)
         self._report_model(getattr(model, "module", model))
-        self._register(scheduler)
+        self._register(scheduler, extras)
 
     def _report_model(self, model: Any) -> None:
         """Rank 0 tells the controller the model's size (`status()["params"]`: what a scaling sweep and
@@ -184,10 +194,11 @@ class TrainContext:
             return
         self._reporter.event("model", params=total, trainable_params=trainable)
 
-    def _register(self, scheduler: Any) -> None:
+    def _register(self, scheduler: Any, extras: dict[str, Any]) -> None:
         self._model = self._strategy.model
         self._optimizer = self._strategy.optimizer
         self._scheduler = scheduler
+        self._extras = extras
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
         if self._memory is not None:
@@ -424,7 +435,7 @@ class TrainContext:
         self._engine.save(step, state, local={"rng": rng}, meta={
             "data": self._data.to_dict(),
             "loss_stats": self._loss_stats(),
-        }, first=self._strategy.rank0_paths)
+        }, first=self._rank0_paths)
         self._last_stall = time.perf_counter() - t0
         if self._auto is not None:
             self._auto.cost("durable", self._last_stall)
@@ -535,6 +546,12 @@ class TrainContext:
         (reseeded when there is none to follow: a changed world size), an LR scale, the data position."""
         if self._scheduler is not None and state.get("scheduler") is not None:
             self._scheduler.load_state_dict(state["scheduler"])
+        saved = state.get("extra") or {}
+        for name, obj in self._extras.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+            else:  # a checkpoint from before the object was added: it keeps the state it was built with
+                self.log(f"stalwart: the restored step has no state for extra {name!r}; it starts fresh")
         if rng is not None:
             _set_rng_state(rng)
         else:
@@ -663,8 +680,15 @@ class TrainContext:
             self.log(f"stalwart: removed uncommitted checkpoint step(s) {removed} left by earlier attempts")
 
     def _state(self) -> dict:
-        return {**self._strategy.state(),
-                "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None}
+        state = {**self._strategy.state(),
+                 "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None}
+        if self._extras:  # absent without any, so the tree (and older checkpoints) keep their shape
+            state["extra"] = {name: _extra_state(name, obj) for name, obj in self._extras.items()}
+        return state
+
+    def _rank0_paths(self, paths: list[str]) -> frozenset[str]:
+        """What rank 0 writes of the replicated tensors: the strategy's picks and every extra's."""
+        return self._strategy.rank0_paths(paths) | {p for p in paths if p.startswith("/extra/")}
 
     def _ensure_group(self) -> None:
         if not self._lazy_group:
@@ -851,3 +875,27 @@ def _seed_all(seed: int) -> None:
 
 
 __all__ = ["TrainContext", "CheckpointCorrupt"]
+
+
+def _extras(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """`prepare(extra=...)` checked: names a path can hold, objects that save and load their state."""
+    extras = dict(extra or {})
+    for name, obj in extras.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise StalwartError(f"extra: {name!r} is not a usable name: give each object a non-empty name "
+                                "without '/'")
+        missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
+        if missing:
+            raise StalwartError(f"extra {name!r} ({type(obj).__name__}) has no {' or '.join(missing)}(): pass "
+                                "objects that save and load their state (a GradScaler, an AveragedModel, "
+                                "a class of your own with both methods)")
+    return extras
+
+
+def _extra_state(name: str, obj: Any) -> Any:
+    state = obj.state_dict()
+    tensors, _ = flatten(state)
+    if any(strategies._is_dtensor(t) for t in tensors.values()):
+        raise StalwartError(f"extra {name!r}: its state holds sharded DTensors, which an extra cannot save yet; "
+                            "keep that state as plain tensors (every rank alike), or in the model itself")
+    return state

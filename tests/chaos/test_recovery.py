@@ -70,13 +70,16 @@ def norm_undisturbed(client):
 def test_a_job_with_batchnorm_dropout_and_accumulation_resumes_bitwise(client, norm_undisturbed, checkpoint, fault):
     # BatchNorm's running statistics differ between ranks (each updates them on its own batch; DDP hands
     # every rank rank 0's before a forward): the checkpoint must hold rank 0's, or the restored job
-    # goes on from values it never had.
+    # goes on from values it never had. The job's EMA and counter (`prepare(extra=...)`) come back too.
     spec = job_spec("testjobs:norm_and_dropout", {"steps": 30}, checkpoint={"every_steps": 10, **checkpoint},
                     faults=[fault])
     job = client.submit(spec)
     status = job.wait(timeout=300)
     assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
-    assert_bitwise_equal(final_state(status, 30), norm_undisturbed)
+    final = final_state(status, 30)
+    assert_bitwise_equal(final, norm_undisturbed)  # the EMA's weights (`extra`) too
+    assert final["extra"]["seen"] == norm_undisturbed["extra"]["seen"] == {"batches": 30}
+    assert final["extra"]["ema"]["n_averaged"] == 30
 
 
 def warm_ranks(job) -> list[int]:

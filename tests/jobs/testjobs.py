@@ -71,19 +71,36 @@ class _Blobs(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class _Counter:
+    """State of the user's own: how many batches the run has trained on."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"]
+
+
 def norm_and_dropout(ctx, config):
     """A job shaped unlike the tiny GPT: BatchNorm (buffers each rank updates on its own batch), dropout
-    (the RNG), gradient accumulation with DDP's no_sync, a map-style dataset shuffled per epoch, StepLR."""
+    (the RNG), gradient accumulation with DDP's no_sync, a map-style dataset shuffled per epoch, StepLR,
+    and state of the user's own kept with `prepare(extra=...)`: an EMA of the weights, a counter."""
     import contextlib
 
     import torch.nn.functional as F
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
                                 torch.nn.Dropout(0.2), torch.nn.Linear(32, 2))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    seen = _Counter()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
-    model, opt = ctx.prepare(model, opt, sched)
+    model, opt = ctx.prepare(model, opt, sched, extra={"ema": ema, "seen": seen})
     ctx.restore()
     accum = 2
     for step, (x, y) in ctx.batches(_Blobs(), batch_size=16 * accum, steps=config.get("steps", 30)):
@@ -95,6 +112,8 @@ def norm_and_dropout(ctx, config):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        ema.update_parameters(model)
+        seen.batches += 1
         ctx.report(step, loss=loss.detach() * accum, grad_norm=grad_norm)
         ctx.checkpoint(step)
         if config.get("sleep"):

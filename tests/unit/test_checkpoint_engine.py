@@ -163,6 +163,33 @@ def test_the_model_buffers_are_written_by_rank_0():
         "/buffers/n.running_var"}
 
 
+def test_extra_state_is_checked_and_written_by_rank_0():
+    from stalwart.checkpointing.shards import flatten
+    from stalwart.errors import StalwartError
+    from stalwart.launchers import strategies
+    from stalwart.launchers.context import TrainContext, _extras
+
+    scaler = torch.amp.GradScaler("cpu")
+    ema = torch.optim.swa_utils.AveragedModel(torch.nn.Linear(4, 4))
+    assert _extras({"scaler": scaler, "ema": ema}) == {"scaler": scaler, "ema": ema}
+    assert _extras(None) == {}
+    with pytest.raises(StalwartError, match="'step' .*int.* has no state_dict or load_state_dict"):
+        _extras({"step": 3})
+    with pytest.raises(StalwartError, match="'a/b' is not a usable name"):
+        _extras({"a/b": scaler})
+
+    ctx = TrainContext.__new__(TrainContext)
+    ctx._strategy, ctx._scheduler, ctx._extras = strategies.make("ddp"), None, {"ema": ema, "scaler": scaler}
+    ctx._strategy.adopt(torch.nn.Linear(2, 2), None)
+    state = ctx._state()
+    assert set(state["extra"]) == {"ema", "scaler"} and state["extra"]["scaler"]["scale"] == 65536.0
+    paths = list(flatten(state)[0])
+    # An extra may differ between ranks (each rank's own scaler): rank 0's is the one saved, whole.
+    assert ctx._rank0_paths(paths) == {p for p in paths if p.startswith("/extra/")} != set()
+    ctx._extras = {}
+    assert "extra" not in ctx._state()  # no extras: the tree older checkpoints have
+
+
 def test_resolve_splits_step_uri(storage):
     store, step = engine.resolve(f"file://{storage.root}/step-000000040")
     assert step == 40 and store.root == storage.root
