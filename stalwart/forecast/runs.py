@@ -64,7 +64,11 @@ def read_runs(path: str | Path, loss_column: str = "loss") -> Runs:
             raise RunsFileError('expected a list of objects, one per run (or {"runs": [...]})', source=str(path))
         columns = sorted({k for r in data for k in r})
         return runs_from_rows(data, columns, source=str(path), loss_column=loss_column, row_label="run")
-    reader = csv.DictReader(text.splitlines())
+    lines = text.splitlines()
+    header = next((line for line in lines if line.strip()), "")
+    # Commas; a header with tabs or semicolons and no comma says which (a TSV, a spreadsheet's export).
+    delimiter = next((d for d in ("\t", ";") if d in header and "," not in header), ",")
+    reader = csv.DictReader(lines, delimiter=delimiter)
     columns = [c.strip() for c in (reader.fieldnames or [])]
     rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
     return runs_from_rows(rows, columns, source=str(path), loss_column=loss_column, row_label="row")
@@ -75,13 +79,18 @@ def runs_from_rows(rows: Iterable[Mapping[str, Any]], columns: Iterable[str], *,
     """Build `Runs` from mappings (as read from a file); the checks and errors of `read_runs`.
     Rows are numbered from 1, the first data row (a CSV's header is not a row)."""
     rows, columns = list(rows), set(columns)
+    named = _canonical(columns, loss_column)
+    if named:  # the names this module uses, whatever case or alias the file has
+        rows = [{**row, **{canon: row.get(actual) for canon, actual in named.items()}} for row in rows]
+        columns |= set(named)
     has_pt = {"params", "tokens"} <= columns
     needed = [loss_column] + ([] if "compute" in columns else ["params", "tokens"])
     missing = [c for c in needed if c not in columns]
     if missing:
         have = ", ".join(sorted(columns)) or "none"
         raise RunsFileError(f"missing column {', '.join(repr(c) for c in missing)}: need {loss_column!r} and "
-                            f"either 'compute' or 'params' and 'tokens' (columns found: {have})", source=source)
+                            f"either 'compute' (or 'flops') or 'params' and 'tokens' (columns found: {have})",
+                            source=source)
     wanted = [loss_column] + (["compute"] if "compute" in columns else []) + (["params", "tokens"] if has_pt else [])
     values: dict[str, list[float]] = {c: [] for c in wanted}
     seen: dict[tuple, int] = {}
@@ -89,7 +98,7 @@ def runs_from_rows(rows: Iterable[Mapping[str, Any]], columns: Iterable[str], *,
         where = f"{row_label} {i}"
         record = []
         for col in wanted:
-            x = _number(row.get(col), col, where, source)
+            x = _number(row.get(col), named.get(col, col), where, source)  # named as the file has it
             values[col].append(x)
             record.append(x)
         if tuple(record) in seen:
@@ -102,6 +111,24 @@ def runs_from_rows(rows: Iterable[Mapping[str, Any]], columns: Iterable[str], *,
     arr = {c: np.asarray(v, dtype=np.float64) for c, v in values.items()}
     compute = arr["compute"] if "compute" in arr else 6.0 * arr["params"] * arr["tokens"]
     return Runs(compute, arr[loss_column], arr.get("params"), arr.get("tokens"), source)
+
+
+# Other names files give these columns (any case); the first one found wins.
+_ALIASES = {"compute": ("compute", "flops", "c"), "params": ("params", "parameters", "n_params", "num_params", "n"),
+            "tokens": ("tokens", "n_tokens", "num_tokens", "d")}
+
+
+def _canonical(columns: set[str], loss_column: str) -> dict[str, str]:
+    """`{name used here: the file's column}` for the columns found under another case or an alias."""
+    by_lower = {c.strip().lower(): c for c in sorted(columns)}
+    out = {}
+    for canon, names in (*_ALIASES.items(), (loss_column, (loss_column,))):
+        if canon in columns:
+            continue
+        actual = next((by_lower[n.lower()] for n in names if n.lower() in by_lower), None)
+        if actual is not None:
+            out[canon] = actual
+    return out
 
 
 def _number(raw: Any, col: str, where: str, source: str) -> float:

@@ -188,7 +188,7 @@ GOOD = [(1e17, 3.9), (2e17, 3.7), (4e17, 3.55), (8e17, 3.42)]
 
 @pytest.mark.parametrize("rows, header, expected", [
     ([(1e17, 3.9), (2e17, 3.7)], ["compute", "los"], "missing column 'loss'"),
-    ([(1e17, 3.9), (2e17, 3.7)], ["flops", "loss"], "'compute'"),
+    ([(1e17, 3.9), (2e17, 3.7)], ["cost", "loss"], "'compute' (or 'flops')"),
     ([(1e17, 3.9), (2e17, -3.7), (4e17, 3.5)], ["compute", "loss"], "row 2: 'loss' is -3.7; it must be positive"),
     ([(1e17, 3.9), (2e17, 3.7), (4e17, "nan")], ["compute", "loss"], "row 3: 'loss' is nan"),
     ([(1e17, 3.9), (2e17, "")], ["compute", "loss"], "row 2: no value for 'loss'"),
@@ -214,6 +214,18 @@ def test_runs_read_from_csv_and_json_alike(tmp_path):
     (tmp_path / "bad.json").write_text('[{"compute": 1e17, "loss": 3.9}, {"compute": 2e17, "loss": null}]')
     with pytest.raises(RunsFileError, match="run 2: no value for 'loss'"):
         read_runs(tmp_path / "bad.json")
+
+
+def test_columns_as_files_name_them(tmp_path):
+    # Spreadsheet exports and other tools' logs: any case, common aliases, tabs or semicolons.
+    (tmp_path / "a.tsv").write_text("N\tD\tLoss\n1e6\t2e7\t4.0\n2e6\t4e7\t3.7\n")
+    (tmp_path / "b.csv").write_text("FLOPs;Loss\n1.2e14;4.0\n4.8e14;3.7\n")
+    for name in ("a.tsv", "b.csv"):
+        runs = read_runs(tmp_path / name)
+        assert np.allclose(runs.compute, [1.2e14, 4.8e14]) and np.allclose(runs.loss, [4.0, 3.7])
+    (tmp_path / "c.csv").write_text("FLOPs,Val_Loss\n1e17,3.9\nlots,3.7\n")
+    with pytest.raises(RunsFileError, match="row 2: 'FLOPs' is 'lots'"):  # the file's own name for it
+        read_runs(tmp_path / "c.csv", loss_column="val_loss")
 
 
 # ------------------------------------------------------------------------------------------------
