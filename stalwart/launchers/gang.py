@@ -300,12 +300,7 @@ class RayGang:
         warm_refs = [ref for _, ref in spares.values()]
         warm = set(ray.wait(warm_refs, num_returns=len(warm_refs), timeout=0)[0]) if spares else set()
         standby = {b: self._standby.pop(b) for b in spares if b in self._standby}
-        ended = set(ray.wait(list(standby.values()), num_returns=len(standby), timeout=0)[0]) if standby else set()
-        # A standby run that is not waiting yet may never get there (the function waits on a group a
-        # spare has no part in): only one seen waiting, or that says so now, takes a rank's place.
-        unsure = {spares[b][0].waiting.remote(): b for b in standby if b not in self._waiting and b not in ended}
-        said = ray.wait(list(unsure), num_returns=len(unsure), timeout=STANDBY_ASK_S)[0] if unsure else []
-        waiting = (self._waiting | {unsure[ref] for ref in said if _answer(ref)}) - {b for b in standby if standby[b] in ended}
+        waiting = self._standing_by({b: spares[b][0] for b in standby}, standby)
         self._waiting -= set(spares)
         for b in [b for b in standby if b not in waiting]:  # its function failed, or is not at its wait
             del standby[b]
@@ -317,6 +312,17 @@ class RayGang:
                 _kill(spare)
                 self._standby.pop(bundle, None)
         return adopted
+
+    def _standing_by(self, workers: dict[int, object], runs: dict[int, object]) -> set[int]:
+        """Of the bundles whose spare has a standby run (`runs`, by bundle), those whose run is waiting
+        for an attempt. One not waiting yet may never get there (its function waits on a group a spare
+        has no part in), so a run counts only when seen waiting (`warm_spares`) or when it says so now,
+        within STANDBY_ASK_S; a run that has ended (its function failed) never does."""
+        ended = set(ray.wait(list(runs.values()), num_returns=len(runs), timeout=0)[0]) if runs else set()
+        alive = {b for b in runs if runs[b] not in ended}
+        asked = {workers[b].waiting.remote(): b for b in alive - self._waiting}
+        said = ray.wait(list(asked), num_returns=len(asked), timeout=STANDBY_ASK_S)[0] if asked else []
+        return (alive & self._waiting) | {asked[ref] for ref in said if _answer(ref)}
 
     def _adopt(self, workers: dict[int, object]) -> dict[int, object]:
         """The `workers` (by bundle) that answer `adopt(attempt)` within ADOPT_WAIT_S; the others are killed."""
