@@ -640,7 +640,36 @@ class JobSpec(_Section):
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise SpecError([("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")], str(path)) from None
-        return cls.from_dict(data, source=str(path), workdir=str(path.resolve().parent))
+        spec = cls.from_dict(data, source=str(path), workdir=str(path.resolve().parent))
+        spec.check_entrypoint(str(path))
+        return spec
+
+    def check_entrypoint(self, source: str | None = None) -> None:
+        """A module:function entrypoint that cannot be imported fails at submit, not in every rank: the
+        module is looked for where the ranks will (the workdir, when it is a folder on this machine, or
+        this environment's packages), and its file for the function, read, not run. Raises SpecError
+        when the module is not there, does not parse, or surely defines no such name. Says nothing when
+        the code comes from elsewhere (a runtime_env working_dir or py_modules, a workdir on the cluster)."""
+        env = self.runtime_env or {}
+        if self.script is not None or not self.workdir or env.get("working_dir") or env.get("py_modules"):
+            return
+        root = Path(self.workdir)
+        if not root.is_dir():
+            return
+        module, function = self.entrypoint.split(":")
+        parts = module.split(".")
+        for candidate in (root.joinpath(*parts[:-1], parts[-1] + ".py"), root.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                names, functions = _module_names(candidate, source)
+                if names is not None and function not in names:
+                    raise SpecError([("entrypoint", f"{candidate} defines no {function!r} (its functions: "
+                                      f"{', '.join(sorted(functions)) or 'none'})")], source)
+                return
+        if (root / parts[0]).is_dir() or importlib.util.find_spec(parts[0]) is not None:
+            return  # a package folder, or an installed module: the ranks' Python finds it as this one does
+        python_files = ", ".join(sorted(p.name for p in root.glob("*.py"))) or "none"
+        raise SpecError([("entrypoint", f"no module {module!r} in {root}, where the ranks import it from, nor "
+                          f"installed (Python files there: {python_files})")], source)
 
     # ---- serializing, and the secrets -----------------------------------------------------
     def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
@@ -735,3 +764,49 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
             return None
         model = ann
     return model
+
+
+def _module_names(path: Path, source: str | None) -> tuple[set[str] | None, set[str]]:
+    """The names a module file binds at its top level (functions, classes, assignments, imports), read
+    without running it, None when it could bind others (a star import, a module __getattr__); and the
+    functions it defines."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as exc:
+        raise SpecError([("entrypoint", f"{path} does not parse: line {exc.lineno}: {exc.msg}")], source) from None
+    except OSError:
+        return None, set()
+    names: set[str] = set()
+    functions: set[str] = set()
+
+    def bind(target: ast.AST) -> None:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+
+    def visit(body: list[ast.stmt]) -> bool:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                if not isinstance(node, ast.ClassDef):
+                    functions.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    bind(target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    if alias.name == "*":
+                        return False
+                    names.add(alias.asname or alias.name.split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                blocks = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")]
+                blocks += [h.body for h in getattr(node, "handlers", [])]
+                if not all(visit(b) for b in blocks):
+                    return False
+        return True
+
+    if not visit(tree.body) or "__getattr__" in names or "globals" in ast.dump(tree):
+        return None, functions
+    return names, functions

@@ -344,5 +344,5 @@ def validate(spec_path: Path = typer.Argument(..., help="job spec (YAML)"), as_j
         console.print_json(json.dumps(spec.to_dict()))
     else:
         console.print(f"[green]ok[/]: {spec_path} is a valid job spec ({spec.name}, {spec.resources.workers} "
-                      f"x {spec.strategy.name} ranks, entrypoint {spec.entrypoint})")
+                      f"x {spec.strategy.name} ranks, entrypoint {spec.entrypoint})", soft_wrap=True)
 

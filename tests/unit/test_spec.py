@@ -10,6 +10,8 @@ from stalwart.spec import MASK, SECRET_FIELDS, JobSpec, masked_secrets
 def load(tmp_path, text):
     path = tmp_path / "job.yaml"
     path.write_text(textwrap.dedent(text))
+    if not (tmp_path / "train.py").exists():
+        (tmp_path / "train.py").write_text("def main(ctx, config):\n    pass\n")
     return JobSpec.from_yaml(path)
 
 
@@ -106,6 +108,27 @@ def test_script_entrypoint(tmp_path):
     with pytest.raises(SpecError) as exc:
         load(tmp_path, "name: demo\nentrypoint: train.py\n")
     assert "{script: train.py}" in problems(exc)["entrypoint"]
+
+
+def test_an_entrypoint_that_cannot_be_imported_is_refused_at_load(tmp_path):
+    (tmp_path / "train.py").write_text("import torch\nfrom os import path as p\n\n\ndef main(ctx, config):\n    pass\n\n\n"
+                                       "def helper():\n    pass\n\n\nif True:\n    alias = main\n")
+    for entrypoint in ("train:main", "train:alias", "train:p", "json:dumps"):  # json: an installed module
+        load(tmp_path, f"name: demo\nentrypoint: {entrypoint}\n")
+    with pytest.raises(SpecError) as exc:
+        load(tmp_path, "name: demo\nentrypoint: trian:main\n")
+    assert "no module 'trian'" in problems(exc)["entrypoint"] and "train.py" in problems(exc)["entrypoint"]
+    with pytest.raises(SpecError) as exc:
+        load(tmp_path, "name: demo\nentrypoint: train:mian\n")
+    assert "defines no 'mian' (its functions: helper, main)" in problems(exc)["entrypoint"]
+    (tmp_path / "broken.py").write_text("def main(:\n")
+    with pytest.raises(SpecError, match="broken.py does not parse: line 1"):
+        load(tmp_path, "name: demo\nentrypoint: broken:main\n")
+    # What cannot be told without running it, or code that comes from elsewhere, is left to the ranks.
+    (tmp_path / "star.py").write_text("from train import *\n")
+    load(tmp_path, "name: demo\nentrypoint: star:main\n")
+    load(tmp_path, "name: demo\nentrypoint: elsewhere:main\nruntime_env: {working_dir: 's3://b/code.zip'}\n")
+    load(tmp_path, "name: demo\nentrypoint: elsewhere:main\nworkdir: /opt/on/the/cluster\n")
 
 
 def test_bad_uri_scheme(tmp_path):
