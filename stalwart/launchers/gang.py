@@ -63,6 +63,8 @@ class GangOutcome:
     rank: int | None = None
     error: str = ""
     traceback: str = ""
+    last: dict | None = None  # on success: rank 0's newest step and loss, from its result
+
 
 
 class RayGang:
@@ -208,7 +210,7 @@ class RayGang:
         failures = self._collect(done)
         if not failures:
             if all(r.get("ok") for r in self._results.values()) and len(self._results) == self.world_size:
-                return GangOutcome(True)
+                return GangOutcome(True, last=self._results.get(0, {}).get("last"))
             return None
         if any(_is_dead_worker(f) for f in failures):
             return _classify(failures)  # a dead worker is the primary cause whatever the others report
@@ -230,8 +232,8 @@ class RayGang:
             if rank in self._results:
                 continue
             try:
-                ray.get(ref, timeout=RESULT_TIMEOUT_S)
-                self._results[rank] = {"ok": True}
+                value = ray.get(ref, timeout=RESULT_TIMEOUT_S)
+                self._results[rank] = {"ok": True, "last": value.get("last") if isinstance(value, dict) else None}
             except RayTaskError as exc:
                 cause = exc.cause if isinstance(exc.cause, UserCodeError) else None
                 if cause is None:

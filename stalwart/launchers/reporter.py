@@ -33,6 +33,15 @@ class Reporter:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="stalwart-reporter", daemon=True)
         self.dropped = 0
+        self.last: tuple | None = None
+
+    def last_figures(self) -> dict | None:
+        """The newest record's step and loss, for the rank's result: what the controller learns even
+        when the reports themselves were lost (it stood still while the rank ended)."""
+        if self.last is None:
+            return None
+        step, loss = self.last
+        return {"step": int(step), "loss": _num(loss)}
 
     def start(self) -> "Reporter":
         self._thread.start()
@@ -41,6 +50,7 @@ class Reporter:
     def record(self, step: int, loss: Any, grad_norm: Any = None, tokens: Any = None, metrics: dict | None = None,
                position: int | None = None, busy_s: float | None = None) -> None:
         # The hot path: no conversion, no lock (list.append is atomic under the GIL).
+        self.last = (step, loss)  # also returned with the rank's result: see `last_figures`
         if len(self._records) < _MAX_PENDING:
             self._records.append((step, time.time(), loss, grad_norm, tokens, metrics, position, busy_s))
         else:

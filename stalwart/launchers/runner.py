@@ -133,7 +133,8 @@ def run_rank(worker, payload: dict) -> dict:
             result = func(ctx, dict(spec.config))
         if ctx is not None:
             ctx.close()
-        return {"rank": rank, "seconds": time.time() - started, "result": _small(result)}
+        return {"rank": rank, "seconds": time.time() - started, "result": _small(result),
+                "last": reporter.last_figures()}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported with its traceback
         error = format_user_error(rank, exc)
         reporter.log(f"[rank {rank}] " + (f"stalwart: {exc}\n" if error.preempted else error.traceback_text))

@@ -767,6 +767,13 @@ class HangWatch:
         return {r for r, (step, t) in self._ranks.items()
                 if now - t > (timeout if step is not None else startup)}
 
+    def pause(self, seconds: float, before: float) -> None:
+        """`seconds` ending at `before` in which no report could be heard (the watcher's own process did
+        not run): taken out of the silence of every rank last heard from before then."""
+        for entry in self._ranks.values():
+            if entry[1] < before:
+                entry[1] += seconds
+
     def forget(self, rank: int) -> None:
         self._ranks.pop(rank, None)
 

@@ -24,6 +24,8 @@ from stalwart.monitoring.metrics import STEP_TIMES, StepTimes
 from stalwart.errors import GangStartFailed
 from stalwart.launchers.plan import AttemptPlan, Rewind
 from stalwart.orchestrator import states as st
+from stalwart.orchestrator.freezes import FreezeWatch
+from stalwart.orchestrator.freezes import shared as shared_freezes
 from stalwart.orchestrator.live_forecast import LiveForecast
 from stalwart.orchestrator.policy import FailurePolicy, PlacementPolicy, Rollback, spends_budget
 from stalwart.orchestrator.queue import AdmissionQueue
@@ -141,12 +143,17 @@ class JobSupervisor:
     def __init__(self, job_id: str, spec: JobSpec, store: Store, gang_factory: GangFactory,
                  sink_factory: SinkFactory, checkpoint_uri: str, *, first_attempt: int = 1,
                  reason: str = "queued", resumed_cause: str | None = None, queue: AdmissionQueue | None = None,
-                 clock: Callable[[], float] = time.monotonic, trackers=None, step_times: StepTimes | None = None):
+                 clock: Callable[[], float] = time.monotonic, trackers=None, step_times: StepTimes | None = None,
+                 freezes: FreezeWatch | None = None):
         self.job_id = job_id
         self.spec = spec
         self.store = store
         self.gang_factory = gang_factory
         self.clock = clock
+        # Spans in which this process stood still, taken out of the ranks' silence (see freezes.py);
+        # on time.monotonic's scale, so only with that clock (tests that drive time pass their own watch).
+        self.freezes = freezes if freezes is not None else (shared_freezes() if clock is time.monotonic else None)
+        self._freezes_seen = len(self.freezes.freezes) if self.freezes is not None else 0
         self.step_times = STEP_TIMES if step_times is None else step_times  # the step-time histogram
         self._now = clock()  # the time of the current iteration of the loop
         self._sleeps = True  # False while a test steps the loop with its own clock
@@ -394,6 +401,7 @@ class JobSupervisor:
                 return self._on_detection(self._detected)
             self._stop_gang()
             self._adopt_stored_commit()
+            self._adopt_final_figures(outcome.last)
             self._end_attempt("succeeded")
             return st.Finished()
         cause = outcome.cause
@@ -480,6 +488,12 @@ class JobSupervisor:
 
     def _check_hang(self) -> Detection | None:
         now = self._now
+        if self.freezes is not None:
+            if self.freezes.unsure(self.clock()):
+                return None  # judged once the watch has told how long this process stood still
+            new, self._freezes_seen = self.freezes.since(self._freezes_seen)
+            for end, seconds in new:
+                self.hangs.pause(seconds, before=end)
         stalled = self.hangs.stalled(now)
         if not stalled:
             return None
@@ -546,6 +560,15 @@ class JobSupervisor:
                 self.live.last_checkpoint = uri
                 self.live.last_checkpoint_at = time.time()
                 self.commits.append(steps[-1])
+
+    def _adopt_final_figures(self, last: dict | None) -> None:
+        """At a success, rank 0's last step and loss as its result says: its final reports may not have
+        landed (this process stood still, or was too loaded, while the ranks ended)."""
+        if not last or last.get("step") is None:
+            return
+        with self._lock:
+            if last["step"] > self.live.step:
+                self.live.step, self.live.loss = last["step"], last.get("loss")
 
     def _discard_after(self, step: int) -> None:
         """Delete checkpoints newer than a rollback target: they hold the bad stretch, and the new

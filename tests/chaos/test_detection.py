@@ -1,5 +1,7 @@
 """NaN, loss spikes, hangs and a killed controller, caused for real in running jobs."""
 
+import time
+
 import pytest
 import ray
 
@@ -81,6 +83,23 @@ def test_injected_hang_reports_where_it_hangs(client):
     assert status["state"] == "SUCCEEDED" and status["restarts"] == {"hang": 1}
     stacks = faults(job)[0]["data"]["stacks"]
     assert "_inject" in stacks["0"]
+
+
+def test_a_stopped_controller_is_not_a_hang(client):
+    # The controller's process stands still (SIGSTOP here; swapped out, starved by its host on a bad day)
+    # for longer than the hang timeout, while the ranks train to their end and give up waiting for it
+    # to take their last reports (FINAL_REPORT_WAIT_S). When it runs again, no rank may look hung for
+    # the time it stood still, and the job's figures are its last step's.
+    from stalwart.orchestrator.controller import FINAL_REPORT_WAIT_S
+
+    job = client.submit(tiny_gpt_spec(steps=100, checkpoint={"every_steps": 50}, fault_tolerance={"hang_timeout_s": 4}))
+    wait_for(lambda: job.status().get("step", 0) >= 80)
+    controller = ray.get(ray.get_actor("stalwart-controller", namespace="stalwart").ping.remote())["pid"]
+    with stopped(controller):
+        time.sleep(FINAL_REPORT_WAIT_S + 3)
+    status = job.wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and not status["restarts"], faults(job)
+    assert status["step"] == 100 and status["last_checkpoint_step"] == 100
 
 
 @pytest.mark.slow  # 20 s; test_secrets kills the controller mid-run too, and asserts the resumed figures

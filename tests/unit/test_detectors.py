@@ -446,3 +446,26 @@ def test_hang_watch_fixed_timeout():
     assert w.stalled(106.5) == {3}
     with pytest.raises(ValueError):
         HangWatch(timeout_s=0)
+
+
+def test_time_the_watcher_stood_still_is_no_ranks_silence():
+    from stalwart.orchestrator.freezes import FreezeWatch
+
+    watch = HangWatch(4.0)
+    watch.start([0, 1], now=0.0)
+    watch.progress(0, 1, now=1.0)
+    watch.progress(1, 1, now=1.0)
+    freezes = FreezeWatch(tick_s=0.25, freeze_s=2.0, clock=lambda: 0.0)
+    freezes.note(1.0, 1.25)  # a normal wake
+    freezes.note(1.25, 12.0)  # the process stood still in between
+    new, seen = freezes.since(0)
+    assert seen == 1 and new == [(12.0, pytest.approx(10.5))]
+    watch.progress(0, 2, now=12.1)  # rank 0's report, heard once it ran again
+    assert watch.stalled(12.2) == {0, 1} - {0}  # without the pause: rank 1 silent for 11 s
+    for end, seconds in new:
+        watch.pause(seconds, before=end)
+    assert watch.stalled(12.2) == set() and watch.silence(12.2)[1] == pytest.approx(0.7)
+    assert watch.silence(12.2)[0] == pytest.approx(0.1)  # heard after the freeze: not moved
+    assert watch.stalled(16.0) == {1}  # a rank that stays silent is still found
+    assert freezes.since(seen) == ([], 1)
+    assert not freezes.unsure(13.0)  # not started: nothing to be unsure of

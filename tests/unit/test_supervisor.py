@@ -84,6 +84,16 @@ def test_a_rank_lost_while_the_gang_starts_is_a_restart_not_an_internal_error(tm
     assert sup.policy.spent["node_failure"] == 1
 
 
+def test_a_success_takes_rank_0s_last_figures_from_its_result(tmp_path):
+    # Its last reports never landed (the controller stood still while the ranks ended): the result says.
+    sup = supervisor(tmp_path, [GangOutcome(True, last={"step": 100, "loss": 1.25})])
+    run(sup, "SUCCEEDED")
+    assert sup.live.step == 100 and sup.live.loss == 1.25
+    sup = supervisor(tmp_path / "again", [GangOutcome(True, last=None)])  # a function that reported nothing
+    run(sup, "SUCCEEDED")
+    assert sup.live.step == 0
+
+
 def test_the_specs_skips_survive_a_restart_before_the_first_checkpoint(tmp_path):
     died = GangOutcome(False, "node_failure", 1, "rank 1's worker died")
     sup = supervisor(tmp_path, [died, GangOutcome(True)],
