@@ -65,6 +65,11 @@ class GangOutcome:
     traceback: str = ""
     last: dict | None = None  # on success: rank 0's newest step and loss, from its result
 
+    @property
+    def worker_died(self) -> bool:
+        """A rank's worker process died (not a broken connection to one that did)."""
+        return self.cause == "node_failure" and "died" in self.error
+
 
 
 class RayGang:
@@ -212,7 +217,7 @@ class RayGang:
             if all(r.get("ok") for r in self._results.values()) and len(self._results) == self.world_size:
                 return GangOutcome(True, last=self._results.get(0, {}).get("last"))
             return None
-        if any(_is_dead_worker(f) for f in failures):
+        if any(f.worker_died for f in failures):
             return _classify(failures)  # a dead worker is the primary cause whatever the others report
         # Give the other ranks a moment to report: the first error is often a consequence (a broken
         # connection to a peer that died, whose own death Ray reports a moment later).
@@ -248,6 +253,11 @@ class RayGang:
                 self._results[rank] = {"ok": False}
                 self._dead.add(rank)
         return failures
+
+    def finished(self) -> dict[int, int | None]:
+        """The ranks whose call of the function has returned in this attempt, with the last step each
+        reported (None: none)."""
+        return {rank: (r.get("last") or {}).get("step") for rank, r in self._results.items() if r.get("ok")}
 
     def stacks(self, timeout: float = 5.0) -> dict[int, str]:
         refs = {w.stacks.remote(): rank for rank, w in enumerate(self.workers)}
@@ -464,16 +474,12 @@ def node_gpus(gpu_ids: list[list[str]], same_node: list[int], rank: int) -> dict
 
 def _classify(failures: list[GangOutcome]) -> GangOutcome:
     """The primary failure: a dead worker beats a user error, which beats a broken connection."""
-    dead = [f for f in failures if _is_dead_worker(f)]
+    dead = [f for f in failures if f.worker_died]
     user = [f for f in failures if f.cause == "user_error"]
     for group in (dead, user, failures):
         if group:
             return min(group, key=lambda f: f.rank if f.rank is not None else 0)
     raise AssertionError("no failures to classify")
-
-
-def _is_dead_worker(f: GangOutcome) -> bool:
-    return f.cause == "node_failure" and "died" in f.error
 
 
 def _first_line(exc: BaseException) -> str:

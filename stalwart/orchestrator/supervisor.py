@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 PREEMPTION_MARGIN_S = 10.0
 # How often a running attempt asks Ray which nodes are draining.
 DRAIN_CHECK_S = 1.0
+# A rank's function returned before the run's last step: how long its peers may then make no progress
+# before the job fails, saying so (they wait for it in a collective that never completes).
+EARLY_RETURN_QUIET_S = 10.0
 
 
 class Gang(Protocol):
@@ -405,6 +408,9 @@ class JobSupervisor:
             self._end_attempt("succeeded")
             return st.Finished()
         cause = outcome.cause
+        if cause == "node_failure" and not outcome.worker_died and (early := self._returned_early()):
+            # A broken connection, because a peer left the training loop: its function returned.
+            return self._on_failure("user_error", early[0], early[1])
         if self._notice is not None and cause in ("node_failure", "hang"):
             # A rank told to stop died or was cut off before it could (SIGKILL after the SIGTERM, the
             # node gone at its drain deadline): still a preemption, and the job's fault budget is not spent.
@@ -494,7 +500,17 @@ class JobSupervisor:
             new, self._freezes_seen = self.freezes.since(self._freezes_seen)
             for end, seconds in new:
                 self.hangs.pause(seconds, before=end)
-        stalled = self.hangs.stalled(now)
+        finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
+        if early := self._returned_early(finished):
+            # Peers waiting for a rank that has left: told as soon as they stop moving for a short while
+            # when the run's length is known (the rank left before it), else after the hang timeout.
+            window = self.hangs.timeout_s
+            if self.live.max_steps is not None:
+                window = min(window, EARLY_RETURN_QUIET_S)
+            quiet = sorted(r for r, t in self.hangs.silence(now).items() if r not in finished and t > window)
+            if quiet:
+                return Detection("user_error", early[1], self.live.step, data={"stalled_ranks": quiet})
+        stalled = self.hangs.stalled(now) - set(finished)  # a rank whose function returned is not hung
         if not stalled:
             return None
         silence = self.hangs.silence(now)
@@ -508,6 +524,24 @@ class JobSupervisor:
                          f"(hang timeout {self.hangs.timeout_s:.0f} s)", self.live.step,
                          latency_s=longest - self.hangs.timeout_s,
                          data={"stalled_ranks": ranks, "stacks": {str(k): v for k, v in stacks.items()}})
+
+    def _returned_early(self, finished: dict[int, int | None] | None = None) -> tuple[int, str] | None:
+        """(rank, message) when a rank's function returned before the run's last step while its peers
+        went on: they wait for it in their next collective, and a restart would do the same again."""
+        if finished is None:
+            finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
+        total = self.live.max_steps
+        early = {r: s for r, s in finished.items() if total is None or s is None or s < total}
+        if not early or len(finished) == self.world_size:
+            return None
+        rank = min(early, key=lambda r: (early[r] if early[r] is not None else -1, r))
+        going = sorted(set(range(self.world_size)) - set(finished))
+        at = f"after step {early[rank]}" if early[rank] is not None else "before its first step"
+        of = f" of {total}" if total else ""
+        return rank, (f"rank {rank}'s function returned {at}{of} while rank(s) {going} went on training (step "
+                      f"{self.live.step}): they wait for it in their next collective. Every rank must run the same "
+                      "steps: give each the same number of batches (ctx.batches(..., steps=N) does), and return "
+                      "from all of them at the end")
 
     def _on_detection(self, d: Detection) -> st.Event:
         """Act on a fault found in the stream: stop the gang, ask the policy, prepare a rollback."""

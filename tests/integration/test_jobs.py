@@ -39,6 +39,16 @@ def test_failing_user_function_ends_failed_with_traceback(client):
     assert "not retried" in str(exc.value)
 
 
+def test_a_rank_that_returns_early_fails_the_job_once_saying_so(client):
+    # Its peers wait for it in their next collective: not a hang, not a lost node, and a restart would
+    # only do it again. Before, such a job ran 7 attempts through the hang and node budgets.
+    job = client.submit(job_spec("testjobs:linear", {"steps": 30, "return_at": 12, "sleep": 0.05}))
+    status = job.wait(timeout=300, raise_on_failure=False)
+    assert status["state"] == "FAILED" and len(status["attempts"]) == 1 and not status["restarts"], status
+    assert "rank 1's function returned after step 11 of 30 while rank(s) [0] went on" in status["reason"]
+    assert status["attempts"][0]["cause"] == "user_error"
+
+
 def test_cancel_mid_run_releases_everything(client):
     from typer.testing import CliRunner
 

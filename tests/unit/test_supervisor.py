@@ -94,6 +94,30 @@ def test_a_success_takes_rank_0s_last_figures_from_its_result(tmp_path):
     assert sup.live.step == 0
 
 
+def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so(tmp_path):
+    sup = supervisor(tmp_path, [])
+    t = run(sup, "RUNNING") + 1
+    sup.step_once(t)  # the attempt starts
+    sup.live.max_steps, sup.live.step = 30, 12
+    sup.hangs.progress(0, 12, t)
+    sup.hangs.progress(1, 11, t)
+    sup._gang.finished = lambda: {1: 11}  # rank 1's function returned after step 11 of 30
+    assert sup.step_once(t + 5).name == "RUNNING"  # rank 0 may still be moving
+    assert sup.step_once(t + 11).name == "FAILED"
+    (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
+    assert fault["data"]["cause"] == "user_error" and fault["data"]["stalled_ranks"] == [0]
+    assert "rank 1's function returned after step 11 of 30 while rank(s) [0] went on" in fault["message"]
+    # At the run's end the ranks return one after another: no fault, and a returned rank is not hung.
+    sup = supervisor(tmp_path / "end", [])
+    t = run(sup, "RUNNING") + 1
+    sup.step_once(t)
+    sup.live.max_steps = 30
+    sup.hangs.progress(0, 30, t)
+    sup.hangs.progress(1, 30, t)
+    sup._gang.finished = lambda: {1: 30}
+    assert sup.step_once(t + 30).name == "RUNNING" and "fault" not in kinds(sup)
+
+
 def test_the_specs_skips_survive_a_restart_before_the_first_checkpoint(tmp_path):
     died = GangOutcome(False, "node_failure", 1, "rank 1's worker died")
     sup = supervisor(tmp_path, [died, GangOutcome(True)],
