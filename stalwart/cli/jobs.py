@@ -184,6 +184,8 @@ def _summary(job, s: dict) -> None:
         table.add_row("restarts", ", ".join(f"{k}: {v}" for k, v in s["restarts"].items()))
     if s.get("last_checkpoint"):
         table.add_row("last checkpoint", s["last_checkpoint"])
+    if s.get("checkpoint_warning"):  # the run's last saves did not commit: its newest state is not durable
+        table.add_row("warning", Text(s["checkpoint_warning"], style="bold yellow"))
     if goodput := goodput_line(s.get("goodput")):
         table.add_row("goodput", goodput)
     table.add_row("logs", s.get("log_path", "-"))

@@ -47,3 +47,17 @@ def test_watch_keeps_the_newest_fault_and_its_recovery_in_view_after_many_later_
     # The fault, its restore and its recovery come first, in the order they happened; then the newest seven.
     assert kinds[:3] == ["fault", "restored", "recovered"]
     assert "forecast 43" in pane and "forecast 35" not in pane
+
+
+def test_the_run_summary_says_when_the_last_saves_did_not_commit(capsys):
+    from stalwart.cli import jobs
+
+    class Job:
+        id = "tiny-gpt-1a2b3c"
+
+    status = {"state": "SUCCEEDED", "step": 300, "loss": 2.0, "attempts": [{"started": 0, "ended": 60}],
+              "last_checkpoint": "s3://b/tiny/step-000000250",
+              "checkpoint_warning": "2 save(s) failed since the last commit: no committed checkpoint since step 250"}
+    jobs._summary(Job(), status)
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the panel wraps at 80 columns
+    assert "warning 2 save(s) failed since the last commit: no committed checkpoint since step 250" in out
