@@ -199,6 +199,8 @@ class TrainContext:
         self._optimizer = self._strategy.optimizer
         self._scheduler = scheduler
         self._extras = extras
+        for name, obj in extras.items():  # what a save would refuse, refused before the first step
+            _extra_state(name, obj)
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
         if self._memory is not None:
