@@ -604,6 +604,12 @@ class TrainContext:
             try:
                 with _RestoreProgress(self._reporter, share):
                     return share, self._strategy.restore(share)
+            except RuntimeError as exc:
+                if "Error(s) in loading state_dict" not in str(exc):
+                    raise
+                # Another model than the one saved (a changed size, renamed layers): say which checkpoint.
+                raise StalwartError(f"checkpoint {share.uri} does not fit this job's model (was the model changed "
+                                    f"since it was saved? resume from a checkpoint of this same model): {exc}") from None
             except CheckpointCorrupt as exc:
                 if exact:  # exactly this one was asked for: a corrupt copy is an error, not a fallback
                     raise

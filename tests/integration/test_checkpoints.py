@@ -91,6 +91,16 @@ def test_corrupt_shard_falls_back_on_restore(client):
     assert [e for e in events if e["kind"] == "restored"][0]["data"]["step"] == 10
 
 
+def test_a_checkpoint_of_another_model_fails_once_naming_it(client):
+    first = client.submit(tiny_gpt_spec(steps=10, checkpoint={"every_steps": 10})).wait(timeout=240)
+    spec = tiny_gpt_spec(steps=20, checkpoint={"every_steps": 10, "resume_from": first["last_checkpoint"]})
+    spec["config"]["dim"] = 64  # the model changed since: 96 wide when saved
+    status = client.submit(spec).wait(timeout=240, raise_on_failure=False)
+    assert status["state"] == "FAILED" and len(status["attempts"]) == 1, status  # not retried: it would fail again
+    assert f"checkpoint {first['last_checkpoint']} does not fit this job's model" in status["reason"]
+    assert "size mismatch for pos" in status["reason"]
+
+
 def test_resume_from_a_missing_checkpoint_is_refused_at_submit(client, tmp_path):
     from stalwart.errors import SpecError
 
