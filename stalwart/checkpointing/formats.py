@@ -66,21 +66,46 @@ def parse_size(text: str | int) -> int:
 
 
 # ---- stalwart's forms -> the standard one -------------------------------------------------------
+# Module wrappers that put a name of their own into every key below them: torch.compile's, activation
+# checkpointing's, FSDP1's. Exported weights go without them, as the plain model names its tensors.
+WRAPPER_NAMES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def plain_name(key: str) -> str:
+    """`key` without the wrappers' parts (`_orig_mod.0.weight` -> `0.weight`)."""
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_NAMES)
+
+
+def plain_names(keys) -> dict[str, str]:
+    """`{key: plain name}` when no two keys share a plain name, else every key as it is."""
+    plain = {k: plain_name(k) for k in keys}
+    return plain if len(set(plain.values())) == len(plain) else {k: k for k in keys}
+
+
 def standard_state(loaded: engine.Loaded, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(model state dict `{fqn: tensor}`, optimizer state dict keyed by fqn or None) of a loaded
     checkpoint, whichever strategy wrote it; `optimizer=False`: the model's only. Raises StalwartError
-    when the checkpoint lacks what the conversion needs (saved by an older stalwart that did not record it)."""
+    when the checkpoint lacks what the conversion needs (saved by an older stalwart that did not record it).
+    The names are the plain model's, without the keys' wrapper parts (a compiled model's `_orig_mod.`)."""
     strategy = loaded.manifest.get("strategy", "ddp")
     state = loaded.state
     if strategy == "ddp":
-        return dict(state["model"]), _ddp_optimizer(state, loaded.uri) if optimizer else None
-    if strategy == "fsdp":
+        model, optim = dict(state["model"]), _ddp_optimizer(state, loaded.uri) if optimizer else None
+    elif strategy == "fsdp":
         # get_model_state_dict / get_optimizer_state_dict already key everything by fqn; the saved
         # DTensor blocks came back whole from engine.load.
-        return dict(state["model"]), state.get("optimizer") if optimizer else None
-    if strategy == "deepspeed":
-        return _zero_state(state, loaded.uri, optimizer)
-    raise StalwartError(f"checkpoint {loaded.uri} was written by strategy {strategy!r}, which export does not know")
+        model, optim = dict(state["model"]), state.get("optimizer") if optimizer else None
+    elif strategy == "deepspeed":
+        model, optim = _zero_state(state, loaded.uri, optimizer)
+    else:
+        raise StalwartError(f"checkpoint {loaded.uri} was written by strategy {strategy!r}, which export does not know")
+    names = plain_names(list(model) + [k for k in (optim or {}).get("state", {}) if k not in model])
+    model = {names[k]: v for k, v in model.items()}
+    if optim is not None:
+        optim = {**optim, "state": {names.get(k, k): v for k, v in optim.get("state", {}).items()},
+                 "param_groups": [{**g, "params": [names.get(p, p) if isinstance(p, str) else p for p in g["params"]]}
+                                  for g in optim.get("param_groups", [])]}
+    return model, optim
 
 
 def _ddp_optimizer(state: dict, uri: str) -> dict | None:

@@ -181,6 +181,7 @@ class DDPStrategy(Strategy):
             self.optimizer.load_state_dict(state["optimizer"])
 
     def load_weights(self, weights):
+        weights = _named_like(weights, self.model.state_dict())
         _check_keys(weights, self.model.state_dict())
         try:
             self.model.load_state_dict(weights)
@@ -295,6 +296,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         target = get_model_state_dict(self.model)
+        weights = _named_like(weights, target)
         _check_keys(weights, target)
         self._apply({"model": weights, "optimizer": None}, target, None)
 
@@ -320,6 +322,20 @@ class FSDPStrategy(Strategy):
                 optim_target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
             set_optimizer_state_dict(self.model, self.optimizer,
                                      _reshard_like(state["optimizer"], optim_target, "optimizer"))
+
+
+def _named_like(weights: dict, target) -> dict:
+    """`weights` under the target's names when they name the same tensors without its wrapper parts
+    (weights exported from a plain model, loaded into a compiled one, or the other way round)."""
+    from stalwart.checkpointing.formats import plain_names
+
+    if set(weights) == set(target):
+        return weights
+    mine, theirs = plain_names(list(weights)), plain_names(list(target))
+    by_plain = {plain: key for key, plain in theirs.items()}
+    if set(mine.values()) != set(by_plain):
+        return weights  # they differ by more than that: _check_keys says how
+    return {by_plain[mine[k]]: v for k, v in weights.items()}
 
 
 def _check_keys(weights: dict, target: dict) -> None:
@@ -599,6 +615,7 @@ class DeepSpeedStrategy(Strategy):
         params = dict(self._params())
         keys = self._model_layout()["keys"]  # the model's state-dict keys: a tied parameter under each name
         buffers = {n for n, _ in self.model.named_buffers() if n in keys}
+        weights = _named_like(weights, keys)
         _check_keys(weights, keys)
         trainable = {n for n, p in params.items() if p.requires_grad}
         for n, p in params.items():

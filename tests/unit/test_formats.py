@@ -80,6 +80,37 @@ def test_load_weights_names_what_does_not_fit(tmp_path):
         strategy.load_weights(weights)
 
 
+def test_a_compiled_models_checkpoint_exports_plain_names_and_plain_weights_load_into_it(tmp_path):
+    # torch.compile names every tensor `_orig_mod.<name>`: exported weights go under the plain model's
+    # names (what a user loads them into), and such weights initialize a compiled model again.
+    torch.manual_seed(0)
+    model = GPT(context=8, dim=16, layers=1, heads=2)
+    compiled = torch.compile(model)  # no call: no compilation, only the wrapper's names
+    optimizer = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
+    model(torch.randint(0, 256, (2, 8))).sum().backward()
+    optimizer.step()
+    strategy = DDPStrategy()
+    strategy.model, strategy.optimizer = compiled, optimizer
+    assert all(k.startswith("_orig_mod.") for k in strategy.state()["model"])
+    storage = FileStorage(tmp_path / "ckpt")
+    save(storage, strategy.state())
+    formats.export(storage, None, "safetensors", tmp_path / "st")
+    weights = formats.read_weights(str(tmp_path / "st"))
+    assert set(weights) == set(model.state_dict())
+    formats.export(storage, None, "dcp", tmp_path / "dcp")
+    import torch.distributed.checkpoint as dcp
+
+    target = {"optim": {"state": {n: {"exp_avg": torch.empty_like(p)} for n, p in model.named_parameters()}}}
+    dcp.load(target, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert torch.equal(target["optim"]["state"]["pos"]["exp_avg"], optimizer.state[model.pos]["exp_avg"])
+    fresh = DDPStrategy()
+    torch.manual_seed(1)
+    fresh.model = torch.compile(GPT(context=8, dim=16, layers=1, heads=2))
+    fresh.load_weights(weights)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(), compiled.state_dict().values()))
+    assert formats.plain_name("blocks.0._checkpoint_wrapped_module.qkv.weight") == "blocks.0.qkv.weight"
+
+
 def test_ddp_checkpoint_saved_before_the_names_exports_when_unambiguous(tmp_path):
     strategy = trained_ddp()
     state = strategy.state()
