@@ -28,7 +28,6 @@ from stalwart.checkpointing import engine as ckpt
 from stalwart.checkpointing import interval
 from stalwart.checkpointing import memory as memories
 from stalwart.checkpointing import share as shares
-from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import Storage
 from stalwart.errors import CheckpointCorrupt, CheckpointNotFound, Preempted, StalwartError, StorageError, WaitTimeout
 from stalwart.launchers import preemption, rejoin, strategies
@@ -102,7 +101,8 @@ class TrainContext:
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
-        self._extras: dict[str, Any] = {}  # prepare(extra=...): saved and restored with the rest
+        self._extras: dict[str, Any] = {}  # prepare(extra=...), keep(): saved and restored with the rest
+        self._restore_called = False
         self._recent_losses: deque[Any] = deque(maxlen=50)  # floats or 0-d tensors
         cache_dir = plan.cache_dir
         # A node-local copy only pays off when the storage is remote.
@@ -163,7 +163,9 @@ class TrainContext:
         `extra` names other objects the run's trajectory depends on, each with `state_dict()` and
         `load_state_dict()`: a GradScaler, an EMA of the weights, a counter of your own. They are saved
         and restored with the rest (every checkpoint and in-memory snapshot); rank 0's copy is the one
-        saved, so keep there what every rank holds alike.
+        saved, so keep there what every rank holds alike. Under FSDP, state that is sharded like the
+        model (an EMA of its DTensor parameters) is saved as each rank's share: build such an object on
+        the prepared model and name it with `ctx.keep`.
         """
         extras = _extras(extra)
         self._strategy = strategies.make(self.strategy, self.strategy_options)
@@ -180,6 +182,19 @@ class TrainContext:
         self._strategy = strategies.adopt(model, optimizer)
         self._report_model(getattr(model, "module", model))
         self._register(scheduler, extras)
+
+    def keep(self, name: str, obj: Any) -> None:
+        """Save and restore `obj` with the job's state, as `prepare(extra={name: obj})` does: for what is
+        built on the prepared model (an EMA of FSDP's sharded parameters). Call it before `ctx.restore()`."""
+        if self._strategy is None:
+            raise StalwartError("ctx.keep() comes after ctx.prepare(): it keeps objects built on the prepared model")
+        if self._restore_called:
+            raise StalwartError(f"ctx.keep({name!r}) after ctx.restore(): call it before, so the restore loads it")
+        (name, obj), = _extras({name: obj}).items()
+        if name in self._extras:
+            raise StalwartError(f"ctx.keep: {name!r} is kept already; give each object a name of its own")
+        self._strategy.extra_state(name, obj.state_dict())  # refused now, not at the first save
+        self._extras[name] = obj
 
     def _report_model(self, model: Any) -> None:
         """Rank 0 tells the controller the model's size (`status()["params"]`: what a scaling sweep and
@@ -198,9 +213,9 @@ class TrainContext:
         self._model = self._strategy.model
         self._optimizer = self._strategy.optimizer
         self._scheduler = scheduler
-        self._extras = extras
+        self._extras = self._strategy.extras = extras
         for name, obj in extras.items():  # what a save would refuse, refused before the first step
-            _extra_state(name, obj)
+            self._strategy.extra_state(name, obj.state_dict())
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
         if self._memory is not None:
@@ -480,6 +495,7 @@ class TrainContext:
         """
         if self._model is None:
             raise StalwartError("ctx.restore() needs the model: call ctx.prepare(model, optimizer) first")
+        self._restore_called = True
         if self._standby:
             self._join()
         self._ensure_group()
@@ -551,7 +567,7 @@ class TrainContext:
         saved = state.get("extra") or {}
         for name, obj in self._extras.items():
             if name in saved:
-                obj.load_state_dict(saved[name])
+                self._strategy.load_extra(obj, saved[name], name)
             else:  # a checkpoint from before the object was added: it keeps the state it was built with
                 self.log(f"stalwart: the restored step has no state for extra {name!r}; it starts fresh")
         if rng is not None:
@@ -691,7 +707,8 @@ class TrainContext:
         state = {**self._strategy.state(),
                  "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None}
         if self._extras:  # absent without any, so the tree (and older checkpoints) keep their shape
-            state["extra"] = {name: _extra_state(name, obj) for name, obj in self._extras.items()}
+            state["extra"] = {name: self._strategy.extra_state(name, obj.state_dict())
+                              for name, obj in self._extras.items()}
         return state
 
     def _rank0_paths(self, paths: list[str]) -> frozenset[str]:
@@ -898,12 +915,3 @@ def _extras(extra: dict[str, Any] | None) -> dict[str, Any]:
                                 "objects that save and load their state (a GradScaler, an AveragedModel, "
                                 "a class of your own with both methods)")
     return extras
-
-
-def _extra_state(name: str, obj: Any) -> Any:
-    state = obj.state_dict()
-    tensors, _ = flatten(state)
-    if any(strategies._is_dtensor(t) for t in tensors.values()):
-        raise StalwartError(f"extra {name!r}: its state holds sharded DTensors, which an extra cannot save yet; "
-                            "keep that state as plain tensors (every rank alike), or in the model itself")
-    return state

@@ -64,6 +64,11 @@ class Strategy:
         self.options = dict(options or {})
         self.model: torch.nn.Module | None = None  # the unwrapped module whose state is saved
         self.optimizer: Any = None
+        self.extras: dict[str, Any] = {}  # the job's kept objects (the context's), by name
+
+    def extra_targets(self) -> dict[str, Any]:
+        """Each kept object's state now: where a restore puts what it reads."""
+        return {name: obj.state_dict() for name, obj in self.extras.items()}
 
     @property
     def layout(self) -> str:
@@ -107,6 +112,19 @@ class Strategy:
         """Set the model's parameters and persistent buffers from `weights` (`{fqn: full tensor}`, any
         dtype, on the CPU). Every key must match; raises StalwartError naming what does not."""
         raise NotImplementedError
+
+    def extra_state(self, name: str, state: Any) -> Any:
+        """A kept object's state (`ctx.prepare(extra=...)`, `ctx.keep`) in the form a save takes. Plain
+        tensors (rank 0's are saved); a sharded DTensor is refused here, naming what to do."""
+        tensors, _ = flatten(state)
+        if any(_is_dtensor(t) for t in tensors.values()):
+            raise StalwartError(f"extra {name!r}: its state holds sharded DTensors, which only an FSDP job saves "
+                                "as such; keep that state as plain tensors (every rank alike)")
+        return state
+
+    def load_extra(self, obj: Any, saved: Any, name: str) -> None:
+        """Load a kept object's saved state (`extra_state`'s form, read back) into it."""
+        obj.load_state_dict(saved)
 
     def restore(self, share) -> dict:
         """Read this rank's share of `share` (an opened checkpoint) and apply it; return the tree read.
@@ -300,11 +318,19 @@ class FSDPStrategy(Strategy):
         _check_keys(weights, target)
         self._apply({"model": weights, "optimizer": None}, target, None)
 
+    def extra_state(self, name: str, state: Any) -> Any:
+        return _dtensors_to_pieces(state)  # sharded like the model: each rank saves its share
+
+    def load_extra(self, obj: Any, saved: Any, name: str) -> None:
+        obj.load_state_dict(_reshard_like(saved, obj.state_dict(), f"extra {name}"))
+
     def restore(self, share) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_target, optim_target = get_model_state_dict(self.model), None
         blocks = _dtensor_blocks(model_target, "/model")
+        for name, target in self.extra_targets().items():  # read as this rank's blocks, like the model
+            blocks.update(_dtensor_blocks(target, f"/extra/{name}"))
         if self.optimizer is not None and any(p.startswith("/optimizer/") for p in share.tensors):
             optim_target = get_optimizer_state_dict(self.model, self.optimizer)  # initializes the state to fill
             blocks.update(_dtensor_blocks(optim_target, "/optimizer"))

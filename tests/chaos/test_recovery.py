@@ -9,6 +9,7 @@ import torch
 
 from jobspecs import job_spec, stopped, tiny_gpt_spec, wait_for
 from stalwart.checkpointing import engine
+from stalwart.checkpointing.shards import flatten
 from stalwart.checkpointing.storage import open_storage
 from stalwart.monitoring.goodput import Ledger
 
@@ -80,6 +81,23 @@ def test_a_job_with_batchnorm_dropout_and_accumulation_resumes_bitwise(client, n
     assert_bitwise_equal(final, norm_undisturbed)  # the EMA's weights (`extra`) too
     assert final["extra"]["seen"] == norm_undisturbed["extra"]["seen"] == {"batches": 30}
     assert final["extra"]["ema"]["n_averaged"] == 30
+
+
+@pytest.mark.parametrize("checkpoint,fault", [
+    ({}, {"kind": "kill", "rank": 1, "step": 25}),  # a restart from storage: each rank reads its share
+    pytest.param({"memory_every_steps": 3, "memory_in_loop": True}, {"kind": "kill", "rank": 0, "step": 16},
+                 marks=pytest.mark.slow),  # rank 1 stays in its loop; rank 0's share comes from its peer
+])
+def test_an_fsdp_jobs_sharded_ema_kept_with_ctx_keep_resumes_bitwise(client, checkpoint, fault):
+    def spec(**sections):
+        return job_spec("testjobs:kept_ema", {"steps": 30}, strategy={"name": "fsdp"}, **sections)
+
+    undisturbed = final_state(client.submit(spec(checkpoint={"every_steps": 10})).wait(timeout=300), 30)
+    status = client.submit(spec(checkpoint={"every_steps": 10, **checkpoint}, faults=[fault])).wait(timeout=300)
+    assert status["state"] == "SUCCEEDED" and status["restarts"] == {"node_failure": 1}
+    final = final_state(status, 30)
+    assert sum(1 for k in flatten(final)[0] if k.startswith("/extra/ema/")) == 6  # every parameter's EMA
+    assert_bitwise_equal(final, undisturbed)
 
 
 def warm_ranks(job) -> list[int]:

@@ -130,3 +130,54 @@ def stuck_on_standby(ctx, config):
     if os.environ.get("MASTER_PORT") == "0":
         time.sleep(3600)
     return linear(ctx, config)
+
+
+class _ParamEMA:
+    """An EMA of the prepared model's parameters, as users write one: under FSDP its tensors are DTensors
+    sharded like the parameters, and `ctx.keep` saves each rank's share."""
+
+    def __init__(self, model, decay: float = 0.9):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    def state_dict(self):
+        return dict(self.shadow)
+
+    def load_state_dict(self, state):
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+def kept_ema(ctx, config):
+    """A small MLP with an EMA of its prepared (for FSDP: sharded) parameters kept with `ctx.keep`."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model, opt = ctx.prepare(model, opt)
+    ema = _ParamEMA(model)
+    ctx.keep("ema", ema)
+    ctx.restore()
+
+    def batch(i):
+        g = torch.Generator().manual_seed(i * 31 + ctx.rank)
+        x = torch.randn(32, 16, generator=g)
+        return x, (x.sum(1) > 0).long()
+
+    for step, (x, y) in ctx.batches(batch, steps=config.get("steps", 30)):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        ctx.report(step, loss=loss.detach())
+        ctx.checkpoint(step)
+        if config.get("sleep"):
+            time.sleep(config["sleep"])
