@@ -532,10 +532,11 @@ class JobSupervisor:
             finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
         total = self.live.max_steps
         early = {r: s for r, s in finished.items() if total is None or s is None or s < total}
-        if not early or len(finished) == self.world_size:
+        world = getattr(self._gang, "world_size", self.world_size)  # this attempt's (a shrunk one's too)
+        if not early or len(finished) == world:
             return None
         rank = min(early, key=lambda r: (early[r] if early[r] is not None else -1, r))
-        going = sorted(set(range(self.world_size)) - set(finished))
+        going = sorted(set(range(world)) - set(finished))
         at = f"after step {early[rank]}" if early[rank] is not None else "before its first step"
         of = f" of {total}" if total else ""
         return rank, (f"rank {rank}'s function returned {at}{of} while rank(s) {going} went on training (step "
