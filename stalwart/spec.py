@@ -7,6 +7,7 @@ rejected, because a misspelt knob that is silently ignored is worse than a refus
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
 import math
 import os
@@ -645,20 +646,25 @@ class JobSpec(_Section):
         return spec
 
     def check_entrypoint(self, source: str | None = None) -> None:
-        """A module:function entrypoint that cannot be imported fails at submit, not in every rank: the
-        module is looked for where the ranks will (the workdir, when it is a folder on this machine, or
-        this environment's packages), and its file for the function, read, not run. Raises SpecError
-        when the module is not there, does not parse, or surely defines no such name. Says nothing when
-        the code comes from elsewhere (a runtime_env working_dir or py_modules, a workdir on the cluster)."""
+        """A misspelt module:function entrypoint fails at submit, not in every rank: the module is looked
+        for where the ranks will (the workdir, when it is a folder on this machine, or this environment's
+        packages), and its file read, not run, for the function. Raises SpecError when the module is
+        missing and its name is a near miss of a file there (it may be installed on the cluster only), or
+        when the file surely binds no such name. Says nothing when the code or its environment comes from
+        elsewhere (runtime_env working_dir, py_modules, pip, conda, uv, a container, PYTHONPATH; a workdir
+        on the cluster) or when the file is one this Python cannot read."""
         env = self.runtime_env or {}
-        if self.script is not None or not self.workdir or env.get("working_dir") or env.get("py_modules"):
+        elsewhere = ("working_dir", "py_modules", "pip", "conda", "uv", "container", "image_uri", "py_executable")
+        if (self.script is not None or not self.workdir or any(env.get(k) for k in elsewhere)
+                or "PYTHONPATH" in (env.get("env_vars") or {})):
             return
         root = Path(self.workdir)
         if not root.is_dir():
             return
         module, function = self.entrypoint.split(":")
         parts = module.split(".")
-        for candidate in (root.joinpath(*parts[:-1], parts[-1] + ".py"), root.joinpath(*parts, "__init__.py")):
+        # A package folder before a module file of the same name, as Python's import takes them.
+        for candidate in (root.joinpath(*parts, "__init__.py"), root.joinpath(*parts[:-1], parts[-1] + ".py")):
             if candidate.is_file():
                 names, functions = _module_names(candidate, source)
                 if names is not None and function not in names:
@@ -667,9 +673,13 @@ class JobSpec(_Section):
                 return
         if (root / parts[0]).is_dir() or importlib.util.find_spec(parts[0]) is not None:
             return  # a package folder, or an installed module: the ranks' Python finds it as this one does
-        python_files = ", ".join(sorted(p.name for p in root.glob("*.py"))) or "none"
-        raise SpecError([("entrypoint", f"no module {module!r} in {root}, where the ranks import it from, nor "
-                          f"installed (Python files there: {python_files})")], source)
+        # Not here: it may be installed where the ranks run only. A near miss of a file here is a typo.
+        local = sorted(p.stem for p in root.glob("*.py"))
+        near = difflib.get_close_matches(parts[0], local, n=1, cutoff=0.75)
+        if near:
+            raise SpecError([("entrypoint", f"no module {module!r} in {root}, where the ranks import it from, "
+                              f"nor installed here: did you mean {near[0]!r}? (Python files there: "
+                              f"{', '.join(p + '.py' for p in local)})")], source)
 
     # ---- serializing, and the secrets -----------------------------------------------------
     def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
@@ -767,46 +777,47 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 
 def _module_names(path: Path, source: str | None) -> tuple[set[str] | None, set[str]]:
-    """The names a module file binds at its top level (functions, classes, assignments, imports), read
-    without running it, None when it could bind others (a star import, a module __getattr__); and the
-    functions it defines."""
+    """The names a module file binds at its top level (functions, classes, assignments, loop and `with`
+    targets, imports), read without running it, None when it could bind others or cannot be read here
+    (a star import, `global`, `exec`/`setattr`/`globals()`/`vars()`/`sys.modules`, a `match`, a module
+    `__getattr__`, syntax this Python does not parse); and the functions it defines."""
     import ast
 
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
-    except SyntaxError as exc:
-        raise SpecError([("entrypoint", f"{path} does not parse: line {exc.lineno}: {exc.msg}")], source) from None
-    except OSError:
-        return None, set()
+    except (SyntaxError, ValueError, OSError):
+        return None, set()  # the ranks' Python may read what this one cannot: theirs to say
     names: set[str] = set()
     functions: set[str] = set()
+    dynamic = False
 
-    def bind(target: ast.AST) -> None:
-        for node in ast.walk(target):
-            if isinstance(node, ast.Name):
-                names.add(node.id)
-
-    def visit(body: list[ast.stmt]) -> bool:
-        for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-                if not isinstance(node, ast.ClassDef):
-                    functions.add(node.name)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-                for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
-                    bind(target)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                for alias in node.names:
-                    if alias.name == "*":
-                        return False
+    def visit(node: ast.AST) -> None:
+        nonlocal dynamic
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(child.name)
+                if not isinstance(child, ast.ClassDef):
+                    functions.add(child.name)
+                dynamic |= any(isinstance(n, ast.Global) for n in ast.walk(child))
+                continue  # what a body binds is its own, but for `global`
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for alias in child.names:
+                    dynamic |= alias.name == "*"
                     names.add(alias.asname or alias.name.split(".")[0])
-            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
-                blocks = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")]
-                blocks += [h.body for h in getattr(node, "handlers", [])]
-                if not all(visit(b) for b in blocks):
-                    return False
-        return True
+            elif isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                names.add(child.id)
+            elif isinstance(child, ast.ExceptHandler) and child.name:
+                names.add(child.name)
+            elif isinstance(child, (ast.Global, ast.Match)) or type(child).__name__ == "TryStar":
+                dynamic = True
+            elif isinstance(child, ast.Call) and isinstance(child.func, ast.Name) and child.func.id in (
+                    "exec", "setattr", "globals", "vars", "__import__"):
+                dynamic = True
+            elif isinstance(child, ast.Attribute) and child.attr == "modules":
+                dynamic = True  # sys.modules[__name__] and the like
+            visit(child)
 
-    if not visit(tree.body) or "__getattr__" in names or "globals" in ast.dump(tree):
+    visit(tree)
+    if dynamic or "__getattr__" in names:
         return None, functions
     return names, functions

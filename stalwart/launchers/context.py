@@ -756,6 +756,10 @@ class TrainContext:
     def close(self) -> None:
         """Wait for the save in flight, so a finished job's last checkpoint is committed."""
         self._prefetch = self._weights = None  # never restored: let the read-aheads go
+        # Out of the loop, with the function returned: a last save may take a while yet, and no rank
+        # waiting on this one in a collective is to be expected from here (the controller's early-return check).
+        self._reporter.event("closing")
+        self._reporter.flush()
         self._vote.close()
         self._engine.wait()
         if self._memory is not None:

@@ -209,9 +209,11 @@ class RayGang:
         pending = [r for r in self._refs if self._refs[r] not in self._results]
         if not pending:
             return GangOutcome(True)
-        done, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+        done, rest = ray.wait(pending, num_returns=1, timeout=timeout)
         if not done:
             return None
+        if rest:  # and every other rank that has ended by now: ranks that end together are seen together
+            done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         failures = self._collect(done)
         if not failures:
             if all(r.get("ok") for r in self._results.values()) and len(self._results) == self.world_size:

@@ -17,7 +17,7 @@ FREEZE_S = 2.0  # a gap between two wakes this long: the process, not one busy t
 
 
 class FreezeWatch:
-    """Process-wide (`shared()`): the freezes seen since start, as (end, seconds) on time.monotonic."""
+    """Process-wide (`shared()`): the freezes seen since start, as (began by, seconds) on time.monotonic."""
 
     def __init__(self, tick_s: float = TICK_S, freeze_s: float = FREEZE_S, clock=time.monotonic):
         self.tick_s, self.freeze_s, self.clock = tick_s, freeze_s, clock
@@ -45,7 +45,9 @@ class FreezeWatch:
         """Two consecutive wakes at `before` and `now`: a freeze when they are too far apart."""
         if now - before > self.freeze_s:
             with self._lock:
-                self.freezes.append((now, now - before - self.tick_s))
+                # (a time before which what was heard came before the freeze, its length): the freeze
+                # began within a tick of the last wake, and ends a tick at most before this one.
+                self.freezes.append((before + self.tick_s, now - before - self.tick_s))
         self.last_wake = now
 
     def unsure(self, now: float) -> bool:

@@ -181,6 +181,8 @@ class JobSupervisor:
         self.trend = (TrendDetector(TrendConfig(warmup_blocks=-(-ft.trend_warmup_steps // TrendConfig.block)))
                       if ft.trend_detection else None)
         self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
+        self._closing: set[int] = set()
+        self._early_seen: float | None = None
         mon = spec.monitoring
         self.forecast = (LiveForecast(mon.forecast_fit_fraction, self._event, self._save_stats,
                                       (saved["detail"].get("stats") or {}).get("forecast_band"))
@@ -365,6 +367,8 @@ class JobSupervisor:
             self._detected = None
             self.hangs.reset()
             self.hangs.start(range(gang.world_size), self._now)
+            self._closing: set[int] = set()  # ranks whose function returned ("closing"), this attempt
+            self._early_seen: float | None = None  # when an early return was first seen, this attempt
             self.stragglers.reset()
             warm = getattr(gang, "warm_ranks", 0)
             kept = list(getattr(gang, "kept_ranks", ()))
@@ -498,19 +502,21 @@ class JobSupervisor:
             if self.freezes.unsure(self.clock()):
                 return None  # judged once the watch has told how long this process stood still
             new, self._freezes_seen = self.freezes.since(self._freezes_seen)
-            for end, seconds in new:
-                self.hangs.pause(seconds, before=end)
+            with self._lock:  # the report threads move the same clocks
+                for began_by, seconds in new:
+                    self.hangs.pause(seconds, before=began_by)
         finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
+        out = set(finished) | self._closing  # ranks whose function returned: none is hung
         if early := self._returned_early(finished):
-            # Peers waiting for a rank that has left: told as soon as they stop moving for a short while
-            # when the run's length is known (the rank left before it), else after the hang timeout.
-            window = self.hangs.timeout_s
-            if self.live.max_steps is not None:
-                window = min(window, EARLY_RETURN_QUIET_S)
-            quiet = sorted(r for r, t in self.hangs.silence(now).items() if r not in finished and t > window)
+            # Peers waiting for a rank that left before the run's last step: told once they have not
+            # moved for EARLY_RETURN_QUIET_S since it left (ranks that are closing are out of the loop too).
+            if self._early_seen is None:
+                self._early_seen = now
+            quiet = sorted(r for r, t in self.hangs.silence(now).items()
+                           if r not in out and min(t, now - self._early_seen) > EARLY_RETURN_QUIET_S)
             if quiet:
                 return Detection("user_error", early[1], self.live.step, data={"stalled_ranks": quiet})
-        stalled = self.hangs.stalled(now) - set(finished)  # a rank whose function returned is not hung
+        stalled = self.hangs.stalled(now) - out
         if not stalled:
             return None
         silence = self.hangs.silence(now)
@@ -518,7 +524,7 @@ class JobSupervisor:
         # The watch fires on the first rank past the timeout; the ranks that stopped with it (silent for
         # over half the timeout) are named too: which of them went quiet first is only a matter of when
         # their last reports arrived, and the stacks tell the stuck one from those waiting on it.
-        ranks = sorted(stalled | {r for r, t in silence.items() if t > self.hangs.timeout_s / 2})
+        ranks = sorted(stalled | {r for r, t in silence.items() if t > self.hangs.timeout_s / 2 and r not in out})
         longest = max(silence[r] for r in stalled)
         return Detection("hang", f"no progress from rank(s) {ranks} for {longest:.0f} s "
                          f"(hang timeout {self.hangs.timeout_s:.0f} s)", self.live.step,
@@ -531,14 +537,17 @@ class JobSupervisor:
         if finished is None:
             finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
         total = self.live.max_steps
-        early = {r: s for r, s in finished.items() if total is None or s is None or s < total}
+        # Only a rank known to have left before the end: the run's length is known (ctx.batches(steps=)),
+        # and the rank reported a step short of it. Anything less sure is left to the hang timeout.
+        early = {r: s for r, s in finished.items() if total is not None and s is not None and s < total}
         world = getattr(self._gang, "world_size", self.world_size)  # this attempt's (a shrunk one's too)
         if not early or len(finished) == world:
             return None
-        rank = min(early, key=lambda r: (early[r] if early[r] is not None else -1, r))
-        going = sorted(set(range(world)) - set(finished))
-        at = f"after step {early[rank]}" if early[rank] is not None else "before its first step"
-        of = f" of {total}" if total else ""
+        rank = min(early, key=lambda r: (early[r], r))
+        going = sorted(set(range(world)) - set(finished) - self._closing)
+        if not going:
+            return None  # the others have left their loops too (an early stop every rank took)
+        at, of = f"after step {early[rank]}", f" of {total}"
         return rank, (f"rank {rank}'s function returned {at}{of} while rank(s) {going} went on training (step "
                       f"{self.live.step}): they wait for it in their next collective. Every rank must run the same "
                       "steps: give each the same number of batches (ctx.batches(..., steps=N) does), and return "
@@ -807,6 +816,10 @@ class JobSupervisor:
     def _on_worker_event(self, attempt: int, rank: int, ev: dict) -> None:
         kind = ev.get("kind", "?")
         data = {k: v for k, v in ev.items() if k not in ("kind",)}
+        if kind == "closing":  # out of its loop, its last save may still run: not a rank others wait on
+            if attempt == self.attempt:
+                self._closing.add(rank)
+            return
         if kind == "checkpoint_committed":
             step = ev.get("step")
             newest = self.live.last_checkpoint_step

@@ -459,11 +459,11 @@ def test_time_the_watcher_stood_still_is_no_ranks_silence():
     freezes.note(1.0, 1.25)  # a normal wake
     freezes.note(1.25, 12.0)  # the process stood still in between
     new, seen = freezes.since(0)
-    assert seen == 1 and new == [(12.0, pytest.approx(10.5))]
+    assert seen == 1 and new == [(1.5, pytest.approx(10.5))]  # began by a tick after the last wake
     watch.progress(0, 2, now=12.1)  # rank 0's report, heard once it ran again
     assert watch.stalled(12.2) == {0, 1} - {0}  # without the pause: rank 1 silent for 11 s
-    for end, seconds in new:
-        watch.pause(seconds, before=end)
+    for began_by, seconds in new:
+        watch.pause(seconds, before=began_by)
     assert watch.stalled(12.2) == set() and watch.silence(12.2)[1] == pytest.approx(0.7)
     assert watch.silence(12.2)[0] == pytest.approx(0.1)  # heard after the freeze: not moved
     assert watch.stalled(16.0) == {1}  # a rank that stays silent is still found

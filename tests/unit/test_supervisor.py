@@ -102,8 +102,9 @@ def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so
     sup.hangs.progress(0, 12, t)
     sup.hangs.progress(1, 11, t)
     sup._gang.finished = lambda: {1: 11}  # rank 1's function returned after step 11 of 30
-    assert sup.step_once(t + 5).name == "RUNNING"  # rank 0 may still be moving
-    assert sup.step_once(t + 11).name == "FAILED"
+    assert sup.step_once(t + 5).name == "RUNNING"  # seen now: rank 0 may still be moving
+    assert sup.step_once(t + 14).name == "RUNNING"  # quiet for 14 s, but only 9 s since rank 1 left
+    assert sup.step_once(t + 16).name == "FAILED"
     (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
     assert fault["data"]["cause"] == "user_error" and fault["data"]["stalled_ranks"] == [0]
     assert "rank 1's function returned after step 11 of 30 while rank(s) [0] went on" in fault["message"]
@@ -116,6 +117,28 @@ def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so
     sup.hangs.progress(1, 30, t)
     sup._gang.finished = lambda: {1: 30}
     assert sup.step_once(t + 30).name == "RUNNING" and "fault" not in kinds(sup)
+    # An early stop every rank took (a `break` at step 12): rank 0 is out of its loop too, saving.
+    sup = supervisor(tmp_path / "stop", [])
+    t = run(sup, "RUNNING") + 1
+    sup.step_once(t)
+    sup.live.max_steps = 30
+    sup.hangs.progress(0, 12, t)
+    sup.hangs.progress(1, 12, t)
+    sup._gang.finished = lambda: {1: 12}
+    sup._on_worker_event(sup.attempt, 0, {"kind": "closing"})
+    assert sup.step_once(t + 5).name == "RUNNING" and sup.step_once(t + 30).name == "RUNNING"
+    assert "fault" not in kinds(sup)
+    # The run's length unknown: no early-return verdict, only the hang timeout (a returned rank excepted).
+    sup = supervisor(tmp_path / "unknown", [])
+    t = run(sup, "RUNNING") + 1
+    sup.step_once(t)
+    sup.hangs.progress(0, 12, t)
+    sup.hangs.progress(1, 11, t)
+    sup._gang.finished = lambda: {1: 11}
+    assert sup.step_once(t + 30).name == "RUNNING"
+    sup.step_once(t + 61)
+    (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
+    assert fault["data"]["cause"] == "hang" and fault["data"]["stalled_ranks"] == [0]
 
 
 def test_the_specs_skips_survive_a_restart_before_the_first_checkpoint(tmp_path):
