@@ -188,6 +188,11 @@ class TrainContext:
         built on the prepared model (an EMA of FSDP's sharded parameters). Call it before `ctx.restore()`."""
         if self._strategy is None:
             raise StalwartError("ctx.keep() comes after ctx.prepare(): it keeps objects built on the prepared model")
+        if self._standby and getattr(self._strategy, "_deferred", False):
+            # A spare on standby holds FSDP's model whole until it is a rank: what was built on it is not
+            # what the rank will need. It gives up standing by; a replacement runs the function from its start.
+            raise StandbyDeclined(f"a spare does not stand by for this job: ctx.keep({name!r}) keeps an object "
+                                  "built on the FSDP model, which a spare shards only once it is a rank")
         if self._restore_called:
             raise StalwartError(f"ctx.keep({name!r}) after ctx.restore(): call it before, so the restore loads it")
         (name, obj), = _extras({name: obj}).items()
@@ -904,6 +909,11 @@ def _seed_all(seed: int) -> None:
 
 
 __all__ = ["TrainContext", "CheckpointCorrupt"]
+
+
+class StandbyDeclined(Exception):
+    """Raised in a spare on standby whose run cannot wait for an attempt as it is; the runner ends the
+    standby run quietly (the spare is then not made a rank; a new worker is)."""
 
 
 def _extras(extra: dict[str, Any] | None) -> dict[str, Any]:

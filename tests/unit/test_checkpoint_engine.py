@@ -331,3 +331,34 @@ def test_verify_streams_each_shard_in_chunks_and_finds_every_kind_of_damage(stor
     shard.unlink()
     with pytest.raises(CheckpointCorrupt, match="missing"):
         engine.verify(storage, 4)
+
+
+def test_keep_is_checked_and_a_standby_fsdp_spare_declines_it():
+    from stalwart.errors import StalwartError
+    from stalwart.launchers import strategies
+    from stalwart.launchers.context import StandbyDeclined, TrainContext
+
+    class Counter:
+        def state_dict(self):
+            return {"n": 1}
+
+        def load_state_dict(self, state):
+            pass
+
+    ctx = TrainContext.__new__(TrainContext)
+    ctx._strategy, ctx._extras, ctx._restore_called, ctx._standby = None, {}, False, False
+    with pytest.raises(StalwartError, match="after ctx.prepare"):
+        ctx.keep("n", Counter())
+    ctx._strategy = strategies.make("ddp")
+    ctx.keep("n", Counter())
+    with pytest.raises(StalwartError, match="kept already"):
+        ctx.keep("n", Counter())
+    ctx._restore_called = True
+    with pytest.raises(StalwartError, match="after ctx.restore"):
+        ctx.keep("m", Counter())
+    # A spare on standby holds FSDP's model whole until it is a rank: it does not stand by with a kept object.
+    ctx._restore_called, ctx._standby = False, True
+    ctx._strategy = strategies.make("fsdp")
+    ctx._strategy._deferred = True
+    with pytest.raises(StandbyDeclined):
+        ctx.keep("ema", Counter())
