@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from stalwart.cli.common import AddressOpt, JsonOpt, app, clock, console, err, fail, fmt, job_handle, print_json, reader
@@ -78,7 +78,8 @@ def checkpoints_list(where: str = WhereArg, address: Optional[str] = AddressOpt,
     if as_json:
         console.print_json(json.dumps(rows, default=str))
         return
-    table = Table("step", "committed", "ranks", "size", "created", "loss", "uri")
+    # The URI is what a user copies (--resume-from, export): folded onto more lines, never cut short.
+    table = Table("step", "committed", "ranks", "size", "created", "loss", Column("uri", overflow="fold"))
     for r in rows:
         table.add_row(str(r["step"]), Text("yes", "green") if r["committed"] else Text(r.get("problem", "no"), "red"),
                       str(r.get("world_size", "-")), f"{r['bytes'] / 1e6:.1f} MB" if "bytes" in r else "-",

@@ -169,7 +169,8 @@ def _progress_view(job_id: str, s: dict, events: list[dict], cancelling: bool):
 
 def _summary(job, s: dict) -> None:
     state = s["state"]
-    table = Table(show_header=False, box=None, padding=(0, 2))
+    table = Table(Column(no_wrap=True), Column(overflow="fold"),  # URIs and paths whole, to copy
+                  show_header=False, box=None, padding=(0, 2))
     table.add_row("job", job.id)
     table.add_row("state", styled_state(state))
     if s.get("reason") and state != "SUCCEEDED":
