@@ -167,7 +167,7 @@ class TrainContext:
         model (an EMA of its DTensor parameters) is saved as each rank's share: build such an object on
         the prepared model and name it with `ctx.keep`.
         """
-        extras = _extras(extra)
+        extras = _checked_extras(extra)  # before the model is wrapped: bad input changes nothing
         self._strategy = strategies.make(self.strategy, self.strategy_options)
         self._report_model(model)  # before wrapping: FSDP and ZeRO-3 then hold only a shard of each
         model, optimizer = self._strategy.wrap(model, optimizer, self)
@@ -178,7 +178,7 @@ class TrainContext:
               extra: dict[str, Any] | None = None) -> None:
         """Register a model your own code already wrapped (DDP, FSDP2 or a DeepSpeed engine) for
         checkpoints and restores, instead of `prepare` (script mode); `extra` as for `prepare`."""
-        extras = _extras(extra)
+        extras = _checked_extras(extra)
         self._strategy = strategies.adopt(model, optimizer)
         self._report_model(getattr(model, "module", model))
         self._register(scheduler, extras)
@@ -195,10 +195,13 @@ class TrainContext:
                                   "built on the FSDP model, which a spare shards only once it is a rank")
         if self._restore_called:
             raise StalwartError(f"ctx.keep({name!r}) after ctx.restore(): call it before, so the restore loads it")
-        (name, obj), = _extras({name: obj}).items()
+        _checked_extras({name: obj})
+        self._add_extra(name, obj)
+
+    def _add_extra(self, name: str, obj: Any) -> None:
         if name in self._extras:
             raise StalwartError(f"ctx.keep: {name!r} is kept already; give each object a name of its own")
-        self._strategy.extra_state(name, obj.state_dict())  # refused now, not at the first save
+        self._strategy.extra_state(name, obj.state_dict())  # what a save would refuse, refused now
         self._extras[name] = obj
 
     def _report_model(self, model: Any) -> None:
@@ -218,9 +221,9 @@ class TrainContext:
         self._model = self._strategy.model
         self._optimizer = self._strategy.optimizer
         self._scheduler = scheduler
-        self._extras = self._strategy.extras = extras
-        for name, obj in extras.items():  # what a save would refuse, refused before the first step
-            self._strategy.extra_state(name, obj.state_dict())
+        self._extras = self._strategy.extras = {}  # one dict: the strategy reads what keep() adds
+        for name, obj in extras.items():
+            self._add_extra(name, obj)
         self._engine.layout = self._strategy.layout
         self._engine.strategy = self._strategy.name  # recorded in each manifest
         if self._memory is not None:
@@ -916,7 +919,7 @@ class StandbyDeclined(Exception):
     standby run quietly (the spare is then not made a rank; a new worker is)."""
 
 
-def _extras(extra: dict[str, Any] | None) -> dict[str, Any]:
+def _checked_extras(extra: dict[str, Any] | None) -> dict[str, Any]:
     """`prepare(extra=...)` checked: names a path can hold, objects that save and load their state."""
     extras = dict(extra or {})
     for name, obj in extras.items():

@@ -71,7 +71,6 @@ class GangOutcome:
         return self.cause == "node_failure" and "died" in self.error
 
 
-
 class RayGang:
     """Lifecycle: `reserve()` until True, `start(plan, sink_for)`, `poll()` until it returns an
     outcome, then `stop()` (always; it is idempotent and also releases an unused reservation).

@@ -33,15 +33,14 @@ class Reporter:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="stalwart-reporter", daemon=True)
         self.dropped = 0
-        self.last: tuple | None = None
+        self._shipped_last: dict | None = None  # the newest record shipped, converted
 
     def last_figures(self) -> dict | None:
         """The newest record's step and loss, for the rank's result: what the controller learns even
         when the reports themselves were lost (it stood still while the rank ended)."""
-        if self.last is None:
-            return None
-        step, loss = self.last
-        return {"step": int(step), "loss": _num(loss)}
+        pending = self._records
+        last = _convert(pending[-1]) if pending else self._shipped_last
+        return None if last is None else {"step": int(last["step"]), "loss": last.get("loss")}
 
     def start(self) -> "Reporter":
         self._thread.start()
@@ -50,7 +49,6 @@ class Reporter:
     def record(self, step: int, loss: Any, grad_norm: Any = None, tokens: Any = None, metrics: dict | None = None,
                position: int | None = None, busy_s: float | None = None) -> None:
         # The hot path: no conversion, no lock (list.append is atomic under the GIL).
-        self.last = (step, loss)  # also returned with the rank's result: see `last_figures`
         if len(self._records) < _MAX_PENDING:
             self._records.append((step, time.time(), loss, grad_norm, tokens, metrics, position, busy_s))
         else:
@@ -91,8 +89,11 @@ class Reporter:
             records, self._records = self._records, []
             logs, self._logs = self._logs, []
             events, self._events = self._events, []
+            converted = [_convert(r) for r in records]
+            if converted:
+                self._shipped_last = converted[-1]
             batch = {
-                "records": [_convert(r) for r in records],
+                "records": converted,
                 "logs": logs,
                 "events": events,
                 "sent_at": time.time(),

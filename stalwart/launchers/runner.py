@@ -137,7 +137,7 @@ def run_rank(worker, payload: dict) -> dict:
                 "last": reporter.last_figures()}
     except context_module.StandbyDeclined as exc:  # a standby run that cannot wait as it is: no error
         reporter.log(f"[rank {rank}] stalwart: {exc}\n")
-        return {"rank": rank, "seconds": time.time() - started, "result": None, "standby_declined": True}
+        return {"rank": rank, "seconds": time.time() - started, "result": None}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported with its traceback
         error = format_user_error(rank, exc)
         reporter.log(f"[rank {rank}] " + (f"stalwart: {exc}\n" if error.preempted else error.traceback_text))

@@ -181,8 +181,8 @@ class JobSupervisor:
         self.trend = (TrendDetector(TrendConfig(warmup_blocks=-(-ft.trend_warmup_steps // TrendConfig.block)))
                       if ft.trend_detection else None)
         self.hangs = HangWatch(ft.hang_timeout_s, floor_s=ft.hang_floor_s)
-        self._closing: set[int] = set()
-        self._early_seen: float | None = None
+        self._closing: set[int] = set()  # ranks whose function returned ("closing"), this attempt
+        self._early_seen: float | None = None  # when an early return was first seen, this attempt
         mon = spec.monitoring
         self.forecast = (LiveForecast(mon.forecast_fit_fraction, self._event, self._save_stats,
                                       (saved["detail"].get("stats") or {}).get("forecast_band"))
@@ -367,8 +367,7 @@ class JobSupervisor:
             self._detected = None
             self.hangs.reset()
             self.hangs.start(range(gang.world_size), self._now)
-            self._closing: set[int] = set()  # ranks whose function returned ("closing"), this attempt
-            self._early_seen: float | None = None  # when an early return was first seen, this attempt
+            self._closing, self._early_seen = set(), None
             self.stragglers.reset()
             warm = getattr(gang, "warm_ranks", 0)
             kept = list(getattr(gang, "kept_ranks", ()))
@@ -412,7 +411,7 @@ class JobSupervisor:
             self._end_attempt("succeeded")
             return st.Finished()
         cause = outcome.cause
-        if cause == "node_failure" and not outcome.worker_died and (early := self._returned_early()):
+        if cause == "node_failure" and not outcome.worker_died and (early := self._returned_early(self._finished())):
             # A broken connection, because a peer left the training loop: its function returned.
             return self._on_failure("user_error", early[0], early[1])
         if self._notice is not None and cause in ("node_failure", "hang"):
@@ -505,7 +504,7 @@ class JobSupervisor:
             with self._lock:  # the report threads move the same clocks
                 for began_by, seconds in new:
                     self.hangs.pause(seconds, before=began_by)
-        finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
+        finished = self._finished()
         out = set(finished) | self._closing  # ranks whose function returned: none is hung
         if early := self._returned_early(finished):
             # Peers waiting for a rank that left before the run's last step: told once they have not
@@ -531,11 +530,13 @@ class JobSupervisor:
                          latency_s=longest - self.hangs.timeout_s,
                          data={"stalled_ranks": ranks, "stacks": {str(k): v for k, v in stacks.items()}})
 
-    def _returned_early(self, finished: dict[int, int | None] | None = None) -> tuple[int, str] | None:
+    def _finished(self) -> dict[int, int | None]:
+        """The gang's ranks whose function returned this attempt, with their last steps."""
+        return self._gang.finished() if hasattr(self._gang, "finished") else {}
+
+    def _returned_early(self, finished: dict[int, int | None]) -> tuple[int, str] | None:
         """(rank, message) when a rank's function returned before the run's last step while its peers
         went on: they wait for it in their next collective, and a restart would do the same again."""
-        if finished is None:
-            finished = self._gang.finished() if hasattr(self._gang, "finished") else {}
         total = self.live.max_steps
         # Only a rank known to have left before the end: the run's length is known (ctx.batches(steps=)),
         # and the rank reported a step short of it. Anything less sure is left to the hang timeout.

@@ -167,7 +167,8 @@ def test_extra_state_is_checked_and_written_by_rank_0():
     from stalwart.checkpointing.shards import flatten
     from stalwart.errors import StalwartError
     from stalwart.launchers import strategies
-    from stalwart.launchers.context import TrainContext, _extras
+    from stalwart.launchers.context import TrainContext
+    from stalwart.launchers.context import _checked_extras as _extras
 
     scaler = torch.amp.GradScaler("cpu")
     ema = torch.optim.swa_utils.AveragedModel(torch.nn.Linear(4, 4))

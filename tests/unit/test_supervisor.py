@@ -94,14 +94,21 @@ def test_a_success_takes_rank_0s_last_figures_from_its_result(tmp_path):
     assert sup.live.step == 0
 
 
-def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so(tmp_path):
+def attempt_with_a_returned_rank(tmp_path, max_steps, steps, finished):
+    """A running attempt whose ranks last reported `steps` (by rank) and whose `finished` ranks' functions
+    returned (rank -> last step); returns the supervisor and the time."""
     sup = supervisor(tmp_path, [])
     t = run(sup, "RUNNING") + 1
     sup.step_once(t)  # the attempt starts
-    sup.live.max_steps, sup.live.step = 30, 12
-    sup.hangs.progress(0, 12, t)
-    sup.hangs.progress(1, 11, t)
-    sup._gang.finished = lambda: {1: 11}  # rank 1's function returned after step 11 of 30
+    sup.live.max_steps, sup.live.step = max_steps, steps[0]
+    for rank, step in enumerate(steps):
+        sup.hangs.progress(rank, step, t)
+    sup._gang.finished = lambda: finished
+    return sup, t
+
+
+def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so(tmp_path):
+    sup, t = attempt_with_a_returned_rank(tmp_path, 30, [12, 11], {1: 11})  # rank 1 returned after step 11 of 30
     assert sup.step_once(t + 5).name == "RUNNING"  # seen now: rank 0 may still be moving
     assert sup.step_once(t + 14).name == "RUNNING"  # quiet for 14 s, but only 9 s since rank 1 left
     assert sup.step_once(t + 16).name == "FAILED"
@@ -109,32 +116,15 @@ def test_peers_left_waiting_by_a_rank_that_returned_early_fail_the_job_saying_so
     assert fault["data"]["cause"] == "user_error" and fault["data"]["stalled_ranks"] == [0]
     assert "rank 1's function returned after step 11 of 30 while rank(s) [0] went on" in fault["message"]
     # At the run's end the ranks return one after another: no fault, and a returned rank is not hung.
-    sup = supervisor(tmp_path / "end", [])
-    t = run(sup, "RUNNING") + 1
-    sup.step_once(t)
-    sup.live.max_steps = 30
-    sup.hangs.progress(0, 30, t)
-    sup.hangs.progress(1, 30, t)
-    sup._gang.finished = lambda: {1: 30}
+    sup, t = attempt_with_a_returned_rank(tmp_path / "end", 30, [30, 30], {1: 30})
     assert sup.step_once(t + 30).name == "RUNNING" and "fault" not in kinds(sup)
     # An early stop every rank took (a `break` at step 12): rank 0 is out of its loop too, saving.
-    sup = supervisor(tmp_path / "stop", [])
-    t = run(sup, "RUNNING") + 1
-    sup.step_once(t)
-    sup.live.max_steps = 30
-    sup.hangs.progress(0, 12, t)
-    sup.hangs.progress(1, 12, t)
-    sup._gang.finished = lambda: {1: 12}
+    sup, t = attempt_with_a_returned_rank(tmp_path / "stop", 30, [12, 12], {1: 12})
     sup._on_worker_event(sup.attempt, 0, {"kind": "closing"})
     assert sup.step_once(t + 5).name == "RUNNING" and sup.step_once(t + 30).name == "RUNNING"
     assert "fault" not in kinds(sup)
     # The run's length unknown: no early-return verdict, only the hang timeout (a returned rank excepted).
-    sup = supervisor(tmp_path / "unknown", [])
-    t = run(sup, "RUNNING") + 1
-    sup.step_once(t)
-    sup.hangs.progress(0, 12, t)
-    sup.hangs.progress(1, 11, t)
-    sup._gang.finished = lambda: {1: 11}
+    sup, t = attempt_with_a_returned_rank(tmp_path / "unknown", None, [12, 11], {1: 11})
     assert sup.step_once(t + 30).name == "RUNNING"
     sup.step_once(t + 61)
     (fault,) = [e for e in sup.store.events("t-1") if e["kind"] == "fault"]
